@@ -1,0 +1,29 @@
+"""The exceptions vaegan raises for problems a user can fix.
+
+Each carries one paragraph that says what is wrong and what to do about it. The CLI prints that
+paragraph alone (no traceback) and exits with status 2.
+"""
+
+from __future__ import annotations
+
+__all__ = ["VaeganError", "ConfigError", "DataError", "PluginError", "CheckpointError"]
+
+
+class VaeganError(Exception):
+    """Base class: a problem in the user's input, environment or files, explained in one paragraph."""
+
+
+class ConfigError(VaeganError, ValueError):
+    """A configuration value or key that vaegan cannot use."""
+
+
+class DataError(VaeganError, ValueError):
+    """A dataset that is missing, empty, or does not fit the model."""
+
+
+class PluginError(VaeganError, LookupError):
+    """An entry-point plugin that is unknown or fails to load."""
+
+
+class CheckpointError(VaeganError, OSError):
+    """A checkpoint or saved model that is missing, corrupt or does not fit."""

@@ -1,0 +1,266 @@
+"""The training objective: named, weighted loss terms, each feeding exactly one player.
+
+A *term* is a :class:`LossTerm` plugin (group ``vaegan.losses``) that maps a :class:`TermInputs` to a
+scalar. Its class attribute ``player`` says whose optimizer its gradient feeds: the generator (the
+VAE) or the discriminator. The :class:`Objective` sums each player's terms with their scheduled
+weights, and returns the total plus a named breakdown for logging.
+
+Reductions (so that a weight means the same at any image size): reconstruction-like terms are means
+over pixels and batch (nats or squared units *per pixel*); the KL is summed over latent dimensions and
+divided by the number of pixels, so ``bce`` + ``kl`` at weight 1 is exactly the negative ELBO per pixel;
+adversarial terms are means over images (and patches).
+
+Example:
+    >>> cfg = ExperimentConfig()
+    >>> objective = Objective.from_config(cfg)
+    >>> sorted(objective.generator_terms)
+    ['adversarial', 'bce', 'kl']
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from typing import Callable, ClassVar, Dict, List, Literal, NamedTuple, Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from . import registry
+from .config import AdversarialConfig, ExperimentConfig, TermConfig
+from .errors import ConfigError, PluginError
+from .model import VAEOutput
+from .schedules import Schedule
+
+__all__ = [
+    "Player",
+    "DiscriminatorOutput",
+    "TermInputs",
+    "LossTerm",
+    "AdversarialLoss",
+    "Objective",
+    "build_plugin",
+]
+
+Player = Literal["generator", "discriminator"]
+
+
+class DiscriminatorOutput(NamedTuple):
+    """What a discriminator returns: logits (B, ...) and intermediate feature maps."""
+
+    logits: Tensor
+    features: Tuple[Tensor, ...] = ()
+
+
+@dataclass
+class TermInputs:
+    """Everything a loss term may read for one micro-batch.
+
+    ``discriminator`` is the module the current step may call: during the discriminator step the
+    trainable (DDP-wrapped) discriminator; during the generator step the same network frozen
+    (``requires_grad=False``), so generator terms can never change it. ``fake`` is what the
+    discriminator is shown as generated images: detached during the discriminator step.
+    """
+
+    real: Tensor  # (B, C, H, W), in value_range
+    output: VAEOutput
+    step: int
+    value_range: Tuple[float, float] = (0.0, 1.0)
+    fake: Optional[Tensor] = None  # (B', C, H, W)
+    discriminator: Optional[Callable[[Tensor], DiscriminatorOutput]] = None
+    _cache: Dict[str, DiscriminatorOutput] = field(default_factory=dict, repr=False)
+
+    def disc(self, which: Literal["real", "fake"]) -> DiscriminatorOutput:
+        """The discriminator's output on real or fake images, computed once per step."""
+        if self.discriminator is None:
+            raise RuntimeError("this term needs a discriminator, but none is configured")
+        if which not in self._cache:
+            images = self.real if which == "real" else self.fake
+            self._cache[which] = self.discriminator(images)
+        return self._cache[which]
+
+    def computed(self) -> Dict[str, DiscriminatorOutput]:
+        """The discriminator outputs computed so far (for logging mean logits)."""
+        return dict(self._cache)
+
+
+class LossTerm(nn.Module):
+    """Base class of every loss term plugin.
+
+    Subclasses set ``player`` and implement :meth:`forward`. Constructor keyword arguments are the
+    term's options (YAML ``options:``). A term may own parameters (e.g. a learned log-variance):
+    they are trained by its player's optimizer and saved in checkpoints.
+
+    Class attributes:
+        player: ``"generator"`` or ``"discriminator"``: the only optimizer its gradient reaches.
+        needs_discriminator: True when :meth:`forward` calls ``inputs.disc(...)``.
+        perturb_std: > 0 asks the generator forward for a decode of a perturbed latent.
+    """
+
+    player: ClassVar[Player] = "generator"
+    needs_discriminator: ClassVar[bool] = False
+    perturb_std: float = 0.0
+
+    def forward(self, inputs: TermInputs) -> Tensor:  # pragma: no cover - abstract
+        """Return the unweighted scalar loss for this micro-batch."""
+        raise NotImplementedError
+
+
+class AdversarialLoss(nn.Module):
+    """Base class of GAN loss pairs (group ``vaegan.adversarial``), on raw logits."""
+
+    def generator_loss(self, fake_logits: Tensor) -> Tensor:  # pragma: no cover - abstract
+        """Loss the generator minimises, from the discriminator's logits on fakes."""
+        raise NotImplementedError
+
+    def discriminator_loss(self, real_logits: Tensor, fake_logits: Tensor) -> Tensor:  # pragma: no cover
+        """Loss the discriminator minimises."""
+        raise NotImplementedError
+
+
+class _GeneratorAdversarial(LossTerm):
+    """The generator's half of an :class:`AdversarialLoss` pair."""
+
+    player: ClassVar[Player] = "generator"
+    needs_discriminator: ClassVar[bool] = True
+
+    def __init__(self, pair: AdversarialLoss) -> None:
+        super().__init__()
+        self.pair = pair
+
+    def forward(self, inputs: TermInputs) -> Tensor:
+        return self.pair.generator_loss(inputs.disc("fake").logits.float())
+
+
+class _DiscriminatorAdversarial(LossTerm):
+    """The discriminator's half of an :class:`AdversarialLoss` pair."""
+
+    player: ClassVar[Player] = "discriminator"
+    needs_discriminator: ClassVar[bool] = True
+
+    def __init__(self, pair: AdversarialLoss) -> None:
+        super().__init__()
+        self.pair = pair
+
+    def forward(self, inputs: TermInputs) -> Tensor:
+        return self.pair.discriminator_loss(inputs.disc("real").logits.float(), inputs.disc("fake").logits.float())
+
+
+def build_plugin(group: str, name: str, options: dict, **context: object) -> nn.Module:
+    """Load plugin ``name`` from ``group`` and construct it with ``context`` and ``options``.
+
+    Raises:
+        PluginError: unknown or broken plugin.
+        ConfigError: an option the plugin's constructor does not accept, or a value it rejects.
+    """
+    cls = registry.load(group, name)
+    kwargs = {**context, **dict(options)}
+    try:
+        inspect.signature(cls).bind(**kwargs)
+    except TypeError as exc:
+        raise ConfigError(
+            f"Plugin '{name}' ({group}) cannot take options {sorted(options)}: {exc}. "
+            f"Its signature is {name}{inspect.signature(cls)}."
+        ) from None
+    except ValueError:  # no signature available (C extension): let the call decide
+        pass
+    try:
+        return cls(**kwargs)
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"Plugin '{name}' ({group}) rejected its options {dict(options)}: {exc}") from exc
+
+
+class Objective(nn.Module):
+    """Weighted sums of the generator's and the discriminator's loss terms.
+
+    Args:
+        terms: ``(key, term, schedule)`` triples; each term's ``player`` decides its side.
+        disc_start: First step at which discriminator terms run.
+
+    Raises:
+        PluginError: a term whose ``player`` is neither side.
+    """
+
+    def __init__(self, terms: List[Tuple[str, LossTerm, Schedule]], disc_start: int = 0) -> None:
+        super().__init__()
+        self.generator_terms = nn.ModuleDict()
+        self.discriminator_terms = nn.ModuleDict()
+        self.schedules: Dict[str, Schedule] = {}
+        for key, term, schedule in terms:
+            side = {"generator": self.generator_terms, "discriminator": self.discriminator_terms}.get(term.player)
+            if side is None:
+                raise PluginError(f"Loss term '{key}' declares player={term.player!r}; use 'generator' or 'discriminator'.")
+            side[key] = term
+            self.schedules[key] = schedule
+        self.disc_start = disc_start
+
+    @classmethod
+    def from_config(cls, config: ExperimentConfig) -> "Objective":
+        """Build every term named in ``config`` (``losses`` plus the adversarial pair)."""
+        terms: List[Tuple[str, LossTerm, Schedule]] = []
+        for tc in config.losses:
+            term = build_plugin("vaegan.losses", tc.name, dict(tc.options))
+            if not isinstance(term, LossTerm):
+                raise PluginError(f"Loss plugin '{tc.name}' built a {type(term).__name__}, not a vaegan.objective.LossTerm.")
+            terms.append((tc.key, term, tc.weight))
+        disc_start = 0
+        adv: Optional[AdversarialConfig] = config.adversarial
+        if adv is not None:
+            pair = build_plugin("vaegan.adversarial", adv.name, dict(adv.options))
+            if not isinstance(pair, AdversarialLoss):
+                raise PluginError(f"Adversarial plugin '{adv.name}' built a {type(pair).__name__}, not an AdversarialLoss.")
+            terms.append(("adversarial", _GeneratorAdversarial(pair), adv.weight))
+            terms.append(("discriminator", _DiscriminatorAdversarial(pair), Schedule.constant(1.0)))
+            disc_start = adv.disc_start
+        keys = [k for k, _, _ in terms]
+        if len(set(keys)) != len(keys):
+            raise ConfigError(f"Loss term keys {keys} collide with the adversarial terms; set a 'label'.")
+        return cls(terms, disc_start)
+
+    def resolve(self, total_steps: int) -> None:
+        """Turn schedules given as a fraction of training into steps (the trainer calls this)."""
+        self.schedules = {k: s.resolve(total_steps) for k, s in self.schedules.items()}
+
+    # ---- what the trainer asks ---------------------------------------------------------------
+    @property
+    def needs_discriminator(self) -> bool:
+        return any(t.needs_discriminator for t in self.generator_terms.values()) or len(self.discriminator_terms) > 0
+
+    def forward_kwargs(self) -> Dict[str, float]:
+        """Extra outputs the generator forward must produce for these terms."""
+        return {"perturb_std": max([t.perturb_std for t in self.generator_terms.values()], default=0.0)}
+
+    def discriminator_active(self, step: int) -> bool:
+        return len(self.discriminator_terms) > 0 and step >= self.disc_start
+
+    def generator_uses_discriminator(self, step: int) -> bool:
+        return any(t.needs_discriminator and self._runs(k, t, step) for k, t in self.generator_terms.items())
+
+    def weight(self, key: str, step: int) -> float:
+        return self.schedules[key](step)
+
+    def _runs(self, key: str, term: LossTerm, step: int) -> bool:
+        # A term with weight 0 is skipped (no wasted compute before the GAN starts) unless it owns
+        # trainable parameters: DDP expects a gradient for every parameter at every step.
+        has_params = any(p.requires_grad for p in term.parameters())
+        return has_params or self.schedules[key](step) != 0.0
+
+    # ---- the losses ----------------------------------------------------------------------------
+    def _total(self, terms: nn.ModuleDict, inputs: TermInputs) -> Tuple[Tensor, Dict[str, Tensor]]:
+        total = inputs.real.new_zeros((), dtype=torch.float32)
+        parts: Dict[str, Tensor] = {}
+        for key, term in terms.items():
+            if not self._runs(key, term, inputs.step):
+                continue
+            value = term(inputs).float()  # weights and sums in fp32 under autocast
+            parts[key] = value.detach()
+            total = total + self.schedules[key](inputs.step) * value
+        return total, parts
+
+    def generator_loss(self, inputs: TermInputs) -> Tuple[Tensor, Dict[str, Tensor]]:
+        """Total generator loss and its unweighted parts (detached), keyed by term."""
+        return self._total(self.generator_terms, inputs)
+
+    def discriminator_loss(self, inputs: TermInputs) -> Tuple[Tensor, Dict[str, Tensor]]:
+        """Total discriminator loss and its unweighted parts (detached), keyed by term."""
+        return self._total(self.discriminator_terms, inputs)
