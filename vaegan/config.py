@@ -13,8 +13,10 @@ Example:
 
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -40,6 +42,28 @@ __all__ = [
     "from_dict",
     "to_dict",
 ]
+
+
+class _YAMLLoader(yaml.SafeLoader):
+    """SafeLoader with YAML 1.2 booleans and floats: only true/false are booleans (so
+    ``mixed_precision: no`` stays "no"), and ``1e-3`` is a number, not a string."""
+
+
+_YAMLLoader.yaml_implicit_resolvers = {
+    k: [(tag, rx) for tag, rx in v if tag != "tag:yaml.org,2002:bool"]
+    for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_YAMLLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
+_YAMLLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)[eE][-+]?[0-9]+$"), list("-+0123456789.")
+)
+
+
+def parse_yaml(text: str) -> Any:
+    """Parse YAML safely (no object construction) with YAML 1.2 booleans."""
+    return yaml.load(text, Loader=_YAMLLoader)  # noqa: S506 - _YAMLLoader is a SafeLoader
 
 
 def _positive(obj: Any, *names: str) -> None:
@@ -293,7 +317,7 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
         if len(value) != len(args):
             raise ConfigError(f"'{path}' must be a list of {len(args)} items, got {value!r}.")
         return tuple(_convert(a, v, f"{path}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
-    if origin in (Mapping, dict) or tp is dict:
+    if origin in (collections.abc.Mapping, dict) or tp is dict:
         if not isinstance(value, Mapping):
             raise ConfigError(f"'{path}' must be a mapping of option names to values, got {value!r}.")
         return types.MappingProxyType(dict(value))
@@ -381,7 +405,7 @@ def load_config(path: Optional[Union[str, Path]] = None, overrides: Sequence[str
             raise ConfigError(f"Config file '{p}' does not exist. Pass the path of a YAML file, "
                               "for example recipes/configs/vaegan_mnist.yaml.")
         try:
-            data = yaml.safe_load(p.read_text()) or {}
+            data = parse_yaml(p.read_text()) or {}
         except yaml.YAMLError as exc:
             raise ConfigError(f"Config file '{p}' is not valid YAML: {exc}") from None
     return from_dict(ExperimentConfig, _merge_overrides(data, overrides))
@@ -398,7 +422,7 @@ def _merge_overrides(data: dict, overrides: Sequence[str]) -> dict:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"Override '{item}' must look like section.key=value, e.g. train.epochs=5.")
-        value = yaml.safe_load(raw) if raw != "" else None
+        value = parse_yaml(raw) if raw != "" else None
         node = data
         parts = key.split(".")
         for part in parts[:-1]:

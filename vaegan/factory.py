@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Optional
 
 from accelerate import Accelerator
+from accelerate.utils import set_seed
 from torch import nn
 
 from .config import ExperimentConfig
@@ -47,8 +48,10 @@ def build_discriminator(config: ExperimentConfig) -> Optional[nn.Module]:
 def build_trainer(config: ExperimentConfig, accelerator: Optional[Accelerator] = None) -> Trainer:
     """Build model, discriminator, objective and dataset from ``config`` and inject them.
 
-    Every plugin is resolved and the data is checked here, before any training starts.
+    Every plugin is resolved and the data is checked here, before any training starts. The seed is
+    set first, so the initial weights depend only on ``config.train.seed``.
     """
+    set_seed(config.train.seed)
     objective = Objective.from_config(config)
     model = build_model(config)
     disc = build_discriminator(config)

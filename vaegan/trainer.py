@@ -25,7 +25,7 @@ import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import yaml
@@ -41,7 +41,7 @@ from .checkpointing import CheckpointManager, find_checkpoint
 from .config import ExperimentConfig, OptimConfig, to_dict
 from .data import first_batch
 from .errors import CheckpointError, ConfigError, DataError
-from .model import VAE
+from .model import VAE, VAEOutput
 from .objective import Objective, TermInputs
 
 __all__ = ["Player", "TrainState", "Trainer"]
@@ -132,7 +132,10 @@ class Trainer:
         self._check_data(model, dataset, tc.batch_size * acc.num_processes)
         set_seed(tc.seed)
 
-        loader = DataLoader(dataset, batch_size=tc.batch_size, shuffle=True, drop_last=True, num_workers=config.data.num_workers)
+        # A private generator: DataLoader.__iter__ otherwise draws a seed from the global RNG, which
+        # would shift the reparameterisation noise after a mid-epoch resume.
+        loader = DataLoader(dataset, batch_size=tc.batch_size, shuffle=True, drop_last=True,
+                            num_workers=config.data.num_workers, generator=torch.Generator().manual_seed(tc.seed))
         batches = len(dataset) // (tc.batch_size * acc.num_processes)
         per_epoch = math.ceil(batches / tc.grad_accum)
         self.total_steps = min(tc.max_steps or per_epoch * tc.epochs, per_epoch * tc.epochs)
@@ -179,47 +182,53 @@ class Trainer:
 
     # ---- one micro-batch ---------------------------------------------------------------------------
     def _micro_step(self, x: Tensor) -> None:
-        acc, step, obj = self.accelerator, self.state.step, self.objective
-        value_range = self.model.value_range
-        out = self.gen(x, **obj.forward_kwargs())  # the one generator forward (DDP + autocast)
-
-        if self.has_disc and obj.discriminator_active(step):
-            self.disc_net.requires_grad_(True)
-            with acc.autocast():
-                d_in = TermInputs(real=x, output=out, step=step, value_range=value_range,
-                                  fake=out.recon.detach(), discriminator=self.disc)
-                d_loss, d_parts = obj.discriminator_loss(d_in)
-            acc.backward(d_loss)
-            if acc.sync_gradients:
-                self._record("grad_norm/d", self._clip(self.disc, self.config.optim_d))
-            self.d_opt.step()
-            if acc.sync_gradients:
-                self.d_sched.step()
-            self.d_opt.zero_grad(set_to_none=True)
+        out = self.gen(x, **self.objective.forward_kwargs())  # the one generator forward (DDP + autocast)
+        if self.has_disc and self.objective.discriminator_active(self.state.step):
+            d_loss, d_parts, d_in = self.discriminator_backward(x, out)
+            self._update("d", self.disc, self.d_opt, self.d_sched, self.config.optim_d)
             self._record_parts("d", d_loss, d_parts, d_in)
-
-        uses_d = self.has_disc and obj.generator_uses_discriminator(step)
-        if self.has_disc:
-            self.disc_net.requires_grad_(False)  # G's backward must leave no gradient in D
-        with acc.autocast():
-            g_in = TermInputs(real=x, output=out, step=step, value_range=value_range, fake=out.recon,
-                              discriminator=self.disc_net if uses_d else None)
-            g_loss, g_parts = obj.generator_loss(g_in)
-        acc.backward(g_loss)
-        if self.has_disc:
-            self.disc_net.requires_grad_(True)
-        if acc.sync_gradients:
-            self._record("grad_norm/g", self._clip(self.gen, self.config.optim_g))
-        self.g_opt.step()
-        if acc.sync_gradients:
-            self.g_sched.step()
-        self.g_opt.zero_grad(set_to_none=True)
+        g_loss, g_parts = self.generator_backward(x, out)
+        self._update("g", self.gen, self.g_opt, self.g_sched, self.config.optim_g)
         self._record_parts("g", g_loss, g_parts)
 
+    def discriminator_backward(self, x: Tensor, out: VAEOutput) -> Tuple[Tensor, Dict[str, Tensor], TermInputs]:
+        """Backward of the discriminator's loss on real ``x`` and the detached reconstructions."""
+        self.disc_net.requires_grad_(True)
+        with self.accelerator.autocast():
+            inputs = TermInputs(real=x, output=out, step=self.state.step, value_range=self.model.value_range,
+                                fake=out.recon.detach(), discriminator=self.disc)
+            loss, parts = self.objective.discriminator_loss(inputs)
+        self.accelerator.backward(loss)
+        return loss, parts, inputs
+
+    def generator_backward(self, x: Tensor, out: VAEOutput) -> Tuple[Tensor, Dict[str, Tensor]]:
+        """Backward of the generator's loss; the discriminator is frozen throughout."""
+        uses_d = self.has_disc and self.objective.generator_uses_discriminator(self.state.step)
+        if self.has_disc:
+            self.disc_net.requires_grad_(False)  # G's backward must leave no gradient in D
+        try:
+            with self.accelerator.autocast():
+                inputs = TermInputs(real=x, output=out, step=self.state.step, value_range=self.model.value_range,
+                                    fake=out.recon, discriminator=self.disc_net if uses_d else None)
+                loss, parts = self.objective.generator_loss(inputs)
+            self.accelerator.backward(loss)
+        finally:
+            if self.has_disc:
+                self.disc_net.requires_grad_(True)
+        return loss, parts
+
+    def _update(self, side: str, player: nn.Module, opt, sched, cfg: OptimConfig) -> None:
+        # AcceleratedOptimizer.step/zero_grad are no-ops between accumulation boundaries.
+        if self.accelerator.sync_gradients:
+            self._record(f"grad_norm/{side}", self._clip(player, cfg))
+        opt.step()
+        if self.accelerator.sync_gradients:
+            sched.step()
+        opt.zero_grad(set_to_none=True)
+
     def _clip(self, player: nn.Module, cfg: OptimConfig) -> Tensor:
-        if cfg.grad_clip is None:
-            grads = [p.grad for p in player.parameters() if p.grad is not None]
-            return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])) if grads else torch.zeros(())
+        if cfg.grad_clip is None:  # still report the norm
+            return self.accelerator.clip_grad_norm_(player.parameters(), float("inf"))
         return self.accelerator.clip_grad_norm_(player.parameters(), cfg.grad_clip)
 
     # ---- metrics (device tensors; the host syncs only at log intervals) ------------------------
@@ -269,6 +278,9 @@ class Trainer:
             self._fixed_real = fixed.to(acc.device)
             self._fixed_noise = torch.randn(tc.num_samples, self.model.config.latent_dim,
                                             generator=torch.Generator().manual_seed(tc.seed)).to(acc.device)
+        logger.info("Training %d steps with mixed precision %s on %d process(es) (%s), %d images per step",
+                    self.total_steps, acc.mixed_precision, acc.num_processes, acc.device,
+                    tc.batch_size * acc.num_processes * tc.grad_accum)
         if acc.log_with:
             acc.init_trackers(tc.project, config=_flatten(to_dict(self.config)))
         bar = tqdm(total=self.total_steps, initial=self.state.step, disable=not acc.is_local_main_process, desc="train")

@@ -1,0 +1,66 @@
+"""Shared fixtures: real MNIST digits committed under tests/fixtures, tiny configs, temp dirs.
+
+Tests never read ../shared (a fresh clone has no such folder).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from vaegan.config import ExperimentConfig, apply_overrides
+
+FIXTURES = Path(__file__).parent / "fixtures"
+MNIST_ROOT = FIXTURES  # torchvision layout: FIXTURES/MNIST/raw/*-ubyte (256 train, 128 test digits)
+
+os.environ.setdefault("WANDB_MODE", "offline")  # never try the network from a test
+os.environ.setdefault("WANDB_SILENT", "true")
+
+
+# A model small enough that a training step takes milliseconds on 2 CPU cores.
+TINY = [
+    "model.channels=[8, 16]",
+    "model.norm_groups=4",
+    "model.latent_dim=4",
+    "discriminator.options={channels: [8, 16]}",
+    "data.limit=64",
+    "train.batch_size=16",
+    "train.epochs=2",
+    "train.log_every=2",
+    "train.sample_every=0",
+    "train.checkpoint_every=0",
+    "train.num_samples=8",
+    "losses.1.weight={value: 1.0, warmup: 4}",
+]
+
+
+def tiny_config(output_dir: Path, *overrides: str) -> ExperimentConfig:
+    """The default MNIST VAE-GAN, shrunk, reading the committed digits, writing to output_dir."""
+    base = ExperimentConfig()
+    return apply_overrides(base, [*TINY, f"data.root={MNIST_ROOT}", "data.download=false",
+                                  f"train.output_dir={output_dir}", *overrides])
+
+
+@pytest.fixture
+def mnist_root() -> Path:
+    return MNIST_ROOT
+
+
+@pytest.fixture
+def tiny(tmp_path: Path):
+    """A function: ``tiny(*overrides)`` -> a tiny config writing under tmp_path/run."""
+    return lambda *overrides: tiny_config(tmp_path / "run", *overrides)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    """Accelerate keeps process-wide state; each test builds its own Accelerator from scratch."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    yield
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
