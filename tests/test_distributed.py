@@ -32,7 +32,9 @@ def _torchrun(out: Path, *overrides: str) -> list:
     (),
     # a loss term with its own parameter (learned log-variance) and gradient accumulation
     ("losses=[{name: gaussian_nll}, {name: kl}, {name: smoothness, weight: 0.1}]", "train.grad_accum=2"),
-], ids=["default", "learned-logvar-accum"])
+    # autograd.grad at the decoder's last layer under DDP, and prior samples as extra fakes
+    ("adversarial.adaptive=true", "adversarial.fake=both"),
+], ids=["default", "learned-logvar-accum", "adaptive-both-fakes"])
 def test_two_processes_end_with_identical_parameters(tmp_path, overrides):
     r0, r1 = _torchrun(tmp_path, *overrides)
     assert r0["world_size"] == r1["world_size"] == 2

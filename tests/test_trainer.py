@@ -38,7 +38,7 @@ def test_each_player_gradient_comes_only_from_its_own_loss(tiny):
     x = _batch(trainer)
 
     torch.manual_seed(1)
-    out = gen(x, **trainer.objective.forward_kwargs())
+    out = gen(x, **trainer.objective.forward_kwargs(x.shape[0]))
     d_state0 = {k: v.clone() for k, v in trainer.disc_net.state_dict().items()}
     trainer.discriminator_backward(x, out)
     assert all(p.grad is None for p in _params(gen)), "the D step left gradients in the generator"
@@ -57,10 +57,11 @@ def test_each_player_gradient_comes_only_from_its_own_loss(tiny):
 
     # The analytic combination, term by term, on an identical forward (same noise).
     torch.manual_seed(1)
-    out2 = gen(x, **trainer.objective.forward_kwargs())
+    out2 = gen(x, **trainer.objective.forward_kwargs(x.shape[0]))
     net = trainer.disc_net.requires_grad_(False)
     net.load_state_dict(d_state)
-    inputs = TermInputs(real=x, output=out2, step=0, value_range=(0.0, 1.0), fake=out2.recon, discriminator=net)
+    inputs = TermInputs(real=x, output=out2, step=0, value_range=(0.0, 1.0),
+                        fake=trainer.objective.fakes(out2, for_discriminator=False), discriminator=net)
     named = dict(gen.named_parameters())
     expected = {n: torch.zeros_like(p) for n, p in named.items()}
     for key, term in trainer.objective.generator_terms.items():
@@ -76,7 +77,8 @@ def test_each_player_gradient_comes_only_from_its_own_loss(tiny):
 
     # And D's gradient is the gradient of its own loss only, on the detached reconstruction.
     net.load_state_dict(d_state0)
-    d_in = TermInputs(real=x, output=out2, step=0, value_range=(0.0, 1.0), fake=out2.recon.detach(), discriminator=disc)
+    d_in = TermInputs(real=x, output=out2, step=0, value_range=(0.0, 1.0),
+                      fake=trainer.objective.fakes(out2, for_discriminator=True), discriminator=disc)
     d_loss, _ = trainer.objective.discriminator_loss(d_in)
     for g, e in zip(d_grads, torch.autograd.grad(d_loss, _params(disc), allow_unused=True)):
         torch.testing.assert_close(g, e if e is not None else torch.zeros_like(g), rtol=1e-4, atol=1e-6)
@@ -98,6 +100,47 @@ def test_adversarial_term_pushes_discriminator_logits_up(tiny):
         torch.manual_seed(0)
         after = net(trainer.model(x).recon).logits.mean().item()
     assert after > before
+
+
+@pytest.mark.parametrize("train_encoder", [False, True])
+def test_gan_gradient_reaches_the_encoder_only_when_configured(tiny, train_encoder):
+    """Larsen et al.: the adversarial loss trains the decoder, not the encoder (unless asked)."""
+    trainer = vaegan.build_trainer(tiny("losses=[{name: mse, weight: 0.0}]", "adversarial.weight=1.0",
+                                        f"adversarial.train_encoder={str(train_encoder).lower()}"))
+    x = _batch(trainer)
+    trainer.generator_backward(x, trainer.gen(x, **trainer.objective.forward_kwargs(x.shape[0])))
+    enc = [p.grad for p in trainer.model.encoder.parameters()]
+    dec = [p.grad for p in trainer.model.decoder.parameters()]
+    assert all(g is not None and g.abs().sum() > 0 for g in dec)
+    reached = any(g is not None and g.abs().sum() > 0 for g in enc)
+    assert reached == train_encoder
+
+
+@pytest.mark.parametrize("fake", ["reconstruction", "prior", "both"])
+def test_fake_sources(tiny, fake):
+    trainer = vaegan.build_trainer(tiny(f"adversarial.fake={fake}", "train.max_steps=2"))
+    x = _batch(trainer)
+    out = trainer.gen(x, **trainer.objective.forward_kwargs(x.shape[0]))
+    d_fake = trainer.objective.fakes(out, for_discriminator=True)
+    assert d_fake.shape[0] == (2 * x.shape[0] if fake == "both" else x.shape[0]) and not d_fake.requires_grad
+    assert trainer.objective.fakes(out, for_discriminator=False).requires_grad
+    trainer.fit()
+    assert trainer.history and all(torch.isfinite(torch.tensor(v)) for v in trainer.history[-1].values())
+
+
+def test_adaptive_weight_is_logged_finite_and_matches_the_gradient_ratio(tiny):
+    from vaegan.objective import adaptive_weight
+
+    trainer = vaegan.build_trainer(tiny("adversarial.adaptive=true", "adversarial.weight=0.5", "train.max_steps=2"))
+    trainer.fit()
+    assert all(0 <= row["g/adaptive_weight"] < 1e4 for row in trainer.history)
+    # known answer: gradients (2, 2, 2) and (1, 1, 1) at a (3,) leaf -> 2 sqrt(3) / (sqrt(3) + eps)
+    w = torch.ones(3, requires_grad=True)
+    root3 = 3 ** 0.5
+    assert float(adaptive_weight((2 * w).sum(), w.sum(), w, eps=1e-4)) == pytest.approx(2 * root3 / (root3 + 1e-4))
+    # zero adversarial gradient: finite, clamped
+    assert float(adaptive_weight((2 * w).sum(), (0 * w).sum(), w, eps=1e-4, max_weight=100.0)) == 100.0
+    assert float(adaptive_weight(w.sum() * float("nan"), w.sum(), w)) == 0.0  # non-finite -> skip
 
 
 def test_accumulate_is_entered_once_per_micro_batch(tiny):

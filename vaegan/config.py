@@ -142,11 +142,17 @@ class AdversarialConfig:
     name: str = "non_saturating"
     weight: Schedule = Schedule(value=0.1)  # generator weight; small so reconstruction leads
     disc_start: int = 0  # first step at which the discriminator trains (may precede weight.start)
+    fake: Literal["reconstruction", "prior", "both"] = "reconstruction"  # what D is shown as fake
+    train_encoder: bool = False  # Larsen et al.: no GAN gradient reaches the encoder
+    adaptive: bool = False  # VQGAN/LDM: scale by |grad rec| / |grad adv| at the decoder's last layer
+    adaptive_eps: float = 1e-4
+    adaptive_max: float = 1e4
     options: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.disc_start < 0:
             raise ConfigError(f"adversarial.disc_start must be >= 0, got {self.disc_start}.")
+        _positive(self, "adaptive_eps", "adaptive_max")
 
 
 @dataclass(frozen=True)

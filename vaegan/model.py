@@ -61,6 +61,7 @@ class VAEOutput:
     posterior: DiagonalGaussian
     z: Tensor
     recon_logits: Optional[Tensor] = None  # decoder pre-activation of recon (BCE with logits)
+    recon_decoder_only: Optional[Tensor] = None  # decode(z.detach()): fakes whose gradient skips the encoder
     perturbed: Optional[Tensor] = None  # decode(z + sigma * u), for the smoothness regulariser
     perturbation: Optional[Tensor] = None  # sigma * u, (B, D)
     prior_samples: Optional[Tensor] = None  # decode(z ~ N(0, I)), for a discriminator's fakes
@@ -222,13 +223,15 @@ class VAE(nn.Module):
         return self.activate(self.decode_logits(z))
 
     # ---- training ----------------------------------------------------------------------------
-    def forward(self, x: Tensor, perturb_std: float = 0.0, num_prior: int = 0) -> VAEOutput:
-        """Encode, sample, decode; optionally decode a perturbed latent and prior samples.
+    def forward(self, x: Tensor, perturb_std: float = 0.0, num_prior: int = 0, decoder_only: bool = False) -> VAEOutput:
+        """Encode, sample, decode; optionally decode a perturbed latent, prior samples, and a copy of
+        the reconstruction whose gradient reaches only the decoder.
 
         Args:
             x: Images (B, C, H, W) in the output range.
             perturb_std: When > 0, also decode ``z + perturb_std * u`` with ``u ~ N(0, I)``.
             num_prior: When > 0, also decode that many ``z ~ N(0, I)``.
+            decoder_only: Also decode ``z.detach()`` (same values as ``recon``, no encoder gradient).
 
         Returns:
             A :class:`VAEOutput`; ``recon`` is in the output range.
@@ -236,6 +239,8 @@ class VAE(nn.Module):
         posterior = self.encode(x)
         z = posterior.rsample()
         zs = [z]
+        if decoder_only:
+            zs.append(z.detach())
         delta = None
         if perturb_std > 0:
             delta = perturb_std * torch.randn_like(z)
@@ -248,6 +253,9 @@ class VAE(nn.Module):
         b = x.shape[0]
         out = VAEOutput(recon=images[:b], posterior=posterior, z=z, recon_logits=logits[:b])
         offset = b
+        if decoder_only:
+            out.recon_decoder_only = images[offset : offset + b]
+            offset += b
         if delta is not None:
             out.perturbed, out.perturbation = images[offset : offset + b], delta
             offset += b

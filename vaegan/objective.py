@@ -39,6 +39,7 @@ __all__ = [
     "LossTerm",
     "AdversarialLoss",
     "Objective",
+    "adaptive_weight",
     "build_plugin",
 ]
 
@@ -66,16 +67,21 @@ class TermInputs:
     output: VAEOutput
     step: int
     value_range: Tuple[float, float] = (0.0, 1.0)
-    fake: Optional[Tensor] = None  # (B', C, H, W)
+    fake: Optional[Tensor] = None  # (B', C, H, W): what the adversarial loss shows D as generated
     discriminator: Optional[Callable[[Tensor], DiscriminatorOutput]] = None
+    last_layer: Optional[Tensor] = None  # the decoder's last weight (adaptive GAN weight)
     _cache: Dict[str, DiscriminatorOutput] = field(default_factory=dict, repr=False)
 
-    def disc(self, which: Literal["real", "fake"]) -> DiscriminatorOutput:
-        """The discriminator's output on real or fake images, computed once per step."""
+    def disc(self, which: Literal["real", "fake", "recon"]) -> DiscriminatorOutput:
+        """The discriminator's output, computed once per step, on ``real`` images, on the adversarial
+        ``fake`` images, or on ``recon`` (the reconstructions with their full gradient path, for
+        feature matching)."""
         if self.discriminator is None:
             raise RuntimeError("this term needs a discriminator, but none is configured")
+        images = {"real": self.real, "fake": self.fake, "recon": self.output.recon}[which]
+        if which == "recon" and images is self.fake:
+            which = "fake"  # the same tensor: one forward serves both
         if which not in self._cache:
-            images = self.real if which == "real" else self.fake
             self._cache[which] = self.discriminator(images)
         return self._cache[which]
 
@@ -101,8 +107,9 @@ class LossTerm(nn.Module):
     needs_discriminator: ClassVar[bool] = False
     perturb_std: float = 0.0
 
-    def forward(self, inputs: TermInputs) -> Tensor:  # pragma: no cover - abstract
-        """Return the unweighted scalar loss for this micro-batch."""
+    def forward(self, inputs: TermInputs) -> Optional[Tensor]:  # pragma: no cover - abstract
+        """Return the unweighted scalar loss for this micro-batch, or None to skip this step
+        (a lazy regulariser that runs every k steps, for instance)."""
         raise NotImplementedError
 
 
@@ -181,8 +188,10 @@ class Objective(nn.Module):
         PluginError: a term whose ``player`` is neither side.
     """
 
-    def __init__(self, terms: List[Tuple[str, LossTerm, Schedule]], disc_start: int = 0) -> None:
+    def __init__(self, terms: List[Tuple[str, LossTerm, Schedule]], disc_start: int = 0,
+                 adversarial: Optional[AdversarialConfig] = None) -> None:
         super().__init__()
+        self.adversarial = adversarial
         self.generator_terms = nn.ModuleDict()
         self.discriminator_terms = nn.ModuleDict()
         self.schedules: Dict[str, Schedule] = {}
@@ -215,7 +224,7 @@ class Objective(nn.Module):
         keys = [k for k, _, _ in terms]
         if len(set(keys)) != len(keys):
             raise ConfigError(f"Loss term keys {keys} collide with the adversarial terms; set a 'label'.")
-        return cls(terms, disc_start)
+        return cls(terms, disc_start, adv)
 
     def resolve(self, total_steps: int) -> None:
         """Turn schedules given as a fraction of training into steps (the trainer calls this)."""
@@ -226,9 +235,33 @@ class Objective(nn.Module):
     def needs_discriminator(self) -> bool:
         return any(t.needs_discriminator for t in self.generator_terms.values()) or len(self.discriminator_terms) > 0
 
-    def forward_kwargs(self) -> Dict[str, float]:
+    def forward_kwargs(self, batch_size: int) -> Dict[str, object]:
         """Extra outputs the generator forward must produce for these terms."""
-        return {"perturb_std": max([t.perturb_std for t in self.generator_terms.values()], default=0.0)}
+        kwargs: Dict[str, object] = {
+            "perturb_std": max([t.perturb_std for t in self.generator_terms.values()], default=0.0)}
+        adv = self.adversarial
+        if adv is not None:
+            kwargs["num_prior"] = batch_size if adv.fake in ("prior", "both") else 0
+            kwargs["decoder_only"] = adv.fake != "prior" and not adv.train_encoder
+        return kwargs
+
+    def fakes(self, output: VAEOutput, for_discriminator: bool) -> Optional[Tensor]:
+        """The images the adversarial loss treats as generated, (B', C, H, W).
+
+        For the discriminator they are detached (no gradient can reach the generator). For the
+        generator, reconstructions come from ``decode(z.detach())`` unless ``train_encoder``, so the
+        GAN gradient trains the decoder only (Larsen et al. 2016).
+        """
+        adv = self.adversarial
+        if adv is None:
+            return None
+        recon = output.recon
+        if not for_discriminator and output.recon_decoder_only is not None:
+            recon = output.recon_decoder_only
+        parts = {"reconstruction": [recon], "prior": [output.prior_samples],
+                 "both": [recon, output.prior_samples]}[adv.fake]
+        images = parts[0] if len(parts) == 1 else torch.cat(parts)
+        return images.detach() if for_discriminator else images
 
     def discriminator_active(self, step: int) -> bool:
         return len(self.discriminator_terms) > 0 and step >= self.disc_start
@@ -246,21 +279,67 @@ class Objective(nn.Module):
         return has_params or self.schedules[key](step) != 0.0
 
     # ---- the losses ----------------------------------------------------------------------------
-    def _total(self, terms: nn.ModuleDict, inputs: TermInputs) -> Tuple[Tensor, Dict[str, Tensor]]:
-        total = inputs.real.new_zeros((), dtype=torch.float32)
-        parts: Dict[str, Tensor] = {}
+    def _values(self, terms: nn.ModuleDict, inputs: TermInputs) -> Dict[str, Tensor]:
+        values: Dict[str, Tensor] = {}
         for key, term in terms.items():
-            if not self._runs(key, term, inputs.step):
-                continue
-            value = term(inputs).float()  # weights and sums in fp32 under autocast
-            parts[key] = value.detach()
-            total = total + self.schedules[key](inputs.step) * value
-        return total, parts
+            if self._runs(key, term, inputs.step):
+                value = term(inputs)
+                if value is not None:
+                    values[key] = value.float()  # weights and sums in fp32 under autocast
+        return values
+
+    def _total(self, values: Dict[str, Tensor], step: int, scale: Optional[Dict[str, Tensor]] = None) -> Tensor:
+        total = torch.zeros((), dtype=torch.float32, device=next(iter(values.values())).device) if values else torch.zeros(())
+        for key, value in values.items():
+            weight = self.schedules[key](step) * (scale[key] if scale and key in scale else 1.0)
+            total = total + weight * value
+        return total
 
     def generator_loss(self, inputs: TermInputs) -> Tuple[Tensor, Dict[str, Tensor]]:
-        """Total generator loss and its unweighted parts (detached), keyed by term."""
-        return self._total(self.generator_terms, inputs)
+        """Total generator loss and its unweighted parts (detached), keyed by term.
+
+        With ``adversarial.adaptive``, the adversarial term's weight is multiplied by the ratio of the
+        gradient norms of the other terms and of the adversarial term at ``inputs.last_layer``
+        (logged as ``adaptive_weight``).
+        """
+        values = self._values(self.generator_terms, inputs)
+        parts = {k: v.detach() for k, v in values.items()}
+        scale: Dict[str, Tensor] = {}
+        adv = self.adversarial
+        if adv is not None and adv.adaptive and "adversarial" in values:
+            if inputs.last_layer is None:
+                raise RuntimeError("adversarial.adaptive needs TermInputs.last_layer")
+            rest = {k: v for k, v in values.items() if k != "adversarial"}
+            scale["adversarial"] = adaptive_weight(self._total(rest, inputs.step), values["adversarial"],
+                                                   inputs.last_layer, adv.adaptive_eps, adv.adaptive_max)
+            parts["adaptive_weight"] = scale["adversarial"]
+        return self._total(values, inputs.step, scale), parts
 
     def discriminator_loss(self, inputs: TermInputs) -> Tuple[Tensor, Dict[str, Tensor]]:
         """Total discriminator loss and its unweighted parts (detached), keyed by term."""
-        return self._total(self.discriminator_terms, inputs)
+        values = self._values(self.discriminator_terms, inputs)
+        return self._total(values, inputs.step), {k: v.detach() for k, v in values.items()}
+
+
+def adaptive_weight(rec_loss: Tensor, adv_loss: Tensor, last_layer: Tensor, eps: float = 1e-4,
+                    max_weight: float = 1e4) -> Tensor:
+    """VQGAN's adaptive weight: |grad rec| / (|grad adv| + eps) at ``last_layer``, clamped, detached.
+
+    Computed in fp32; a non-finite ratio (an fp16 overflow, say) gives 0 for that step, so the
+    adversarial term is skipped rather than poisoning the update. A zero adversarial gradient gives
+    ``min(|grad rec| / eps, max_weight)``, finite.
+
+    Example:
+        >>> w = torch.ones(3, requires_grad=True)
+        >>> round(float(adaptive_weight((2 * w).sum(), w.sum(), w)), 3)
+        2.0
+    """
+    def norm(loss: Tensor) -> Tensor:
+        if not loss.requires_grad:
+            return torch.zeros((), device=last_layer.device)
+        (grad,) = torch.autograd.grad(loss, last_layer, retain_graph=True, allow_unused=True)
+        return torch.zeros((), device=last_layer.device) if grad is None else torch.linalg.vector_norm(grad.float())
+
+    ratio = norm(rec_loss) / (norm(adv_loss) + eps)
+    ratio = torch.where(torch.isfinite(ratio), ratio.clamp(0.0, max_weight), torch.zeros_like(ratio))
+    return ratio.detach()

@@ -182,7 +182,7 @@ class Trainer:
 
     # ---- one micro-batch ---------------------------------------------------------------------------
     def _micro_step(self, x: Tensor) -> None:
-        out = self.gen(x, **self.objective.forward_kwargs())  # the one generator forward (DDP + autocast)
+        out = self.gen(x, **self.objective.forward_kwargs(x.shape[0]))  # the one generator forward (DDP + autocast)
         if self.has_disc and self.objective.discriminator_active(self.state.step):
             d_loss, d_parts, d_in = self.discriminator_backward(x, out)
             self._update("d", self.disc, self.d_opt, self.d_sched, self.config.optim_d)
@@ -196,7 +196,7 @@ class Trainer:
         self.disc_net.requires_grad_(True)
         with self.accelerator.autocast():
             inputs = TermInputs(real=x, output=out, step=self.state.step, value_range=self.model.value_range,
-                                fake=out.recon.detach(), discriminator=self.disc)
+                                fake=self.objective.fakes(out, for_discriminator=True), discriminator=self.disc)
             loss, parts = self.objective.discriminator_loss(inputs)
         self.accelerator.backward(loss)
         return loss, parts, inputs
@@ -209,7 +209,8 @@ class Trainer:
         try:
             with self.accelerator.autocast():
                 inputs = TermInputs(real=x, output=out, step=self.state.step, value_range=self.model.value_range,
-                                    fake=out.recon, discriminator=self.disc_net if uses_d else None)
+                                    fake=self.objective.fakes(out, for_discriminator=False),
+                                    discriminator=self.disc_net if uses_d else None, last_layer=self.model.last_layer)
                 loss, parts = self.objective.generator_loss(inputs)
             self.accelerator.backward(loss)
         finally:
