@@ -44,11 +44,12 @@ def _to_range(x: Tensor, value_range: Tuple[float, float]) -> Tensor:
 class TensorImages(Dataset):
     """Images held in memory as one uint8 tensor (N, C, H, W); items are floats in ``value_range``."""
 
-    def __init__(self, images: Tensor, value_range: Tuple[float, float] = (0.0, 1.0)) -> None:
+    def __init__(self, images: Tensor, value_range: Tuple[float, float] = (0.0, 1.0), labels: Optional[Tensor] = None) -> None:
         if images.dtype != torch.uint8 or images.ndim != 4:
             raise DataError(f"TensorImages needs a uint8 tensor (N, C, H, W), got {images.dtype} {tuple(images.shape)}.")
         self.images = images
         self.value_range = value_range
+        self.labels = labels  # (N,) class labels when known; used by evaluation, not by training
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -119,7 +120,7 @@ def mnist(root: str, split: str, download: bool, limit: Optional[int], image_sha
                 f"versions) in '{raw}', or point --data-dir at the folder that contains MNIST/raw."
             ) from None
     images = ds.data[:limit].unsqueeze(1).contiguous()  # (N, 1, 28, 28) uint8
-    return TensorImages(images, value_range)
+    return TensorImages(images, value_range, labels=ds.targets[:limit].clone())
 
 
 def image_folder(root: str, split: str, download: bool, limit: Optional[int], image_shape: Tuple[int, int, int],
