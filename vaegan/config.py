@@ -209,14 +209,15 @@ class TrainConfig:
     checkpoint_every: int = 1000  # steps; 0 disables periodic checkpoints
     checkpoints_total_limit: int = 3  # keep the newest K complete checkpoints
     sample_every: int = 500  # steps between PNG grids; 0 disables them
-    log_every: int = 50  # steps between logged scalars (the only host syncs)
+    log_every: int = 50  # steps between logged scalars (metric syncs; the step guard adds one small one)
+    max_nonfinite_steps: int = 20  # skipped NaN/inf steps in a row before training stops
     num_samples: int = 64  # images in each PNG grid
     report_to: Literal["none", "wandb", "tensorboard"] = "none"
     project: str = "vaegan"  # tracker project name
     resume: Optional[str] = None  # "latest" or a checkpoint directory
 
     def __post_init__(self) -> None:
-        _positive(self, "epochs", "batch_size", "grad_accum", "log_every", "num_samples")
+        _positive(self, "epochs", "batch_size", "grad_accum", "log_every", "num_samples", "max_nonfinite_steps")
         if self.max_steps is not None and self.max_steps < 1:
             raise ConfigError(f"train.max_steps must be >= 1 or null, got {self.max_steps}.")
         if self.checkpoint_every < 0 or self.sample_every < 0:
@@ -293,14 +294,14 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
+        candidates = [a for a in args if a is not type(None)]
+        if len(candidates) == 1 and isinstance(value, Mapping):  # Optional[section]: name the nested key
+            return _convert(candidates[0], value, path)
+        for arg in candidates:
             try:
                 return _convert(arg, value, path)
-            except ConfigError as exc:
-                errors.append(str(exc))
+            except ConfigError:
+                continue
         raise ConfigError(f"'{path}' must be {_describe(tp)}, got {value!r}.")
     if origin is Literal:
         if value not in typing.get_args(tp):
@@ -309,9 +310,13 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
     if tp is Schedule:
         if isinstance(value, Schedule):
             return value
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return Schedule.constant(float(value))
-        return from_dict(Schedule, value, path)
+        try:
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                return Schedule.constant(float(value))
+            return from_dict(Schedule, value, path)
+        except ConfigError as exc:
+            message = str(exc)
+            raise ConfigError(message if f"'{path}" in message else f"'{path}': {message}") from None
     if dataclasses.is_dataclass(tp):
         return value if isinstance(value, tp) else from_dict(tp, value, path)
     if origin in (tuple, Tuple):
@@ -354,7 +359,7 @@ def from_dict(cls: type, data: Any, path: str = "") -> Any:
     Raises:
         ConfigError: naming the offending key and what it accepts.
     """
-    where = path or "the config"
+    where = f"'{path}'" if path else "the config"
     if not isinstance(data, Mapping):
         raise ConfigError(f"{where} must be a mapping, got {data!r}.")
     hints = typing.get_type_hints(cls)
@@ -414,7 +419,9 @@ def load_config(path: Optional[Union[str, Path]] = None, overrides: Sequence[str
             data = parse_yaml(p.read_text()) or {}
         except yaml.YAMLError as exc:
             raise ConfigError(f"Config file '{p}' is not valid YAML: {exc}") from None
-    return from_dict(ExperimentConfig, _merge_overrides(data, overrides))
+    # Overrides apply on top of the defaults, so `losses.1.weight=0.5` works even when the file does
+    # not spell the list out; mappings in the file replace only the keys they name.
+    return from_dict(ExperimentConfig, _merge_overrides(_deep_merge(to_dict(ExperimentConfig()), data), overrides))
 
 
 def apply_overrides(config: ExperimentConfig, overrides: Sequence[str]) -> ExperimentConfig:
@@ -422,22 +429,40 @@ def apply_overrides(config: ExperimentConfig, overrides: Sequence[str]) -> Exper
     return from_dict(ExperimentConfig, _merge_overrides(to_dict(config), overrides))
 
 
-def _merge_overrides(data: dict, overrides: Sequence[str]) -> dict:
+def _deep_merge(base: Any, data: Any) -> Any:
+    """``data`` on top of ``base``: mappings merge key by key, anything else replaces."""
+    if isinstance(base, Mapping) and isinstance(data, Mapping):
+        merged = dict(base)
+        for key, value in data.items():
+            merged[key] = _deep_merge(base[key], value) if key in base else value
+        return merged
+    return data
+
+
+def _merge_overrides(data: Any, overrides: Sequence[str]) -> dict:
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"The config must be a mapping of sections, got {data!r}.")
     data = to_dict(data)  # deep copy into plain containers
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"Override '{item}' must look like section.key=value, e.g. train.epochs=5.")
-        value = parse_yaml(raw) if raw != "" else None
+        try:
+            value = parse_yaml(raw) if raw != "" else None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"Override '{item}': the value is not valid YAML ({exc}).") from None
         node = data
         parts = key.split(".")
-        for part in parts[:-1]:
+        for depth, part in enumerate(parts[:-1]):
             if isinstance(node, list):
                 node = node[_index(part, node, key)]
-                continue
-            if node.get(part) is None:
-                node[part] = {}
-            node = node[part]
+            elif isinstance(node, dict):
+                if node.get(part) is None:
+                    node[part] = {}
+                node = node[part]
+            if not isinstance(node, (dict, list)):
+                where = ".".join(parts[: depth + 1])
+                raise ConfigError(f"Override '{item}': '{where}' is a value, not a section; set it with {where}=VALUE.")
         last = parts[-1]
         if isinstance(node, list):
             node[_index(last, node, key)] = value

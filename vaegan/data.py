@@ -13,7 +13,10 @@ Example:
 
 from __future__ import annotations
 
+import gzip
 import logging
+import math
+import shutil
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
@@ -75,7 +78,9 @@ class ImageFolder(Dataset):
             raise DataError(f"Image folders can be read as 1, 3 or 4 channels, but the model wants {c}.")
         self.mode = modes[c]
         self.value_range = value_range
-        self.transform = v2.Compose([v2.PILToTensor(), v2.Resize(min(h, w), antialias=True), v2.CenterCrop((h, w))])
+        self.size = (h, w)
+        self.to_tensor = v2.PILToTensor()
+        self.crop = v2.CenterCrop((h, w))
 
     def __len__(self) -> int:
         return len(self.files)
@@ -84,12 +89,18 @@ class ImageFolder(Dataset):
         from PIL import Image, UnidentifiedImageError
 
         path = self.files[index]
+        from torchvision.transforms.v2 import functional as TF
+
         try:
             with Image.open(path) as img:
-                pixels = self.transform(img.convert(self.mode))  # uint8 (C, H, W)
+                pixels = self.to_tensor(img.convert(self.mode))  # uint8 (C, H0, W0)
         except (UnidentifiedImageError, OSError) as exc:
             raise DataError(f"Image '{path}' cannot be read ({exc}); delete or replace the file.") from None
-        return _to_range(pixels, self.value_range)
+        # Scale so the image covers the target (keeping its aspect ratio), then centre-crop: no padding.
+        (h, w), (h0, w0) = self.size, pixels.shape[-2:]
+        scale = max(h / h0, w / w0)
+        resized = TF.resize(pixels, [max(h, math.ceil(h0 * scale)), max(w, math.ceil(w0 * scale))], antialias=True)
+        return _to_range(self.crop(resized), self.value_range)
 
 
 def mnist(root: str, split: str, download: bool, limit: Optional[int], image_shape: Tuple[int, int, int],
@@ -102,6 +113,13 @@ def mnist(root: str, split: str, download: bool, limit: Optional[int], image_sha
     from torchvision.datasets import MNIST
 
     train = split == "train"
+    raw = Path(root) / "MNIST" / "raw"
+    all_files = [f for pair in MNIST_FILES.values() for f in pair]  # torchvision checks all four
+    for name in all_files:  # torchvision reads only extracted files; accept the .gz too
+        packed = raw / f"{name}.gz"
+        if not (raw / name).is_file() and packed.is_file():
+            with gzip.open(packed, "rb") as src, open(raw / name, "wb") as dst:
+                shutil.copyfileobj(src, dst)
     try:
         ds = MNIST(root=root, train=train, download=False)
     except RuntimeError:
@@ -112,8 +130,7 @@ def mnist(root: str, split: str, download: bool, limit: Optional[int], image_sha
             except Exception as exc:  # URLError, HTTPError, timeouts: all mean "no network here"
                 logger.warning("MNIST download failed: %s", exc)
         if ds is None:
-            raw = Path(root) / "MNIST" / "raw"
-            files = ", ".join(MNIST_FILES[split])
+            files = ", ".join(all_files)
             raise DataError(
                 f"MNIST ({split} split) is not in '{raw}' and could not be downloaded"
                 f"{'' if download else ' (download is off)'}. Put the files {files} (or their .gz "

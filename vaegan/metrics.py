@@ -107,7 +107,7 @@ def _log_likelihood(model, x: Tensor, z: Tensor, likelihood: str, logvar: Option
     logits = model.decode_logits(z).float()
     if likelihood == "bernoulli":
         low, high = model.value_range
-        scale = 2.0 / (high - low)
+        scale = high - low  # logits of the Bernoulli: l for sigmoid, 2l for tanh
         target = (x.float() - low) / (high - low)
         ll = -F.binary_cross_entropy_with_logits(scale * logits, target, reduction="none")
     else:

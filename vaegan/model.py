@@ -25,7 +25,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from .config import ModelConfig, from_dict, to_dict
-from .errors import CheckpointError, DataError
+from .errors import CheckpointError, ConfigError, DataError
 
 __all__ = ["DiagonalGaussian", "VAEOutput", "VAE"]
 
@@ -295,6 +295,8 @@ class VAE(nn.Module):
     def check_images(self, x: Tensor, where: str = "the data") -> None:
         """Raise :class:`DataError` unless ``x`` is a (B, C, H, W) batch this model accepts."""
         want = self.config.image_shape
+        if x.numel() == 0:
+            raise DataError(f"{where} gave an empty batch; the dataset must contain images.")
         if x.ndim != 4 or tuple(x.shape[1:]) != want:
             raise DataError(
                 f"Images from {where} have shape {tuple(x.shape[1:]) if x.ndim == 4 else tuple(x.shape)}"
@@ -346,6 +348,8 @@ class VAE(nn.Module):
             config = from_dict(ModelConfig, json.loads(cfg_path.read_text()), "model")
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise CheckpointError(f"'{cfg_path}' is not valid JSON ({exc}); the save is corrupt.") from None
+        except ConfigError as exc:
+            raise CheckpointError(f"'{cfg_path}' is not a vaegan model config: {exc}") from None
         try:
             state = load_file(str(w_path), device=map_location)
         except (SafetensorError, OSError, ValueError) as exc:

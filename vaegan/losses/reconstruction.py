@@ -58,7 +58,7 @@ class BCELoss(LossTerm):
             raise ValueError("bce needs the decoder's logits (VAEOutput.recon_logits)")
         low, high = inputs.value_range
         target = (inputs.real.float() - low) / (high - low)
-        scale = 2.0 / (high - low)  # 1 for [0, 1] (sigmoid), 2 for [-1, 1] (tanh)
+        scale = high - low  # 1 for [0, 1] (sigmoid), 2 for [-1, 1] (tanh(l) = 2 sigmoid(2l) - 1)
         return F.binary_cross_entropy_with_logits(scale * logits.float(), target)
 
 
