@@ -1,2 +1,14 @@
 """vaegan's first-party plugins (installed as ``vaegan_plugins``), registered through entry points
-in vaegan's ``setup.cfg`` exactly as a third-party package registers its own."""
+in vaegan's ``setup.cfg`` exactly as a third-party package registers its own.
+
+Modules (entry-point names in brackets; see docs/plugins.md for every option):
+
+- :mod:`.patchgan` [``patchgan``], :mod:`.dcgan` [``dcgan``]: discriminators.
+- :mod:`.adversarial` [``hinge``, ``least_squares``]: GAN loss pairs.
+- :mod:`.r1` [``r1``]: R1 gradient penalty (a discriminator term).
+- :mod:`.feature_matching` [``feature_matching``]: Larsen et al.'s learned similarity.
+- :mod:`.perceptual` [``lpips``], :mod:`.ssim` [``ssim``], :mod:`.frequency` [``focal_frequency``]:
+  perceptual and structural reconstruction losses.
+
+Nothing is imported here: loading one plugin by name imports only its module.
+"""

@@ -34,7 +34,11 @@ def _torchrun(out: Path, *overrides: str) -> list:
     ("losses=[{name: gaussian_nll}, {name: kl}, {name: smoothness, weight: 0.1}]", "train.grad_accum=2"),
     # autograd.grad at the decoder's last layer under DDP, and prior samples as extra fakes
     ("adversarial.adaptive=true", "adversarial.fake=both"),
-], ids=["default", "learned-logvar-accum", "adaptive-both-fakes"])
+    # first-party plugins: a PatchGAN, the hinge pair, R1's double backward through the DDP-wrapped
+    # discriminator (lazy, every 2 steps), and feature matching through the frozen one
+    ("discriminator.name=patchgan", "discriminator.options={base_width: 8, n_layers: 2}", "adversarial.name=hinge",
+     "losses=[{name: bce}, {name: kl}, {name: feature_matching, weight: 0.5}, {name: r1, options: {every: 2}}]"),
+], ids=["default", "learned-logvar-accum", "adaptive-both-fakes", "patchgan-hinge-r1-feature-matching"])
 def test_two_processes_end_with_identical_parameters(tmp_path, overrides):
     r0, r1 = _torchrun(tmp_path, *overrides)
     assert r0["world_size"] == r1["world_size"] == 2

@@ -153,8 +153,12 @@ class _DiscriminatorAdversarial(LossTerm):
         return self.pair.discriminator_loss(inputs.disc("real").logits.float(), inputs.disc("fake").logits.float())
 
 
-def build_plugin(group: str, name: str, options: dict, **context: object) -> nn.Module:
+def build_plugin(group: str, name: str, options: dict, optional_context: Optional[Dict[str, object]] = None,
+                 **context: object) -> nn.Module:
     """Load plugin ``name`` from ``group`` and construct it with ``context`` and ``options``.
+
+    ``optional_context`` entries (e.g. ``image_shape`` for loss terms) are passed only to plugins whose
+    constructor names them, so a term can validate itself against the images before training starts.
 
     Raises:
         PluginError: unknown or broken plugin.
@@ -162,6 +166,13 @@ def build_plugin(group: str, name: str, options: dict, **context: object) -> nn.
     """
     cls = registry.load(group, name)
     kwargs = {**context, **dict(options)}
+    try:
+        accepted = inspect.signature(cls).parameters
+    except ValueError:
+        accepted = {}
+    for key, value in (optional_context or {}).items():
+        if key in accepted and key not in kwargs:
+            kwargs[key] = value
     try:
         inspect.signature(cls).bind(**kwargs)
     except TypeError as exc:
@@ -208,7 +219,8 @@ class Objective(nn.Module):
         """Build every term named in ``config`` (``losses`` plus the adversarial pair)."""
         terms: List[Tuple[str, LossTerm, Schedule]] = []
         for tc in config.losses:
-            term = build_plugin("vaegan.losses", tc.name, dict(tc.options))
+            term = build_plugin("vaegan.losses", tc.name, dict(tc.options),
+                                optional_context={"image_shape": config.model.image_shape})
             if not isinstance(term, LossTerm):
                 raise PluginError(f"Loss plugin '{tc.name}' built a {type(term).__name__}, not a vaegan.objective.LossTerm.")
             terms.append((tc.key, term, tc.weight))
