@@ -1,9 +1,13 @@
 """The ``vaegan`` command and the flags shared by it and the recipes.
 
-    vaegan plugins                     list installed plugins with distribution and status
-    vaegan train CONFIG.yaml [k=v ...] train from a config file with dotted overrides
+    vaegan train CONFIG.yaml [k=v ...]              train from a config file with dotted overrides
+    vaegan sample --model DIR --num N --out FILE    prior samples (.png grid or .npz uint8 array)
+    vaegan reconstruct --model DIR --data-dir D --out FILE   reconstructions of a dataset split
+    vaegan interpolate --model DIR --out FILE       interpolation strips
+    vaegan plugins                                  list installed plugins with distribution and status
 
-Errors a user can fix print one paragraph (no traceback) and exit with status 2.
+Errors a user can fix print one paragraph (no traceback) and exit with status 2. The work of
+``sample``, ``reconstruct`` and ``interpolate`` lives in :mod:`vaegan.commands`.
 """
 
 from __future__ import annotations
@@ -11,12 +15,13 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import textwrap
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence
 
 from . import registry
-from .config import ExperimentConfig, apply_overrides, load_config
-from .errors import VaeganError
+from .config import ExperimentConfig, load_config
+from .errors import ConfigError, VaeganError
 
 __all__ = ["main", "add_train_flags", "config_from_flags", "run_recipe"]
 
@@ -77,11 +82,13 @@ def _guard(fn: Callable[[], int]) -> int:
         return 2
 
 
-def run_recipe(argv: Optional[Sequence[str]] = None, default_config: Optional[Path] = None, description: str = "") -> int:
+def run_recipe(argv: Optional[Sequence[str]] = None, default_config: Optional[Path] = None, description: str = "",
+               prog: Optional[str] = None) -> int:
     """Parse recipe flags and train; used by ``recipes/*.py`` and ``vaegan train``."""
     from .factory import train
 
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog=prog, description=description,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     add_train_flags(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -105,25 +112,177 @@ def _plugins(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Entry point of the ``vaegan`` console script."""
+def _sample(args: argparse.Namespace) -> int:
+    from . import commands
+
+    commands.check_output(args.out)
+    model = commands.load_model(args.model, raw=args.raw, device=args.device)
+    images = commands.sample(model, args.num, seed=args.seed, batch_size=args.batch_size,
+                             temperature=args.temperature)
+    path = commands.save_images(args.out, images)
+    sys.stdout.write(f"wrote {images.shape[0]} samples {tuple(images.shape[1:])} to {path}\n")
+    return 0
+
+
+def _dataset(args: argparse.Namespace, model):
+    from . import commands
+
+    name = args.dataset
+    if name is None:  # the dataset plugin the model was trained on, else MNIST
+        trained = commands.trained_data_config(args.model)
+        name = trained.name if trained is not None else "mnist"
+    return commands.load_dataset(model, name, args.data_dir, split=args.split, limit=args.limit,
+                                 download=args.download)
+
+
+def _reconstruct(args: argparse.Namespace) -> int:
+    from . import commands
+
+    commands.check_output(args.out)
+    model = commands.load_model(args.model, raw=args.raw, device=args.device)
+    inputs, recons = commands.reconstruct(model, _dataset(args, model), batch_size=args.batch_size)
+    path = commands.save_reconstructions(args.out, inputs, recons)
+    sys.stdout.write(f"wrote {recons.shape[0]} reconstructions of the {args.split} split to {path}\n")
+    return 0
+
+
+def _interpolate(args: argparse.Namespace) -> int:
+    from . import commands
+
+    commands.check_output(args.out)
+    model = commands.load_model(args.model, raw=args.raw, device=args.device)
+    dataset = _dataset(args, model) if args.data_dir is not None else None
+    if args.indices is not None and dataset is None:
+        raise ConfigError("--indices picks images of a dataset: pass --data-dir too (and --dataset, --split).")
+    strips, ends = commands.interpolate(model, args.num_pairs, args.steps, seed=args.seed, dataset=dataset,
+                                        indices=args.indices)
+    path = commands.save_interpolations(args.out, strips, ends)
+    sys.stdout.write(f"wrote {strips.shape[0]} interpolation strips of {strips.shape[1]} steps to {path}\n")
+    return 0
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
+
+
+_positive_int.__name__ = "positive integer"  # argparse names the type in "invalid ... value" errors
+_non_negative_float.__name__ = "non-negative number"
+
+
+def _command(sub, name: str, summary: str, description: str, example: str, **kwargs) -> argparse.ArgumentParser:
+    return sub.add_parser(name, help=summary, description=f"{textwrap.fill(description, 96)}\n\nExample:\n  {example}",
+                          formatter_class=argparse.RawDescriptionHelpFormatter, **kwargs)
+
+
+def _model_flags(p: argparse.ArgumentParser, out_help: str) -> None:
+    p.add_argument("--model", required=True, metavar="DIR",
+                   help="a training run's output directory (uses its final/) or a saved model folder")
+    p.add_argument("--out", required=True, metavar="FILE", help=out_help)
+    p.add_argument("--raw", action="store_true", help="use the raw weights (final/raw) instead of the EMA ones")
+    p.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
+
+
+def _data_flags(p: argparse.ArgumentParser, required: bool) -> None:
+    datasets = registry.available("vaegan.datasets")
+    p.add_argument("--data-dir", required=required, metavar="D", help="dataset root, as data.root in a config")
+    p.add_argument("--dataset", choices=datasets, metavar="NAME",
+                   help=f"dataset plugin ({', '.join(datasets)}; default: the one the model was trained on)")
+    p.add_argument("--split", choices=["train", "test"], default="test", help="default: test")
+    p.add_argument("--limit", type=_positive_int, help="use only the first N images")
+    p.add_argument("--download", action="store_true", help="download the dataset when missing (needs a network)")
+
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vaegan", description="Hybrid VAE-GAN training with plugin losses.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("plugins", help="list installed plugins",
-                       description="List every plugin in vaegan's entry-point groups with its distribution and "
-                                   "whether it loads.\n\nExample: vaegan plugins --group vaegan.losses",
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    t = _command(sub, "train", "train from a YAML config",
+                 "Train from a config file; flags and KEY=VALUE override it. `vaegan train CONFIG.yaml "
+                 "--help` lists the flags.",
+                 "vaegan train recipes/configs/vaegan_mnist.yaml --data-dir data train.epochs=5",
+                 add_help=False)  # --help goes to the recipe's parser, which knows every flag
+    t.add_argument("config_file", type=Path, nargs="?", metavar="CONFIG.yaml")
+
+    s = _command(sub, "sample", "draw images from the prior of a trained model",
+                 "Decode N latents z ~ N(0, temperature^2 I) with a trained generator (the EMA weights by "
+                 "default). .png writes one grid; .npz writes the array 'images', uint8 (N, C, H, W).",
+                 "vaegan sample --model outputs/vaegan_mnist --num 64 --out samples.png --seed 1")
+    _model_flags(s, ".png (a grid) or .npz (array 'images', uint8 (N, C, H, W))")
+    s.add_argument("--num", type=_positive_int, default=64, help="number of images (default 64)")
+    s.add_argument("--seed", type=int, default=0, help="seed of the latents (default 0)")
+    s.add_argument("--batch-size", type=_positive_int, default=256, help="images decoded at once (default 256)")
+    s.add_argument("--temperature", type=_non_negative_float, default=1.0,
+                   help="scale of the latents' standard deviation (default 1.0; lower: safer, less varied)")
+
+    r = _command(sub, "reconstruct", "reconstruct a dataset split with a trained model",
+                 "Encode every image of a dataset split (in dataset order) to its posterior mean and decode "
+                 "it. .npz writes 'images' (the reconstructions) and 'inputs', both uint8 (N, C, H, W); .png "
+                 "writes a grid of input | reconstruction pairs. Any dataset plugin works (see `vaegan "
+                 "plugins`).",
+                 "vaegan reconstruct --model outputs/vaegan_mnist --data-dir data --split test --out recon.npz")
+    _model_flags(r, ".npz (arrays 'images' and 'inputs') or .png (a grid of pairs)")
+    _data_flags(r, required=True)
+    r.add_argument("--batch-size", type=_positive_int, default=256, help="images per forward (default 256)")
+
+    i = _command(sub, "interpolate", "decode interpolations between latents",
+                 "Decode evenly spaced points on the line between two latents, for several pairs: random "
+                 "latents from the prior, or (with --data-dir) the posterior means of dataset images, chosen "
+                 "at random or with --indices. .png writes one strip per row (real images at both ends when "
+                 "there are any); .npz writes 'images', uint8 (pairs, steps, C, H, W).",
+                 "vaegan interpolate --model outputs/vaegan_mnist --out strips.png --num-pairs 8 --steps 10")
+    _model_flags(i, ".png (one strip per row) or .npz (array 'images', uint8 (pairs, steps, C, H, W))")
+    i.add_argument("--num-pairs", type=_positive_int, default=4, help="number of strips (default 4)")
+    i.add_argument("--steps", type=_positive_int, default=8, help="images per strip (default 8)")
+    i.add_argument("--seed", type=int, default=0, help="seed of the random latents or images (default 0)")
+    i.add_argument("--indices", type=int, nargs="+", metavar="I",
+                   help="dataset images to interpolate between, in pairs (e.g. 0 7 3 5); needs --data-dir")
+    _data_flags(i, required=False)
+
+    p = _command(sub, "plugins", "list installed plugins",
+                 "List every plugin in vaegan's entry-point groups with its distribution and whether it loads.",
+                 "vaegan plugins --group vaegan.losses")
     p.add_argument("--group", choices=registry.GROUPS, help="only this group")
     p.add_argument("--no-check", action="store_true", help="read metadata only; import nothing")
-    t = sub.add_parser("train", help="train from a YAML config",
-                       description="Train from a config file; flags and KEY=VALUE override it.\n\n"
-                                   "Example: vaegan train recipes/configs/vaegan_mnist.yaml train.epochs=5",
-                       formatter_class=argparse.RawDescriptionHelpFormatter, add_help=False)
-    t.add_argument("config_file", type=Path)
-    args, rest = parser.parse_known_args(argv)
-    if args.command == "plugins":
-        return _guard(lambda: _plugins(args))
-    return run_recipe(["--config", str(args.config_file), *rest])
+    return parser
+
+
+_COMMANDS = {"plugins": _plugins, "sample": _sample, "reconstruct": _reconstruct, "interpolate": _interpolate}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of the ``vaegan`` console script."""
+    args, rest = _parser().parse_known_args(argv)
+    if args.command == "train":  # the recipe's flags: parsed (and --help printed) by run_recipe
+        if args.config_file is None and not {"-h", "--help"} & set(rest):
+            return _guard(_missing_config)
+        config = ["--config", str(args.config_file)] if args.config_file is not None else []
+        return run_recipe([*config, *rest], description=_TRAIN_HELP, prog="vaegan train CONFIG.yaml")
+    if rest:
+        _parser().parse_args(argv)  # reports the unknown arguments and exits 2
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    return _guard(lambda: _COMMANDS[args.command](args))
+
+
+_TRAIN_HELP = """Train from a YAML config; flags and KEY=VALUE override it.
+
+Example:
+  vaegan train recipes/configs/vaegan_mnist.yaml --data-dir data --epochs 5 model.latent_dim=32
+  vaegan train recipes/configs/rgb_folder_32.yaml --data-dir path/to/images --report-to wandb
+"""
+
+
+def _missing_config() -> int:
+    raise ConfigError("vaegan train needs a config file, e.g. `vaegan train recipes/configs/vaegan_mnist.yaml`; "
+                      "`vaegan train --help` lists the flags that override it.")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,291 @@
+"""What the ``vaegan sample | reconstruct | interpolate`` commands do, usable from Python too.
+
+Images leave vaegan as uint8 arrays (N, C, H, W), the way image files and metric tools expect them:
+``.npz`` files hold them under ``images``; ``.png`` files show them as one grid with exactly the same
+pixel values.
+
+Example:
+    >>> model = load_model("outputs/vaegan_mnist")  # doctest: +SKIP
+    >>> save_images("samples.npz", sample(model, 16, seed=0))  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from .config import DataConfig, from_dict, load_config
+from .data import build_dataset
+from .errors import CheckpointError, ConfigError, DataError, VaeganError
+from .model import CONFIG_NAME, VAE
+
+__all__ = [
+    "OUTPUT_SUFFIXES", "check_output", "resolve_model_dir", "load_model", "trained_data_config",
+    "to_uint8", "sample", "reconstruct", "interpolate", "save_images", "save_reconstructions",
+    "save_interpolations", "load_dataset",
+]
+
+logger = logging.getLogger(__name__)
+
+OUTPUT_SUFFIXES = (".png", ".npz")
+
+
+def check_output(path: Union[str, Path], allowed: Sequence[str] = OUTPUT_SUFFIXES) -> str:
+    """Return the lower-case suffix of ``path`` if vaegan can write it.
+
+    Raises:
+        ConfigError: any other extension (checked before any work is done).
+
+    Example:
+        >>> check_output("grid.PNG")
+        '.png'
+    """
+    suffix = Path(path).suffix.lower()
+    if suffix not in allowed:
+        raise ConfigError(
+            f"--out '{path}' has the extension '{suffix or '(none)'}', which vaegan cannot write. Use "
+            f"{' or '.join(allowed)}: .png writes one image grid, .npz a NumPy archive whose array "
+            "'images' is uint8 with shape (N, C, H, W)."
+        )
+    return suffix
+
+
+def resolve_model_dir(path: Union[str, Path], raw: bool = False) -> Path:
+    """The folder holding the weights to load: ``path`` itself, or ``path/final`` for a run's output
+    directory; with ``raw``, the non-EMA weights in ``raw/`` under that folder.
+
+    Raises:
+        CheckpointError: no saved model there, or no raw weights (EMA was off).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(
+            f"--model '{path}' does not exist. Pass the output directory of a training run (the folder "
+            "that holds final/) or a folder written by VAE.save_pretrained."
+        )
+    model_dir = path if (path / CONFIG_NAME).is_file() else path / "final"
+    if not (model_dir / CONFIG_NAME).is_file():
+        raise CheckpointError(
+            f"'{path}' holds no saved vaegan model: neither it nor '{path / 'final'}' contains "
+            f"{CONFIG_NAME} and model.safetensors. Pass the output directory of a finished training run, "
+            "or its final/ folder."
+        )
+    if raw:
+        if not (model_dir / "raw" / CONFIG_NAME).is_file():
+            raise CheckpointError(
+                f"'{model_dir}' has no raw/ weights: that run trained without an EMA (train.ema_decay: "
+                "null), so its final/ weights are the raw weights already. Drop --raw."
+            )
+        model_dir = model_dir / "raw"
+    return model_dir
+
+
+def load_model(path: Union[str, Path], raw: bool = False, device: Optional[Union[str, torch.device]] = None) -> VAE:
+    """Load the EMA generator of a run (or the raw one), in eval mode, on ``device``.
+
+    Args:
+        path: A run's output directory, its ``final/`` folder, or any ``save_pretrained`` folder.
+        raw: Load the non-EMA weights from ``final/raw``.
+        device: Where to put the model; default: CUDA when available, else the CPU.
+
+    Raises:
+        CheckpointError: see :func:`resolve_model_dir` and :meth:`VAE.from_pretrained`.
+    """
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = VAE.from_pretrained(resolve_model_dir(path, raw), map_location=str(device))
+    return model.eval()
+
+
+def trained_data_config(path: Union[str, Path]) -> Optional[DataConfig]:
+    """The data section of the run that trained the model at ``path``, when it can be found.
+
+    ``final/training_config.yaml`` is written next to the weights; None when it is missing or unreadable.
+    """
+    model_dir = resolve_model_dir(path)
+    for folder in (model_dir, model_dir.parent):
+        cfg_file = folder / "training_config.yaml"
+        if cfg_file.is_file():
+            try:
+                return load_config(cfg_file).data
+            except VaeganError as exc:
+                logger.warning("Ignoring %s: %s", cfg_file, exc)
+    return None
+
+
+def load_dataset(model: VAE, name: str, root: Union[str, Path], split: str = "test", limit: Optional[int] = None,
+                 download: bool = False) -> Dataset:
+    """A dataset plugin's ``split`` in the shape and value range ``model`` expects.
+
+    Raises:
+        ConfigError: bad split or limit. DataError: missing or unreadable data. PluginError: unknown name.
+    """
+    data = from_dict(DataConfig, {"name": name, "root": str(root), "split": split, "limit": limit,
+                                  "download": download}, "data")
+    return build_dataset(data, model.config)
+
+
+def to_uint8(images: Tensor, value_range: Tuple[float, float]) -> Tensor:
+    """Images in ``value_range`` to uint8 in [0, 255], rounded as torchvision's ``save_image`` does.
+
+    Example:
+        >>> to_uint8(torch.tensor([-1.0, 0.0, 1.0]), (-1.0, 1.0)).tolist()
+        [0, 128, 255]
+    """
+    low, high = value_range
+    unit = (images.detach().float() - low) / (high - low)
+    return unit.mul(255).add_(0.5).clamp_(0, 255).to(torch.uint8).cpu()
+
+
+def _device_of(model: VAE) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.no_grad()
+def sample(model: VAE, num: int, seed: int = 0, batch_size: int = 256, temperature: float = 1.0) -> Tensor:
+    """Draw ``num`` images from the prior, ``z ~ N(0, temperature^2 I)``.
+
+    The latents are drawn on the CPU from ``seed`` in one go, so the images do not depend on
+    ``batch_size`` or the device.
+
+    Returns:
+        uint8 (num, C, H, W).
+
+    Example:
+        >>> sample(VAE(ModelConfig()), 4).shape  # doctest: +SKIP
+        torch.Size([4, 1, 28, 28])
+    """
+    z = torch.randn(num, model.config.latent_dim, generator=torch.Generator().manual_seed(seed)) * temperature
+    out = [model.decode(chunk.to(_device_of(model))) for chunk in z.split(batch_size)]
+    return to_uint8(torch.cat(out), model.value_range)
+
+
+@torch.no_grad()
+def reconstruct(model: VAE, dataset: Dataset, batch_size: int = 256) -> Tuple[Tensor, Tensor]:
+    """Reconstruct every image of ``dataset`` in order, from the posterior mean.
+
+    Returns:
+        (inputs, reconstructions), both uint8 (N, C, H, W).
+
+    Raises:
+        DataError: the images do not fit the model.
+    """
+    inputs, recons = [], []
+    for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False):
+        x = batch[0] if isinstance(batch, (list, tuple)) else batch  # (B, C, H, W); labels dropped
+        if not inputs:
+            model.check_images(x, "the dataset")
+        x = x.to(_device_of(model))
+        inputs.append(to_uint8(x, model.value_range))
+        recons.append(to_uint8(model.reconstruct(x), model.value_range))
+    return torch.cat(inputs), torch.cat(recons)
+
+
+@torch.no_grad()
+def interpolate(model: VAE, num_pairs: int = 4, steps: int = 8, seed: int = 0, dataset: Optional[Dataset] = None,
+                indices: Optional[Sequence[int]] = None) -> Tuple[Tensor, Optional[Tensor]]:
+    """Decode ``steps`` evenly spaced points between pairs of latents.
+
+    Without ``dataset`` the pairs are random latents from the prior. With it, they are the posterior
+    means of pairs of its images: ``indices`` (consecutive pairs) or, by default, images drawn from
+    ``seed``.
+
+    Returns:
+        (strips uint8 (P, steps, C, H, W), the pairs' end images uint8 (P, 2, C, H, W) or None).
+
+    Raises:
+        ConfigError: an odd number of indices, or indices outside the dataset.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    device = _device_of(model)
+    if dataset is None:
+        z0, z1 = torch.randn(2, num_pairs, model.config.latent_dim, generator=gen).to(device)
+        t = torch.linspace(0, 1, steps, device=device).view(1, steps, 1)
+        z = torch.lerp(z0.unsqueeze(1), z1.unsqueeze(1), t)  # (P, steps, D)
+        images = model.decode(z.flatten(0, 1)).unflatten(0, (num_pairs, steps))  # (P, steps, C, H, W)
+        return to_uint8(images, model.value_range), None
+    n = len(dataset)  # type: ignore[arg-type]
+    if indices is None:
+        if n < 2:
+            raise DataError("Interpolating between dataset images needs at least 2 images.")
+        picks = [int(i) for i in torch.randperm(n, generator=gen)[: 2 * num_pairs]]
+        picks += picks[: 2 * num_pairs - len(picks)]  # a tiny dataset: reuse images
+    else:
+        picks = list(indices)
+        if len(picks) % 2 or not picks:
+            raise ConfigError(f"--indices takes pairs of image numbers (an even count), got {len(picks)}.")
+        bad = [i for i in picks if not 0 <= i < n]
+        if bad:
+            raise ConfigError(f"--indices {bad} are outside the dataset, which has {n} images (0 to {n - 1}).")
+    x = torch.stack([_image(dataset[i]) for i in picks])  # (2P, C, H, W): start, end, start, end, ...
+    model.check_images(x, "the dataset")
+    x = x.to(device)
+    strips = model.interpolate(x[0::2], x[1::2], steps=steps)  # (P, steps, C, H, W)
+    ends = torch.stack([x[0::2], x[1::2]], dim=1)  # (P, 2, C, H, W)
+    return to_uint8(strips, model.value_range), to_uint8(ends, model.value_range)
+
+
+def _image(item) -> Tensor:
+    return item[0] if isinstance(item, (list, tuple)) else item
+
+
+def save_images(path: Union[str, Path], images: Tensor, nrow: Optional[int] = None, **arrays: Tensor) -> Path:
+    """Write uint8 images as a ``.png`` grid or as the array ``images`` of a ``.npz`` archive.
+
+    Args:
+        path: Ends in .png or .npz; parent folders are created.
+        images: uint8 (N, C, H, W), or (P, S, C, H, W) for rows of S images (a .png lays out one
+            row per P; a .npz keeps the shape).
+        nrow: Images per row of a .png grid (default: about square).
+        arrays: Further uint8 arrays stored in a .npz next to ``images`` (ignored for .png).
+
+    Returns:
+        ``path`` as a Path.
+
+    Raises:
+        ConfigError: an extension other than .png/.npz. VaeganError: the file cannot be written.
+    """
+    from PIL import Image
+    from torchvision.utils import make_grid
+
+    path = Path(path)
+    suffix = check_output(path)
+    if images.dtype != torch.uint8:
+        raise TypeError(f"save_images takes uint8 images, got {images.dtype}")  # a caller's bug
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if suffix == ".npz":
+            np.savez_compressed(path, images=images.numpy(), **{k: v.numpy() for k, v in arrays.items()})
+        else:
+            if images.ndim == 5:  # (P, S, C, H, W): one row per P
+                nrow = images.shape[1]
+                images = images.flatten(0, 1)
+            nrow = nrow or math.ceil(math.sqrt(images.shape[0]))
+            grid = make_grid(images, nrow=nrow, padding=2, pad_value=0)  # uint8 (3, H', W')
+            Image.fromarray(grid.permute(1, 2, 0).numpy()).save(path)
+    except OSError as exc:
+        raise VaeganError(f"Cannot write '{path}': {exc}. Choose another --out path.") from None
+    return path
+
+
+def save_reconstructions(path: Union[str, Path], inputs: Tensor, recons: Tensor) -> Path:
+    """``.npz``: ``images`` (the reconstructions) and ``inputs``; ``.png``: a grid of input |
+    reconstruction pairs, eight pairs per row. Both uint8 (N, C, H, W)."""
+    if check_output(path) == ".png":
+        return save_images(path, torch.stack([inputs, recons], dim=1).flatten(0, 1), nrow=16)  # in, out, in, ...
+    return save_images(path, recons, inputs=inputs)
+
+
+def save_interpolations(path: Union[str, Path], strips: Tensor, ends: Optional[Tensor] = None) -> Path:
+    """``.npz``: ``images`` (P, steps, C, H, W) and, for dataset images, ``inputs`` (P, 2, C, H, W);
+    ``.png``: one strip per row, with the real images at both ends when there are any."""
+    if check_output(path) == ".npz":
+        return save_images(path, strips, **({"inputs": ends} if ends is not None else {}))
+    rows = strips if ends is None else torch.cat([ends[:, :1], strips, ends[:, 1:]], dim=1)  # (P, S(+2), C, H, W)
+    return save_images(path, rows)
