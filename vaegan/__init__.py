@@ -19,7 +19,7 @@ from .config import (
     load_config,
 )
 from .discriminators import Discriminator
-from .errors import CheckpointError, ConfigError, DataError, PluginError, VaeganError
+from .errors import CheckpointError, ConfigError, DataError, PluginError, TrainingDiverged, VaeganError
 from .factory import build_discriminator, build_model, build_trainer, train
 from .model import VAE, VAEOutput
 from .objective import AdversarialLoss, DiscriminatorOutput, LossTerm, Objective, TermInputs
@@ -31,7 +31,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AdversarialConfig", "DataConfig", "DiscriminatorConfig", "ExperimentConfig", "ModelConfig",
     "OptimConfig", "TermConfig", "TrainConfig", "apply_overrides", "load_config", "Discriminator",
-    "CheckpointError", "ConfigError", "DataError", "PluginError", "VaeganError", "build_discriminator",
+    "CheckpointError", "ConfigError", "DataError", "PluginError", "TrainingDiverged", "VaeganError", "build_discriminator",
     "build_model", "build_trainer", "train", "VAE", "VAEOutput", "AdversarialLoss", "DiscriminatorOutput",
     "LossTerm", "Objective", "TermInputs", "Schedule", "Trainer",
 ]

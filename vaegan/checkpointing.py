@@ -10,7 +10,15 @@ the iteration back from folder names, and loads ``register_for_checkpointing`` o
   to ``checkpoints/step_XXXXXXXX`` in one ``os.replace``;
 - only then are the oldest complete checkpoints beyond the limit deleted;
 - the trainer's own state (step counters, EMA weights) is JSON and safetensors, never pickle;
-- "latest" is the complete checkpoint with the highest step *recorded in its marker*.
+- "latest" is the complete checkpoint with the highest step *recorded in its marker*;
+- leftovers of a killed save (``.tmp-*``) or of a killed rotation (``step_*`` without a marker) are
+  never picked and are deleted at the next save;
+- before anything is restored, :func:`verify_checkpoint` checks every file: safetensors headers
+  against the live modules' keys and shapes, every pickled file (``optimizer.bin``, ``scheduler.bin``,
+  ``random_states_*.pkl``, ...) with ``torch.load(weights_only=True)`` (a pickle that would run code is
+  refused; Accelerate would unpickle a ``custom_checkpoint_*.pkl`` with ``weights_only=False``, so
+  those are refused outright), the optimizer state against the parameters' shapes; and
+  :class:`RestorePoint` puts the live objects back if a load still fails half-way.
 """
 
 from __future__ import annotations
@@ -18,13 +26,19 @@ from __future__ import annotations
 import json
 import logging
 import os
+import random
+import re
 import shutil
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
+
+import numpy as np
+import torch
 
 from .errors import CheckpointError
 
-__all__ = ["MARKER", "CheckpointManager", "list_checkpoints", "find_checkpoint"]
+__all__ = ["MARKER", "CheckpointManager", "list_checkpoints", "find_checkpoint", "verify_checkpoint",
+           "safe_torch_load", "RestorePoint", "read_counters", "restore"]
 
 logger = logging.getLogger(__name__)
 
@@ -105,7 +119,7 @@ class CheckpointManager:
         final = self.root / f"{_PREFIX}{step:08d}"
         tmp = self.root / f"{_TMP}{final.name}"
         if accelerator.is_main_process:
-            shutil.rmtree(tmp, ignore_errors=True)  # leftovers of a save killed half-way
+            self._clean_leftovers()  # of saves or rotations killed half-way
             tmp.mkdir(parents=True)
         accelerator.wait_for_everyone()
         accelerator.save_state(str(tmp))
@@ -113,17 +127,36 @@ class CheckpointManager:
         if accelerator.is_main_process:
             for name, write in extra_files.items():
                 write(tmp / name)
+            for file in tmp.iterdir():  # every rank's files on disk before the marker says "complete"
+                _fsync(file)
             marker = tmp / MARKER
             marker.write_text(json.dumps({**info, "step": step}, indent=2))
-            _fsync_dir(tmp)
-            if final.exists():  # the same step saved twice (e.g. end of training after a periodic save)
-                shutil.rmtree(final)
+            _fsync(marker)
+            _fsync(tmp)
+            old = None
+            if final.exists():  # the same step saved again (after resuming from an older checkpoint)
+                # Moved aside under a name that stays a complete, resumable checkpoint until the swap.
+                old = final.with_name(final.name + ".replaced")
+                shutil.rmtree(old, ignore_errors=True)
+                os.replace(final, old)
             os.replace(tmp, final)
-            _fsync_dir(self.root)
+            _fsync(self.root)
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
             self._rotate()
             logger.info("Saved checkpoint %s", final)
         accelerator.wait_for_everyone()
         return final
+
+    def _clean_leftovers(self) -> None:
+        if not self.root.is_dir():
+            return
+        for p in self.root.iterdir():
+            killed_save = p.name.startswith(_TMP)
+            killed_rotation = p.name.startswith(_PREFIX) and _read_marker(p) is None
+            if p.is_dir() and (killed_save or killed_rotation):
+                logger.info("Removing %s, left by an interrupted %s", p, "save" if killed_save else "rotation")
+                shutil.rmtree(p, ignore_errors=True)
 
     def _rotate(self) -> None:
         complete = list_checkpoints(self.root)
@@ -134,8 +167,9 @@ class CheckpointManager:
             shutil.rmtree(old, ignore_errors=True)
 
 
-def _fsync_dir(path: Path) -> None:
-    # Make the rename durable (POSIX); a no-op where directories cannot be opened.
+def _fsync(path: Path) -> None:
+    # Flush a file's data, or a folder's entries (a rename), to disk: a power cut after the rename must
+    # not leave a "complete" checkpoint with empty files. A no-op where folders cannot be opened.
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
@@ -146,3 +180,213 @@ def _fsync_dir(path: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+# ---- verification before a resume -----------------------------------------------------------------
+
+_PICKLED = re.compile(r".*\.(bin|pkl|pt|pth)$")
+_CUSTOM = re.compile(r"^custom_checkpoint_\d+\.pkl$")
+
+
+def _corrupt(path: Path, what: str) -> CheckpointError:
+    return CheckpointError(
+        f"Checkpoint file '{path}' {what}. Nothing was restored from it. Resume from another checkpoint "
+        "(they are kept under <output-dir>/checkpoints; --resume latest picks the newest complete one) or "
+        "start a new output directory."
+    )
+
+
+def safe_torch_load(path: Union[str, Path]) -> Any:
+    """``torch.load(path, weights_only=True)`` with the numpy allowlist Accelerate's own loader adds.
+
+    A file that passes here is exactly one Accelerate can load without running code; a pickle that
+    references any other callable (``os.system``, ``builtins.open``, ...) is refused by torch's
+    restricted unpickler before anything is constructed.
+
+    Raises:
+        CheckpointError: unreadable, truncated, or not loadable without running code.
+    """
+    from accelerate.utils.other import TORCH_SAFE_GLOBALS  # numpy arrays and dtypes in RNG states
+
+    path = Path(path)
+    try:
+        with torch.serialization.safe_globals(TORCH_SAFE_GLOBALS):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # UnpicklingError, zip errors, EOFError, RuntimeError from torch
+        raise _corrupt(path, f"cannot be loaded safely ({type(exc).__name__}: {str(exc).splitlines()[0][:300]}); "
+                             "it is truncated, corrupt, or a pickle that would run code when loaded") from None
+
+
+def _check_safetensors(path: Path, expected: Mapping[str, torch.Tensor]) -> None:
+    from safetensors import safe_open
+
+    if not path.is_file():
+        hint = " (a pickled .bin model is not accepted: vaegan restores weights from safetensors only)" \
+            if path.with_suffix(".bin").is_file() or (path.parent / "pytorch_model.bin").is_file() else ""
+        raise _corrupt(path, f"is missing{hint}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except Exception as exc:  # SafetensorError: bad header, file shorter than its header says
+        raise _corrupt(path, f"is not a readable safetensors file ({exc}); it is truncated or corrupt") from None
+    want = {k: tuple(v.shape) for k, v in expected.items()}
+    missing, unexpected = sorted(set(want) - set(shapes)), sorted(set(shapes) - set(want))
+    wrong = [f"{k} {shapes[k]} vs {want[k]}" for k in sorted(set(want) & set(shapes)) if shapes[k] != want[k]]
+    if missing or unexpected or wrong:
+        raise _corrupt(path, f"does not fit this run's architecture (missing {missing[:4]}, unexpected "
+                             f"{unexpected[:4]}, shape saved vs expected {wrong[:4]}); it was saved with a different "
+                             "model, discriminator or loss configuration")
+
+
+def _check_optimizer(path: Path, saved: Any, optimizer: torch.optim.Optimizer) -> None:
+    live = optimizer.state_dict()
+    if not isinstance(saved, dict) or not {"state", "param_groups"} <= set(saved):
+        raise _corrupt(path, "is not an optimizer state")
+    sizes = [len(g["params"]) for g in saved["param_groups"]]
+    if sizes != [len(g["params"]) for g in live["param_groups"]]:
+        raise _corrupt(path, f"holds parameter groups of sizes {sizes}, but this run's optimizer has "
+                             f"{[len(g['params']) for g in live['param_groups']]}: another architecture")
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    for index, state in saved["state"].items():
+        if not isinstance(index, int) or not 0 <= index < len(params) or not isinstance(state, dict):
+            raise _corrupt(path, f"has state for an unknown parameter {index!r}")
+        for name, value in state.items():
+            if isinstance(value, torch.Tensor) and value.ndim > 0 and value.shape != params[index].shape:
+                raise _corrupt(path, f"has '{name}' of shape {tuple(value.shape)} for a parameter of shape "
+                                     f"{tuple(params[index].shape)}: another architecture")
+
+
+def verify_checkpoint(path: Union[str, Path], models: Sequence[torch.nn.Module],
+                      optimizers: Sequence[torch.optim.Optimizer], *, process_index: int = 0,
+                      extra_safetensors: Optional[Mapping[str, Mapping[str, torch.Tensor]]] = None) -> None:
+    """Check every file of a checkpoint before anything is restored from it.
+
+    Args:
+        path: A checkpoint folder written by :class:`CheckpointManager`.
+        models: The unwrapped models in ``Accelerator.prepare`` order (``model.safetensors``,
+            ``model_1.safetensors``, ...).
+        optimizers: The optimizers in the same order (``optimizer.bin``, ``optimizer_1.bin``, ...).
+        process_index: This process's rank (its ``random_states_<rank>.pkl``).
+        extra_safetensors: File name -> expected state dict (e.g. the EMA).
+
+    Raises:
+        CheckpointError: naming the first file that is missing, truncated, unsafe or from another
+            architecture.
+
+    Example:
+        >>> verify_checkpoint("out/checkpoints/step_00001000", [vae], [opt])  # doctest: +SKIP
+    """
+    path = Path(path)
+    for i, model in enumerate(models):
+        _check_safetensors(path / f"model{'' if i == 0 else f'_{i}'}.safetensors", model.state_dict())
+    for name, expected in (extra_safetensors or {}).items():
+        _check_safetensors(path / name, expected)
+    custom = sorted(p.name for p in path.iterdir() if _CUSTOM.match(p.name))
+    if custom:
+        # Accelerate unpickles these with weights_only=False; vaegan registers no custom objects.
+        raise _corrupt(path / custom[0], "is a custom Accelerate state, which vaegan never writes and which "
+                                         "Accelerate would unpickle with weights_only=False (code execution)")
+    for i, opt in enumerate(optimizers):
+        name = "optimizer.bin" if i == 0 else f"optimizer_{i}.bin"
+        if not (path / name).is_file():
+            raise _corrupt(path / name, "is missing")
+    rng = path / f"random_states_{process_index}.pkl"
+    if not rng.is_file():
+        logger.warning("%s is missing: the random number generators are not restored, so the resumed run will "
+                       "not repeat the original exactly (was it saved with fewer processes?).", rng)
+    for file in sorted(p for p in path.iterdir() if p.is_file() and _PICKLED.match(p.name)):
+        saved = safe_torch_load(file)
+        match = re.fullmatch(r"optimizer(?:_(\d+))?\.bin", file.name)
+        if match and int(match.group(1) or 0) < len(optimizers):
+            _check_optimizer(file, saved, optimizers[int(match.group(1) or 0)])
+
+
+def _cpu_copy(obj: Any) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: _cpu_copy(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_cpu_copy(v) for v in obj)
+    return obj
+
+
+class RestorePoint:
+    """A copy (on the CPU) of everything a resume mutates, to put back if the resume fails half-way.
+
+    Args:
+        objects: Anything with ``state_dict``/``load_state_dict`` (models, optimizers, schedulers, EMA).
+
+    Example:
+        >>> point = RestorePoint([model, optimizer])  # doctest: +SKIP
+        >>> try: load_everything()  # doctest: +SKIP
+        ... except Exception: point.restore(); raise  # doctest: +SKIP
+    """
+
+    def __init__(self, objects: Sequence[Any]) -> None:
+        self.objects = list(objects)
+        self.states = [_cpu_copy(o.state_dict()) for o in self.objects]
+        self.rng = (random.getstate(), np.random.get_state(), torch.get_rng_state(),
+                    torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+
+    def restore(self) -> None:
+        """Load the copied states back (tensors are copied onto the objects' own devices)."""
+        for obj, state in zip(self.objects, self.states):
+            obj.load_state_dict(state)
+        random.setstate(self.rng[0])
+        np.random.set_state(self.rng[1])
+        torch.set_rng_state(self.rng[2])
+        if self.rng[3] is not None:
+            torch.cuda.set_rng_state_all(self.rng[3])
+
+
+def read_counters(path: Union[str, Path], names: Sequence[str]) -> Dict[str, int]:
+    """Read a JSON file of integer counters (``trainer_state.json``) whose keys are among ``names``.
+
+    Raises:
+        CheckpointError: missing, not JSON, unknown keys, or values that are not integers >= 0.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise _corrupt(path, "is missing")
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise _corrupt(path, f"is corrupt ({exc})") from None
+    if not isinstance(data, dict) or set(data) - set(names) or \
+            not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in data.values()):
+        raise _corrupt(path, f"is corrupt: expected integer counters >= 0 among {list(names)}, got {data!r}")
+    return data
+
+
+def restore(accelerator: Any, path: Union[str, Path], models: Sequence[torch.nn.Module],
+            optimizers: Sequence[Any], schedulers: Sequence[Any],
+            extra_safetensors: Optional[Mapping[str, torch.nn.Module]] = None) -> None:
+    """Verify every file of a checkpoint, then ``accelerator.load_state`` it (and load extra modules).
+
+    Args:
+        accelerator: The run's Accelerator; ``models``/``optimizers``/``schedulers`` are its prepared
+            objects in ``prepare`` order.
+        extra_safetensors: File name -> module whose state dict the file holds (e.g. the EMA).
+
+    Raises:
+        CheckpointError: from :func:`verify_checkpoint`, or a load that failed anyway, in which case
+            every object (and the RNG) is first put back as it was.
+    """
+    path, extra = Path(path), dict(extra_safetensors or {})
+    verify_checkpoint(path, [accelerator.unwrap_model(m) for m in models], optimizers,
+                      process_index=accelerator.process_index,
+                      extra_safetensors={name: m.state_dict() for name, m in extra.items()})
+    from safetensors.torch import load_file
+
+    point = RestorePoint([*models, *optimizers, *schedulers, *extra.values()])
+    try:
+        accelerator.load_state(str(path))
+        for name, module in extra.items():
+            module.load_state_dict(load_file(str(path / name), device=str(accelerator.device)))
+    except Exception as exc:  # an I/O error, or a file that passed verification but still does not fit
+        point.restore()
+        raise CheckpointError(
+            f"Checkpoint '{path}' could not be restored ({type(exc).__name__}: {exc}); the trainer was put back "
+            "as it was. Resume from another checkpoint under <output-dir>/checkpoints."
+        ) from exc

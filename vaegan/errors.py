@@ -6,7 +6,7 @@ paragraph alone (no traceback) and exits with status 2.
 
 from __future__ import annotations
 
-__all__ = ["VaeganError", "ConfigError", "DataError", "PluginError", "CheckpointError"]
+__all__ = ["VaeganError", "ConfigError", "DataError", "PluginError", "CheckpointError", "TrainingDiverged"]
 
 
 class VaeganError(Exception):
@@ -27,3 +27,7 @@ class PluginError(VaeganError, LookupError):
 
 class CheckpointError(VaeganError, OSError):
     """A checkpoint or saved model that is missing, corrupt or does not fit."""
+
+
+class TrainingDiverged(VaeganError, RuntimeError):
+    """Training cannot go on: too many non-finite steps in a row, or non-finite weights to save."""

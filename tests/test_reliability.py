@@ -1,0 +1,431 @@
+"""Faults during training, provoked for real: NaN/inf steps, a dominating discriminator, SIGINT/SIGTERM,
+``kill -9`` during training and during a checkpoint save, saves that fail half-way.
+
+The process tests run the MNIST recipe as a user does (``python recipes/vaegan_mnist.py``, and under
+``torchrun`` with two gloo processes) on the committed digits; all of them run side by side (module
+fixture ``chains``) to keep the file fast.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Dict, List
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import vaegan
+from conftest import MNIST_ROOT, TINY
+from vaegan import registry
+from vaegan.checkpointing import MARKER, find_checkpoint, list_checkpoints
+from vaegan.errors import VaeganError
+from vaegan.errors import TrainingDiverged
+from vaegan.guards import CollapseMonitor
+from vaegan.objective import LossTerm
+
+ROOT = Path(__file__).parents[1]
+RECIPE = ROOT / "recipes" / "vaegan_mnist.py"
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+WEIGHT_FILES = ("model.safetensors", "model_1.safetensors", "ema.safetensors")
+
+
+class NonFiniteOnCalls(LossTerm):
+    """A loss term (test plugin) that is 0 except on the listed calls of its forward, where its value
+    (``kind="loss"``) or only its gradient (``kind="grad"``: sqrt at 0) is not finite."""
+
+    def __init__(self, calls=(), kind: str = "loss", side: str = "generator") -> None:
+        super().__init__()
+        self.calls, self.kind, self.count = set(calls), kind, 0
+        self.player = side  # whose optimizer the NaN reaches
+        self.needs_discriminator = side == "discriminator"
+
+    def forward(self, inputs):
+        self.count += 1
+        source = inputs.output.recon if self.player == "generator" else inputs.disc("real").logits.float()
+        if self.count not in self.calls:
+            return source.mean() * 0.0
+        if self.kind == "loss":
+            return source.mean() * float("nan")
+        return (source * 0.0).sqrt().sum()  # value 0, gradient 0 * inf = NaN
+
+
+@pytest.fixture
+def nan_term():
+    registry.register("vaegan.losses", "nonfinite_on_calls", f"{__name__}:NonFiniteOnCalls")
+    yield "nonfinite_on_calls"
+    registry._EXTRA.get("vaegan.losses", {}).pop("nonfinite_on_calls", None)
+    registry.refresh()
+
+
+def _with_nan(tiny, calls, kind="loss", side="generator", *overrides):
+    term = f"{{name: nonfinite_on_calls, options: {{calls: {list(calls)}, kind: {kind}, side: {side}}}}}"
+    return tiny(f"losses=[{{name: bce}}, {{name: kl}}, {term}]", *overrides)
+
+
+# ---- non-finite steps ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("side", ["generator", "discriminator"])
+@pytest.mark.parametrize("kind", ["loss", "grad"])
+def test_a_non_finite_step_is_skipped_for_both_players(tiny, nan_term, caplog, kind, side):
+    trainer = vaegan.build_trainer(_with_nan(tiny, [3], kind, side, "train.max_steps=4"))
+    with caplog.at_level(logging.WARNING, logger="vaegan.guards"):
+        trainer.fit()
+    assert trainer.state.step == 4 and trainer.state.skipped_steps == 1
+    assert trainer.state.batch_in_epoch == 1 and trainer.state.epoch == 1  # 5 batches for 4 updates
+    # Neither optimizer stepped on the bad batch, and neither did the EMA.
+    for opt in (trainer.g_opt, trainer.d_opt):
+        assert {int(s["step"]) for s in opt.optimizer.state.values()} == {4}
+    assert int(trainer.ema.n_averaged) == 4
+    assert all(torch.isfinite(p).all() for m in (trainer.gen, trainer.disc) for p in m.parameters())
+    which = {"loss": f"{side[0]} loss", "grad": f"grad_norm/{side[0]}"}[kind]
+    assert any("Step 3 skipped for both players" in r.message and which in r.message for r in caplog.records)
+    rows = [json.loads(line) for line in (Path(trainer.output_dir) / "metrics.jsonl").read_text().splitlines()]
+    assert [r["skipped_steps"] for r in rows] == [0, 1]  # counted and logged
+    assert all(torch.isfinite(torch.tensor(v)) for r in rows for v in r.values()), "a skipped step leaked into metrics"
+
+
+def test_too_many_non_finite_steps_stop_training_and_keep_the_last_good_checkpoint(tiny, nan_term):
+    cfg = _with_nan(tiny, range(4, 100), "loss", "generator", "train.max_steps=12", "train.checkpoint_every=1",
+                    "train.max_nonfinite_steps=3")
+    trainer = vaegan.build_trainer(cfg)
+    with pytest.raises(TrainingDiverged, match="3 optimizer steps in a row") as info:
+        trainer.fit()
+    assert isinstance(info.value, VaeganError)  # the CLI prints it as one paragraph, exit status 2
+    out = Path(cfg.train.output_dir)
+    assert [p.name for p in list_checkpoints(out / "checkpoints")] == [f"step_{s:08d}" for s in (1, 2, 3)]
+    assert not (out / "final").exists()
+    saved = load_file(str(find_checkpoint(out, "latest") / "model.safetensors"))
+    live = trainer.gen.state_dict()
+    assert all(torch.isfinite(v).all() and torch.equal(v, live[k]) for k, v in saved.items())
+
+
+def _fp16_accelerator():
+    """CI has no GPU and Accelerate creates its GradScaler only there: attach the same real torch
+    GradScaler, built for CPU tensors, so the fp16 path (scaled backward, one unscale, skip, update) runs."""
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration
+
+    acc = Accelerator(mixed_precision="fp16", step_scheduler_with_optimizer=False,
+                      dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=0))
+    acc.scaler, acc.native_amp = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10), True
+    return acc
+
+
+def test_fp16_grad_scaler_unscales_once_and_a_bad_step_lowers_the_scale(tiny, nan_term):
+    from accelerate.state import AcceleratorState, GradientState
+
+    overrides = ("train.max_steps=4", "train.log_every=2", "train.checkpoint_every=0")
+    fp32 = vaegan.build_trainer(_with_nan(tiny, [3], "loss", "generator", *overrides))
+    fp32.fit()
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    fp16 = vaegan.build_trainer(_with_nan(tiny, [3], "loss", "generator", *overrides), accelerator=_fp16_accelerator())
+    fp16.fit()
+    assert fp16.state.step == 4 and fp16.state.skipped_steps == 1
+    assert fp16.accelerator.scaler.get_scale() == 2.0 ** 9  # backed off once, for the one bad step
+    for opt in (fp16.g_opt, fp16.d_opt):
+        assert {int(s["step"]) for s in opt.optimizer.state.values()} == {4}
+    for a, b in zip(fp32.history, fp16.history):  # true (unscaled once) gradient norms, as in fp32
+        for key in ("grad_norm/g", "grad_norm/d"):
+            assert b[key] == pytest.approx(a[key], rel=1e-2), key
+
+
+def test_non_finite_weights_are_never_saved(tiny):
+    trainer = vaegan.build_trainer(tiny("train.max_steps=2"))
+    trainer.fit()
+    before = list_checkpoints(trainer.checkpoints.root)
+    with torch.no_grad():
+        next(trainer.model.decoder.parameters())[0] = float("inf")
+    with pytest.raises(TrainingDiverged, match="NaN or inf"):
+        trainer.save_checkpoint()
+    assert list_checkpoints(trainer.checkpoints.root) == before
+    assert not any(p.name.startswith(".tmp") for p in trainer.checkpoints.root.iterdir())
+
+
+# ---- discriminator domination -----------------------------------------------------------------------
+
+
+def test_discriminator_domination_is_reported_with_numbers(tiny, caplog):
+    """A strong, fast discriminator against a generator that barely learns: D wins every image."""
+    cfg = tiny("optim_d.lr=0.01", "optim_g.lr=1e-6", "adversarial.weight=0.0", "train.epochs=5",
+               "train.log_every=2", "discriminator.options={channels: [8, 16], spectral_norm: false}")
+    trainer = vaegan.build_trainer(cfg)
+    trainer.collapse = CollapseMonitor(patience=3)
+    with caplog.at_level(logging.WARNING, logger="vaegan.guards"):
+        trainer.fit()
+    last = trainer.history[-1]
+    assert last["d/acc_real"] >= 0.99 and last["d/acc_fake"] >= 0.99
+    warnings = [r.message for r in caplog.records if "Discriminator domination" in r.message]
+    assert warnings, trainer.history
+    assert "D accuracy on real 100.0%" in warnings[-1] and "mean logit real" in warnings[-1]
+
+
+def test_collapse_monitor_needs_a_streak_and_reports_exploding_adversarial_loss():
+    monitor = CollapseMonitor(patience=2)
+    won = {"d/acc_real": 1.0, "d/acc_fake": 0.995}
+    assert monitor.update(2, won) is None
+    assert monitor.update(4, {"d/acc_real": 0.7, "d/acc_fake": 0.99}) is None  # streak broken
+    assert monitor.update(6, won) is None
+    assert "since step 6" in monitor.update(8, won)
+    monitor = CollapseMonitor(patience=1, adversarial_max=10.0)
+    assert monitor.update(2, {"g/adversarial": 3.0}) is None
+    assert "generator adversarial loss 42" in monitor.update(4, {"g/adversarial": 42.0})
+
+
+# ---- checkpoints written atomically ---------------------------------------------------------------
+
+
+def test_a_save_that_fails_half_way_leaves_the_complete_checkpoints_alone(tiny):
+    trainer = vaegan.build_trainer(tiny("train.max_steps=2", "train.checkpoints_total_limit=1"))
+    trainer.fit()
+    manager, acc = trainer.checkpoints, trainer.accelerator
+    good = find_checkpoint(trainer.output_dir, "latest")
+
+    def disk_full(path: Path) -> None:
+        path.write_bytes(b"\0" * 10)
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError, match="No space"):
+        manager.save(acc, 3, {"trainer_state.json": disk_full}, {})
+    assert list_checkpoints(manager.root) == [good]  # with total_limit=1 the only complete one survives
+    assert (manager.root / ".tmp-step_00000003").is_dir()
+    assert find_checkpoint(trainer.output_dir, "latest") == good
+    # A rotation killed half-way: marker gone, folder left. Neither leftover is ever picked...
+    half_deleted = manager.root / "step_00000009"
+    half_deleted.mkdir()
+    (half_deleted / "model.safetensors").write_bytes(b"partial")
+    assert find_checkpoint(trainer.output_dir, "latest") == good
+    # ... and the next save removes both, then rotates only once the new one is complete.
+    trainer.state.step = 5
+    new = trainer.save_checkpoint()
+    assert sorted(p.name for p in manager.root.iterdir()) == ["step_00000005"] == [new.name]
+    assert json.loads((new / MARKER).read_text())["step"] == 5
+
+
+def test_saving_the_same_step_again_replaces_it_atomically(tiny):
+    trainer = vaegan.build_trainer(tiny("train.max_steps=2"))
+    trainer.fit()
+    first = find_checkpoint(trainer.output_dir, "latest")
+    with torch.no_grad():
+        next(trainer.model.parameters()).add_(1.0)
+    again = trainer.save_checkpoint()
+    assert again == first and list_checkpoints(trainer.checkpoints.root) == [first]
+    saved = load_file(str(again / "model.safetensors"))
+    assert all(torch.equal(v, trainer.gen.state_dict()[k]) for k, v in saved.items())
+    assert not any(p.name.startswith(".tmp") for p in trainer.checkpoints.root.iterdir())
+
+
+# ---- real processes: signals and kill -9 --------------------------------------------------------------
+
+ARGS = [*TINY, "data.download=false", "train.epochs=6"]  # 4 steps per epoch: 24 steps
+TOTAL = 24
+
+
+def _start(out: Path, *extra: str) -> subprocess.Popen:
+    cmd = [sys.executable, str(RECIPE), "--data-dir", str(MNIST_ROOT), "--output-dir", str(out), *ARGS, *extra]
+    return subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for(proc: subprocess.Popen, condition, timeout: float = 240.0, every: float = 0.02) -> bool:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if condition():
+            return True
+        if proc.poll() is not None:
+            return False
+        time.sleep(every)
+    return False
+
+
+def _finish(proc: subprocess.Popen, timeout: float = 240.0) -> Dict[str, object]:
+    stdout, stderr = proc.communicate(timeout=timeout)
+    return {"rc": proc.returncode, "stderr": stderr}
+
+
+def _names(out: Path) -> List[str]:
+    try:
+        return os.listdir(out / "checkpoints")
+    except FileNotFoundError:
+        return []
+
+
+def _tmp_dirs(out: Path) -> List[str]:
+    return [n for n in _names(out) if n.startswith(".tmp")]
+
+
+def _complete(out: Path) -> List[int]:
+    return [json.loads((p / MARKER).read_text())["step"] for p in list_checkpoints(out / "checkpoints")]
+
+
+def _steps_logged(out: Path) -> int:
+    try:
+        return len((out / "metrics.jsonl").read_text().splitlines())
+    except FileNotFoundError:
+        return 0
+
+
+def _signals(out: Path) -> Dict[str, object]:
+    """SIGTERM during the first run, SIGINT during its resumed run, then a resume to the end."""
+    stops = []
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        logged = _steps_logged(out)
+        proc = _start(out, *(["--resume", "latest"] if stops else []))
+        # Once a new step is logged the handlers are installed and training is under way.
+        started = _wait_for(proc, lambda: _steps_logged(out) > logged)
+        proc.send_signal(sig)
+        stops.append({"signal": signal.Signals(sig).name, "started": started, **_finish(proc),
+                      "complete": _complete(out)})
+    return {"stops": stops, "resumed": _finish(_start(out, "--resume", "latest"))}
+
+
+def _kill_9(out: Path) -> Dict[str, object]:
+    """kill -9 at a random moment of training, then, in the resumed run, as soon as a save's temporary
+    folder appears (retried while a kill misses the save, which is rare); then a resume to the end."""
+    rng = random.Random(0)
+    kills: List[Dict[str, object]] = []
+    extra: List[str] = []
+    for attempt in range(5):
+        proc = _start(out, "train.checkpoint_every=1", *extra)
+        seen = set(_tmp_dirs(out))
+        if attempt == 0:  # anywhere after the third checkpoint
+            started = _wait_for(proc, lambda: any(n >= "step_00000003" for n in _names(out) if n.startswith("step_")))
+            time.sleep(rng.uniform(0.0, 0.3))
+        else:  # inside a save
+            started = _wait_for(proc, lambda: any(n not in seen for n in _tmp_dirs(out)), every=0.002)
+        proc.kill()
+        kills.append({"started": started, **_finish(proc), "tmp_left": _tmp_dirs(out), "complete": _complete(out)})
+        extra = ["--resume", "latest"]
+        if attempt > 0 and kills[-1]["tmp_left"]:
+            break
+    resumed = _finish(_start(out, "train.checkpoint_every=1", *extra))
+    return {"kills": kills, "resumed": resumed, "tmp_after_resume": _tmp_dirs(out)}
+
+
+def _ddp_signal_to_one_rank(out: Path) -> Dict[str, object]:
+    """Two gloo processes (torchrun); SIGTERM reaches rank 1 only. Both must stop after the same step and
+    write one complete checkpoint together (the stop flag travels in the per-step reduce)."""
+    env = {**ENV, "ACCELERATE_USE_CPU": "true"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(RECIPE),
+           "--data-dir", str(MNIST_ROOT), "--output-dir", str(out), *ARGS]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    started = _wait_for(proc, lambda: _steps_logged(out) > 0)
+    rank1 = None
+    for pid in subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split():
+        if b"RANK=1\0" in Path(f"/proc/{pid}/environ").read_bytes():
+            rank1 = int(pid)
+    if rank1 is not None:
+        os.kill(rank1, signal.SIGTERM)
+    return {"started": started, "rank1": rank1, **_finish(proc), "complete": _complete(out)}
+
+
+@pytest.fixture(scope="module")
+def chains(tmp_path_factory) -> Dict[str, Dict[str, object]]:
+    """Every process test of this file, side by side: an uninterrupted reference run; SIGTERM, then SIGINT
+    in the resumed run; kill -9 during training, then during a save; each followed by ``--resume latest``."""
+    base = tmp_path_factory.mktemp("processes")
+    jobs = {
+        "reference": lambda: {"run": _finish(_start(base / "reference"))},
+        "signals": lambda: _signals(base / "signals"),
+        "kill_9": lambda: _kill_9(base / "kill_9"),
+        "ddp": lambda: _ddp_signal_to_one_rank(base / "ddp"),
+    }
+    results: Dict[str, Dict[str, object]] = {}
+
+    def run(name):
+        t0 = time.monotonic()
+        try:
+            results[name] = jobs[name]()
+        except Exception as exc:  # reported by the test that reads it
+            results[name] = {"error": repr(exc)}
+        results[name]["seconds"] = time.monotonic() - t0
+
+    threads = [threading.Thread(target=run, args=(name,)) for name in jobs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for name in jobs:
+        results[name]["out"] = base / name
+    return results
+
+
+def _final_weights(out: Path) -> Dict[str, Dict[str, torch.Tensor]]:
+    ckpt = find_checkpoint(out, "latest")
+    assert ckpt.name == f"step_{TOTAL:08d}"
+    return {f: load_file(str(ckpt / f)) for f in WEIGHT_FILES}
+
+
+def _assert_same_final_weights(chains, name: str) -> None:
+    ref, got = _final_weights(chains["reference"]["out"]), _final_weights(chains[name]["out"])
+    for file in WEIGHT_FILES:
+        assert ref[file].keys() == got[file].keys()
+        for key in ref[file]:
+            assert torch.equal(ref[file][key], got[file][key]), f"{name}: {file}:{key} differs from the reference"
+
+
+def test_reference_run(chains):
+    run = chains["reference"]["run"]
+    assert run["rc"] == 0, run["stderr"][-3000:]
+
+
+@pytest.mark.parametrize("index, name, status", [(0, "SIGTERM", 143), (1, "SIGINT", 130)])
+def test_a_signal_writes_a_checkpoint_and_exits_cleanly(chains, index, name, status):
+    chain = chains["signals"]
+    assert "error" not in chain, chain
+    stop = chain["stops"][index]
+    assert stop["started"] and stop["rc"] == status, stop["stderr"][-3000:]
+    assert "Traceback" not in stop["stderr"]
+    lines = [line for line in stop["stderr"].splitlines() if f"Stopped by {name} after step" in line]
+    assert lines, stop["stderr"][-3000:]
+    stopped_at = int(lines[0].split("after step ")[1].split(";")[0])
+    assert 1 <= stopped_at < TOTAL and stop["complete"][-1] == stopped_at  # checkpoint_every is 0
+    if index:  # the second run resumed from the first stop's checkpoint
+        assert f"at step {chain['stops'][0]['complete'][-1]}" in stop["stderr"]
+
+
+def test_resume_after_signals_continues_exactly(chains):
+    chain = chains["signals"]
+    assert "error" not in chain, chain
+    assert chain["resumed"]["rc"] == 0, chain["resumed"]["stderr"][-3000:]
+    assert f"at step {chain['stops'][1]['complete'][-1]}" in chain["resumed"]["stderr"]  # "Resumed from ..."
+    _assert_same_final_weights(chains, "signals")
+
+
+def test_kill_9_during_training_and_during_a_save_then_resume_equals_an_uninterrupted_run(chains):
+    chain = chains["kill_9"]
+    assert "error" not in chain, chain
+    kills = chain["kills"]
+    assert all(k["started"] and k["rc"] == -signal.SIGKILL for k in kills), kills
+    assert 3 <= kills[0]["complete"][-1] < TOTAL
+    last = kills[-1]
+    assert len(kills) > 1 and last["tmp_left"], kills  # the last kill landed inside a save
+    # The interrupted save is ignored, and rotation (limit 3) had kept the complete ones before it.
+    tmp_step = int(last["tmp_left"][0].rsplit("_", 1)[1])
+    assert len(last["complete"]) >= 2 and max(last["complete"]) < tmp_step
+    assert chain["resumed"]["rc"] == 0, chain["resumed"]["stderr"][-3000:]
+    assert f"at step {max(last['complete'])}" in chain["resumed"]["stderr"]  # the newest complete one
+    assert chain["tmp_after_resume"] == []  # the leftover was cleaned by the next save
+    _assert_same_final_weights(chains, "kill_9")
+
+
+def test_ddp_ranks_agree_to_stop_when_only_one_receives_sigterm(chains):
+    run = chains["ddp"]
+    assert "error" not in run, run
+    assert run["started"] and run["rank1"] is not None, run["stderr"][-3000:]
+    stops = [int(line.split("after step ")[1].split(";")[0]) for line in run["stderr"].splitlines()
+             if "Stopped by SIGTERM after step" in line]
+    assert len(stops) == 2 and stops[0] == stops[1], run["stderr"][-3000:]  # rank 0 learnt of it at the same step
+    assert run["complete"] and run["complete"][-1] == stops[0]
+    ckpt = find_checkpoint(chains["ddp"]["out"], "latest")
+    assert (ckpt / "random_states_0.pkl").is_file() and (ckpt / "random_states_1.pkl").is_file()

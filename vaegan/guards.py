@@ -1,0 +1,240 @@
+"""Training guards: non-finite steps, discriminator collapse, and a graceful stop on SIGINT/SIGTERM.
+
+- :class:`StepGuard` decides, once per optimizer step, whether the step may be applied: every loss,
+  the input batch and both players' clipped gradient norms must be finite on *every* process. The
+  check is a few tiny device reductions stacked into one vector, one ``accelerator.reduce`` (so all
+  DDP ranks agree) and one host transfer per step; the same transfer carries the "a stop signal
+  arrived" flag, so ranks also agree on where to stop. A step that fails is skipped for both players
+  (no optimizer or scheduler step, gradients zeroed, no EMA update), counted and logged; after
+  ``max_consecutive`` skips in a row training stops with :class:`TrainingDiverged`.
+- :class:`CollapseMonitor` reads the metrics already averaged over processes at each log interval
+  (no extra host sync) and warns when the discriminator wins everything for several intervals in a
+  row or the generator's adversarial loss explodes.
+- :class:`GracefulStop` turns SIGINT/SIGTERM into a flag; the trainer writes a checkpoint at the next
+  step boundary and exits with status ``128 + signal`` (130 for SIGINT, 143 for SIGTERM). A second
+  signal while that happens stops at once (the checkpoint being written is atomic, so nothing is lost).
+
+Example:
+    >>> guard = StepGuard(max_consecutive=3)
+    >>> guard.watch("g loss", torch.tensor(float("nan")))
+    >>> guard.check({"grad_norm/g": torch.tensor(1.0)}, step=7)
+    False
+    >>> guard.consecutive
+    1
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Dict, Iterable, List, Mapping, Optional
+
+import torch
+from torch import Tensor, nn
+
+from .errors import TrainingDiverged
+
+__all__ = ["TrainingDiverged", "StepGuard", "CollapseMonitor", "GracefulStop", "all_finite", "stopped", "EXIT_CODES"]
+
+logger = logging.getLogger(__name__)
+
+# Exit status after a graceful stop: the shell's convention (128 + N) for "terminated by signal N".
+EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
+
+
+class StepGuard:
+    """Skips optimizer steps whose losses, inputs or gradients are not finite; stops after too many.
+
+    Call :meth:`watch` with each micro-batch's losses (device tensors; no sync), then :meth:`check`
+    once per optimizer step with the clipped gradient norms.
+
+    Args:
+        max_consecutive: Skipped steps in a row after which :meth:`check` raises.
+        accelerator: Reduces the flags over processes; None for a single process.
+        fp16_scaler: True when a GradScaler is in use: a gradient overflow with finite losses is
+            then routine loss-scale calibration, logged at INFO instead of WARNING.
+    """
+
+    def __init__(self, max_consecutive: int, accelerator: Any = None, fp16_scaler: bool = False) -> None:
+        self.max_consecutive = max_consecutive
+        self.accelerator = accelerator
+        self.fp16_scaler = fp16_scaler
+        self.consecutive = 0  # skipped steps in a row
+        self.stop_signal: Optional[int] = None  # set by GracefulStop; agreed over ranks in check()
+        self.stop_agreed = False  # True once any rank has received a stop signal
+        self.applied = True  # the last checked step was applied
+        self._ok: Dict[str, Tensor] = {}
+
+    def request_stop(self, signum: int) -> None:
+        """Ask for a stop at the next step boundary (called from a signal handler)."""
+        self.stop_signal = signum
+
+    def watch(self, name: str, value: Tensor) -> None:
+        """Remember whether ``value`` (a loss, a batch) is all finite; a device op, no host sync."""
+        ok = torch.isfinite(value.detach()).all()
+        self._ok[name] = self._ok[name] & ok if name in self._ok else ok
+
+    def check(self, grad_norms: Mapping[str, Tensor], step: int) -> bool:
+        """True when the step may be applied. Clears what :meth:`watch` collected.
+
+        Args:
+            grad_norms: Name -> total gradient norm of one player (before clipping).
+            step: The step being decided (for messages).
+
+        Raises:
+            TrainingDiverged: ``max_consecutive`` steps in a row were skipped.
+        """
+        names = list(self._ok) + list(grad_norms)
+        flags = [self._ok[n] for n in self._ok] + [torch.isfinite(v.detach()).all() for v in grad_norms.values()]
+        device = flags[0].device if flags else torch.device("cpu")
+        stop = (torch.ones if self.stop_signal is not None else torch.zeros)(1, dtype=torch.bool, device=device)
+        # (n + 1,) with 1 where something is wrong on this process; summed over processes.
+        bad = torch.cat([~torch.stack(flags), stop]) if flags else stop
+        bad = bad.float()
+        if self.accelerator is not None and self.accelerator.num_processes > 1:
+            bad = self.accelerator.reduce(bad, "sum")
+        *bad_parts, stop_count = bad.tolist()  # the one host sync of the step
+        self._ok = {}
+        self.stop_agreed = self.stop_agreed or stop_count > 0
+        failed = [n for n, b in zip(names, bad_parts) if b > 0]
+        self.applied = not failed
+        if not failed:
+            self.consecutive = 0
+            return True
+        self.consecutive += 1
+        overflow_only = self.fp16_scaler and all(n.startswith("grad_norm/") for n in failed)
+        logger.log(
+            logging.INFO if overflow_only else logging.WARNING,
+            "Step %d skipped for both players: non-finite %s (%d in a row)%s.",
+            step, ", ".join(failed), self.consecutive,
+            "; fp16 gradient overflow, the loss scale is lowered" if overflow_only else "",
+        )
+        if self.consecutive >= self.max_consecutive:
+            raise TrainingDiverged(
+                f"Training stopped at step {step}: {self.consecutive} optimizer steps in a row had non-finite "
+                f"values ({', '.join(failed)} in the last one), so the run has diverged. Those steps changed no "
+                "weight, and no checkpoint was written after them: the newest one under <output-dir>/checkpoints "
+                "is the last good state. Lower optim_g.lr/optim_d.lr, keep grad_clip on, prefer bf16 to fp16, "
+                "check the data, then resume with --resume latest (or an earlier checkpoint). "
+                "train.max_nonfinite_steps sets how many skipped steps in a row are tolerated."
+            )
+        return False
+
+
+@dataclass
+class CollapseMonitor:
+    """Warns when the discriminator dominates, from metrics already reduced at a log interval.
+
+    Domination means: D classifies at least ``accuracy_max`` of both real and fake images correctly
+    (``d/acc_real``, ``d/acc_fake``: logit > 0 means "real") for ``patience`` log intervals in a row,
+    or the generator's adversarial loss ``g/adversarial`` exceeds ``adversarial_max`` for as long.
+    The warning repeats every ``patience`` intervals while it lasts.
+
+    Example:
+        >>> monitor = CollapseMonitor(patience=1)
+        >>> monitor.update(10, {"d/acc_real": 1.0, "d/acc_fake": 1.0})[:36]
+        'Discriminator domination at step 10:'
+    """
+
+    accuracy_max: float = 0.99  # right on >= 99% of both real and fake: G gets almost no signal
+    adversarial_max: float = 10.0  # non-saturating -log D(G(z)) = 10 means D(fake) ~ 5e-5
+    patience: int = 5  # log intervals in a row; a single lopsided interval is normal GAN noise
+    _streak: int = field(default=0, init=False)
+    _since: Optional[int] = field(default=None, init=False)
+
+    def update(self, step: int, metrics: Mapping[str, float]) -> Optional[str]:
+        """Feed one log interval's metrics; returns (and logs) a warning message, or None."""
+        acc_real, acc_fake = metrics.get("d/acc_real"), metrics.get("d/acc_fake")
+        adv = metrics.get("g/adversarial")
+        wins = acc_real is not None and acc_fake is not None and min(acc_real, acc_fake) >= self.accuracy_max
+        explodes = adv is not None and adv > self.adversarial_max
+        if not (wins or explodes):
+            self._streak, self._since = 0, None
+            return None
+        self._streak += 1
+        self._since = step if self._since is None else self._since
+        if self._streak % self.patience:
+            return None
+        numbers = []
+        if acc_real is not None and acc_fake is not None:
+            numbers.append(f"D accuracy on real {acc_real:.1%}, on fakes {acc_fake:.1%}")
+        for key, label in (("d/logits_real", "mean logit real"), ("d/logits_fake", "mean logit fake"),
+                           ("g/adversarial", "generator adversarial loss"), ("d/total", "discriminator loss")):
+            if key in metrics:
+                numbers.append(f"{label} {metrics[key]:.3g}")
+        message = (
+            f"Discriminator domination at step {step}: for {self._streak} log intervals in a row (since step "
+            f"{self._since}) {'; '.join(numbers)}. The generator gets almost no useful adversarial gradient. "
+            "Consider a lower optim_d.lr, a later adversarial.disc_start, a smaller adversarial weight or a "
+            "weaker (narrower, spectrally normalised) discriminator."
+        )
+        logger.warning(message)
+        return message
+
+
+class GracefulStop:
+    """Context manager: SIGINT/SIGTERM set :attr:`signum` instead of killing the process at once.
+
+    Handlers are installed only in the main thread (Python's rule) and the previous ones are put
+    back on exit. A second signal while the first is being handled restores the previous handler
+    and re-sends itself, so an impatient user still gets an immediate stop.
+
+    Args:
+        on_signal: Called with the signal number from the handler (e.g. to set a flag elsewhere).
+    """
+
+    def __init__(self, on_signal: Optional[Any] = None, signals: Iterable[int] = (signal.SIGINT, signal.SIGTERM)) -> None:
+        self.signals = tuple(signals)
+        self.on_signal = on_signal
+        self.signum: Optional[int] = None
+        self._previous: Dict[int, Any] = {}
+
+    def __enter__(self) -> "GracefulStop":
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.signals:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        else:
+            logger.debug("Not in the main thread: SIGINT/SIGTERM keep their default behaviour.")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+        self._previous = {}
+
+    def _handle(self, signum: int, frame: object) -> None:
+        if self.signum is not None:  # second signal: stop now
+            signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
+            os.kill(os.getpid(), signum)
+            return
+        self.signum = signum
+        logger.warning("Received %s: a checkpoint is written at the end of the current step, then training "
+                       "exits (send it again to stop immediately).", signal.Signals(signum).name)
+        if self.on_signal is not None:
+            self.on_signal(signum)
+
+
+def stopped(signum: Optional[int], step: int) -> SystemExit:
+    """The ``SystemExit`` that ends a run stopped by a signal (status ``128 + signum``).
+
+    ``signum`` is None on a process that learnt of another process's signal; it exits like SIGTERM.
+    """
+    signum = signal.SIGTERM if signum is None else signum
+    logger.warning("Stopped by %s after step %d; the checkpoint of that step is saved. Continue with "
+                   "--resume latest (train.resume=latest).", signal.Signals(signum).name, step)
+    return SystemExit(128 + int(signum))
+
+
+def all_finite(modules: Iterable[Optional[nn.Module]]) -> bool:
+    """True when every parameter and floating buffer of ``modules`` is finite (one host sync)."""
+    flags: List[Tensor] = []
+    for module in modules:
+        if module is None:
+            continue
+        for t in list(module.parameters()) + list(module.buffers()):
+            if t.is_floating_point():
+                flags.append(torch.isfinite(t.detach()).all())
+    return bool(torch.stack(flags).all()) if flags else True
