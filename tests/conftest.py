@@ -32,6 +32,7 @@ TINY = [
     "train.sample_every=0",
     "train.checkpoint_every=0",
     "train.num_samples=8",
+    "train.plot_loss_curves=false",  # tested in test_cli/test_tracking; ~1-3 s per run otherwise
     "losses.1.weight={value: 1.0, warmup: 4}",
 ]
 

@@ -18,6 +18,8 @@ from vaegan.errors import ConfigError
 from vaegan.model import VAE, DiagonalGaussian, VAEOutput
 from vaegan.objective import AdversarialLoss, LossTerm, Objective, TermInputs, build_plugin
 
+from plugin_options import options_for  # the one table of per-plugin test options
+
 LATENT = 4
 LOSS_NAMES = registry.available("vaegan.losses")
 ADV_NAMES = registry.available("vaegan.adversarial")
@@ -71,13 +73,8 @@ def _first_value(term, vae, real, disc=None, steps=64):
     raise AssertionError(f"{type(term).__name__} returned None (skipped) at every step below {steps}")
 
 
-# Options that let a plugin build without the network (this suite runs offline). Every other plugin,
-# including any newly installed one, is built with its default options.
-OFFLINE_OPTIONS = {"lpips": {"backbone": "random"}}
-
-
 def _term(name):
-    term = registry.load("vaegan.losses", name)(**OFFLINE_OPTIONS.get(name, {}))
+    term = registry.load("vaegan.losses", name)(**options_for("vaegan.losses", name))
     assert isinstance(term, LossTerm)
     assert term.player in ("generator", "discriminator")
     return term
@@ -124,7 +121,7 @@ def test_loss_plugin_finite_under_bf16_autocast(name, digits):
 
 @pytest.mark.parametrize("name", LOSS_NAMES)
 def test_loss_plugin_builds_through_objective(name):
-    cfg = ExperimentConfig.from_dict({"losses": [{"name": name, "options": OFFLINE_OPTIONS.get(name, {})}],
+    cfg = ExperimentConfig.from_dict({"losses": [{"name": name, "options": options_for("vaegan.losses", name)}],
                                       "discriminator": None, "adversarial": None})
     objective = Objective.from_config(cfg)
     terms = {**objective.generator_terms, **objective.discriminator_terms}

@@ -92,7 +92,7 @@ def test_adversarial_term_pushes_discriminator_logits_up(tiny):
     net = trainer.disc_net
     before = net(trainer.model(x).recon).logits.mean().item()
     for _ in range(5):
-        out = trainer.gen(x)
+        out = trainer.gen(x, **trainer.objective.forward_kwargs(x.shape[0]))
         trainer.generator_backward(x, out)
         trainer.g_opt.step()
         trainer.g_opt.zero_grad()

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from . import registry
-from .config import AdversarialConfig, ExperimentConfig, TermConfig
+from .config import AdversarialConfig, ExperimentConfig
 from .errors import ConfigError, PluginError
 from .model import VAEOutput
 from .schedules import Schedule
@@ -270,6 +270,9 @@ class Objective(nn.Module):
         recon = output.recon
         if not for_discriminator and output.recon_decoder_only is not None:
             recon = output.recon_decoder_only
+        if adv.fake != "reconstruction" and output.prior_samples is None:
+            raise RuntimeError("adversarial.fake needs prior samples: call the generator with "
+                               "**objective.forward_kwargs(batch_size)")
         parts = {"reconstruction": [recon], "prior": [output.prior_samples],
                  "both": [recon, output.prior_samples]}[adv.fake]
         images = parts[0] if len(parts) == 1 else torch.cat(parts)

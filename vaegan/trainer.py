@@ -4,12 +4,20 @@ Schedule of one micro-batch (one entry into ``accelerator.accumulate(generator, 
 
 1. **One generator forward** through the prepared (DDP-wrapped, autocast) module:
    reconstruction, posterior, latent, and whatever extra decodes the terms asked for.
-2. **Discriminator step** (from ``adversarial.disc_start``): the discriminator judges real images and
-   the *detached* reconstructions, so no gradient reaches the generator; backward; at the
-   accumulation boundary clip, step and zero the discriminator's optimizer.
-3. **Generator step**: the discriminator is frozen (``requires_grad_(False)``) and called unwrapped
+2. **Discriminator backward** (from ``adversarial.disc_start``): the discriminator judges real images
+   and the *detached* reconstructions, so no gradient reaches the generator.
+3. **Generator backward**: the discriminator is frozen (``requires_grad_(False)``) and called unwrapped
    (no gradient to synchronise, so no DDP bookkeeping), the generator's terms are summed with their
-   scheduled weights; backward; clip, step, zero; the EMA is updated.
+   scheduled weights.
+4. **At the accumulation boundary, one update of both players**: gradients are unscaled once (fp16)
+   and clipped; one fused finiteness check of the losses, the batch and both gradient norms (one host
+   sync, agreed by all processes; :class:`~vaegan.guards.StepGuard`) decides whether both optimizers
+   and schedulers step, and then the EMA, or neither does (a NaN/inf step is skipped and counted).
+
+Both gradients are computed at the same weights: the generator's adversarial gradient comes from the
+discriminator as it was before this step's update (the order "generator step, then discriminator step
+on the same detached fakes"); computing both before stepping either is what lets one check skip a bad
+step for both players.
 
 Each player's gradient therefore comes only from its own loss (no pythae-style accumulation of the
 other player's loss, no diffusers-style leak of D gradients into the G step), DDP synchronises every
@@ -31,22 +39,45 @@ import torch
 import yaml
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, set_seed
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor, nn
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.optim.swa_utils import AveragedModel
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from .checkpointing import CheckpointManager, find_checkpoint
+from .checkpointing import CheckpointManager, find_checkpoint, read_counters, restore
 from .config import ExperimentConfig, OptimConfig, to_dict
 from .data import first_batch
-from .errors import CheckpointError, ConfigError, DataError
+from .guards import CollapseMonitor, GracefulStop, StepGuard, all_finite, stopped
+from .errors import ConfigError, DataError, TrainingDiverged
 from .model import VAE, VAEOutput
 from .objective import Objective, TermInputs
+from .plots import write_loss_curves
+from .tracking import Tracking
 
 __all__ = ["Player", "TrainState", "Trainer"]
 
 logger = logging.getLogger(__name__)
+
+
+def ema_with_warmup(decay: float):
+    """An EMA update for ``AveragedModel(multi_avg_fn=...)`` whose decay warms up as
+    ``min(decay, (1 + n) / (10 + n))`` after n updates (as timm and diffusers do).
+
+    A fixed 0.999 would keep ~70% of the random initial weights after 374 steps; the warm-up makes
+    the EMA useful from the first epoch. The decay stays a device tensor: no host sync per step.
+
+    Example:
+        >>> ema = AveragedModel(nn.Linear(2, 2), multi_avg_fn=ema_with_warmup(0.999))  # doctest: +SKIP
+    """
+
+    def update(ema_params: List[Tensor], params: List[Tensor], num_averaged: Tensor) -> None:
+        n = num_averaged.to(ema_params[0].device, torch.float32)
+        d = torch.clamp((1.0 + n) / (10.0 + n), max=decay)
+        torch._foreach_mul_(ema_params, d)
+        torch._foreach_add_(ema_params, torch._foreach_mul(params, 1.0 - d))
+
+    return update
 
 
 class Player(nn.Module):
@@ -73,6 +104,7 @@ class TrainState:
     epoch: int = 0
     batch_in_epoch: int = 0  # micro-batches of the current epoch already consumed
     images_seen: int = 0  # across all processes
+    skipped_steps: int = 0  # steps skipped for both players because a value was NaN/inf
 
 
 def _optimizer(params, cfg: OptimConfig, total_steps: int):
@@ -146,22 +178,34 @@ class Trainer:
         self.objective = objective
         self.has_disc = discriminator is not None
         if self.has_disc:
+            if acc.num_processes > 1 and acc.device.type == "cuda":
+                # BatchNorm statistics would otherwise differ per rank (SyncBatchNorm needs a GPU).
+                discriminator = nn.SyncBatchNorm.convert_sync_batchnorm(discriminator)
             disc = Player(discriminator, objective.discriminator_terms)
             d_opt, d_sched = _optimizer(disc.parameters(), config.optim_d, self.total_steps)
             (self.gen, self.disc, self.g_opt, self.d_opt, self.g_sched, self.d_sched, self.loader) = acc.prepare(
                 gen, disc, g_opt, d_opt, g_sched, d_sched, loader)
             self.disc_net: nn.Module = acc.unwrap_model(self.disc).net
+            # prepare() wraps forward in autocast; the D step enters accelerator.autocast() itself, and
+            # without the wrapper a term (R1) can switch autocast off for an fp32 forward.
+            d_player = acc.unwrap_model(self.disc)
+            if hasattr(d_player, "_original_forward"):
+                d_player.forward = d_player._original_forward
         else:
             self.gen, self.g_opt, self.g_sched, self.loader = acc.prepare(gen, g_opt, g_sched, loader)
         self.model: VAE = acc.unwrap_model(self.gen).net
         self.ema = None
         if tc.ema_decay is not None:
-            self.ema = AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(tc.ema_decay), use_buffers=True)
+            self.ema = AveragedModel(self.model, multi_avg_fn=ema_with_warmup(tc.ema_decay), use_buffers=True)
         self.state = TrainState()
         self.checkpoints = CheckpointManager(self.output_dir, tc.checkpoints_total_limit)
+        self.guard = StepGuard(tc.max_nonfinite_steps, acc, fp16_scaler=acc.scaler is not None)
+        self.collapse = CollapseMonitor()
+        self._pending: List[Tuple[str, Tensor]] = []  # this step's metrics, recorded once it is applied
         self.history: List[Dict[str, float]] = []
         self._sums: Dict[str, Tensor] = {}
         self._counts: Dict[str, int] = {}
+        self.tracking = Tracking(acc, tc.project, self.output_dir)  # W&B / TensorBoard; never stops training
 
     # ---- set-up ----------------------------------------------------------------------------------
     def _check_data(self, model: VAE, dataset: Dataset, global_batch: int) -> None:
@@ -173,7 +217,10 @@ class Trainer:
                 f"The dataset has {n} images but one step needs {global_batch} (batch_size x processes). "
                 "Lower train.batch_size or add data."
             )
-        model.check_images(first_batch(dataset, 8), "the dataset")
+        # 64 images spread over the whole dataset, not only its first batch: a bad file in the middle is
+        # refused now rather than found at step 40,000.
+        items = [dataset[i] for i in torch.linspace(0, n - 1, min(n, 64)).round().long().unique().tolist()]
+        model.check_images(torch.stack([it[0] if isinstance(it, (tuple, list)) else it for it in items]), "the dataset")
 
     @property
     def ema_model(self) -> VAE:
@@ -183,13 +230,17 @@ class Trainer:
     # ---- one micro-batch ---------------------------------------------------------------------------
     def _micro_step(self, x: Tensor) -> None:
         out = self.gen(x, **self.objective.forward_kwargs(x.shape[0]))  # the one generator forward (DDP + autocast)
-        if self.has_disc and self.objective.discriminator_active(self.state.step):
+        self.guard.watch("input pixels", x)
+        d_active = self.has_disc and self.objective.discriminator_active(self.state.step)
+        if d_active:
             d_loss, d_parts, d_in = self.discriminator_backward(x, out)
-            self._update("d", self.disc, self.d_opt, self.d_sched, self.config.optim_d)
+            self.guard.watch("d loss", d_loss)
             self._record_parts("d", d_loss, d_parts, d_in)
         g_loss, g_parts = self.generator_backward(x, out)
-        self._update("g", self.gen, self.g_opt, self.g_sched, self.config.optim_g)
+        self.guard.watch("g loss", g_loss)
         self._record_parts("g", g_loss, g_parts)
+        if self.accelerator.sync_gradients:  # the accumulation boundary
+            self._update(d_active)
 
     def discriminator_backward(self, x: Tensor, out: VAEOutput) -> Tuple[Tensor, Dict[str, Tensor], TermInputs]:
         """Backward of the discriminator's loss on real ``x`` and the detached reconstructions."""
@@ -218,19 +269,34 @@ class Trainer:
                 self.disc_net.requires_grad_(True)
         return loss, parts
 
-    def _update(self, side: str, player: nn.Module, opt, sched, cfg: OptimConfig) -> None:
-        # AcceleratedOptimizer.step/zero_grad are no-ops between accumulation boundaries.
-        if self.accelerator.sync_gradients:
-            self._record(f"grad_norm/{side}", self._clip(player, cfg))
-        opt.step()
-        if self.accelerator.sync_gradients:
-            sched.step()
-        opt.zero_grad(set_to_none=True)
+    def _update(self, d_active: bool) -> None:
+        """Clip both players, then step both (optimizers, schedulers) or, if anything is NaN/inf, neither."""
+        acc = self.accelerator
+        sides = [("d", self.disc, self.d_opt, self.d_sched, self.config.optim_d)] if d_active else []
+        sides.append(("g", self.gen, self.g_opt, self.g_sched, self.config.optim_g))
+        acc.unscale_gradients()  # fp16: once for both optimizers (a second unscale raises); else a no-op
+        norms = {f"grad_norm/{side}": self._clip(player, cfg) for side, player, _, _, cfg in sides}
+        if self.guard.check(norms, self.state.step + 1):  # the one host sync of the step
+            for key, value in [*self._pending, *norms.items()]:
+                self._record(key, value)
+            for _, _, opt, sched, _ in sides:
+                # With a scaler the gradients are already unscaled and known finite; AcceleratedOptimizer.step
+                # would update the scaler between the players and unscale the second one again.
+                (opt.optimizer if acc.scaler is not None else opt).step()
+                sched.step()
+        else:
+            self.state.skipped_steps += 1
+        if acc.scaler is not None:
+            acc.scaler.update()  # once per step; lowers the loss scale after an overflow
+        self._pending = []
+        for _, _, opt, _, _ in sides:
+            opt.zero_grad(set_to_none=True)
 
     def _clip(self, player: nn.Module, cfg: OptimConfig) -> Tensor:
-        if cfg.grad_clip is None:  # still report the norm
-            return self.accelerator.clip_grad_norm_(player.parameters(), float("inf"))
-        return self.accelerator.clip_grad_norm_(player.parameters(), cfg.grad_clip)
+        max_norm = float("inf") if cfg.grad_clip is None else cfg.grad_clip  # inf: still report the norm
+        if self.accelerator.scaler is not None:  # unscaled in _update; Accelerate's clip would unscale again
+            return torch.nn.utils.clip_grad_norm_(player.parameters(), max_norm)
+        return self.accelerator.clip_grad_norm_(player.parameters(), max_norm)
 
     # ---- metrics (device tensors; the host syncs only at log intervals) ------------------------
     def _record(self, key: str, value: Tensor) -> None:
@@ -239,12 +305,14 @@ class Trainer:
         self._counts[key] = self._counts.get(key, 0) + 1
 
     def _record_parts(self, side: str, total: Tensor, parts: Dict[str, Tensor], inputs: Optional[TermInputs] = None) -> None:
-        self._record(f"{side}/total", total)
-        for key, value in parts.items():
-            self._record(f"{side}/{key}", value)
-        if inputs is not None:  # mean discriminator logits, when the terms computed them
+        # Staged in self._pending; _update records them only if the step is applied.
+        self._pending += [(f"{side}/total", total.detach()), *((f"{side}/{k}", v.detach()) for k, v in parts.items())]
+        if inputs is not None:  # mean discriminator logits and accuracy (logit > 0 means "real")
             for which, out in inputs.computed().items():
-                self._record(f"d/logits_{which}", out.logits.float().mean())
+                logits = out.logits.detach().float()
+                self._pending.append((f"d/logits_{which}", logits.mean()))
+                if which in ("real", "fake"):
+                    self._pending.append((f"d/acc_{which}", ((logits > 0) == (which == "real")).float().mean()))
 
     def _flush_metrics(self, seconds: float, images: int) -> Dict[str, float]:
         keys = sorted(self._sums)
@@ -266,9 +334,17 @@ class Trainer:
     def fit(self) -> Path:
         """Train until ``max_steps`` or ``epochs``; returns ``<output-dir>/final``.
 
+        On SIGINT/SIGTERM a checkpoint is written at the end of the current step and the process exits
+        with status 130/143 (``SystemExit``); ``train.resume=latest`` continues from it.
+
         Raises:
             CheckpointError: ``train.resume`` names no usable checkpoint.
+            TrainingDiverged: ``train.max_nonfinite_steps`` steps in a row were NaN/inf.
         """
+        with GracefulStop(self.guard.request_stop):
+            return self._fit()
+
+    def _fit(self) -> Path:
         acc, tc = self.accelerator, self.config.train
         if tc.resume:
             self.load_checkpoint(find_checkpoint(self.output_dir, tc.resume))
@@ -282,11 +358,10 @@ class Trainer:
         logger.info("Training %d steps with mixed precision %s on %d process(es) (%s), %d images per step",
                     self.total_steps, acc.mixed_precision, acc.num_processes, acc.device,
                     tc.batch_size * acc.num_processes * tc.grad_accum)
-        if acc.log_with:
-            acc.init_trackers(tc.project, config=_flatten(to_dict(self.config)))
+        self.tracking.start(self.config)
         bar = tqdm(total=self.total_steps, initial=self.state.step, disable=not acc.is_local_main_process, desc="train")
         t0, images0 = time.perf_counter(), self.state.images_seen
-        last_saved = -1
+        last_saved = self.state.step if tc.resume else -1  # a resumed run starts from a saved state
         while self.state.step < self.total_steps and self.state.epoch < tc.epochs:
             self.loader.set_epoch(self.state.epoch)
             batches = self.loader
@@ -298,7 +373,8 @@ class Trainer:
                     self._micro_step(x)
                 self.state.batch_in_epoch += 1
                 self.state.images_seen += x.shape[0] * acc.num_processes
-                if not acc.sync_gradients:
+                if not (acc.sync_gradients and self.guard.applied):  # mid-accumulation, or a skipped step
+                    self._stop_if_asked(last_saved)
                     continue
                 self.state.step += 1
                 if self.ema is not None:
@@ -307,6 +383,9 @@ class Trainer:
                 step = self.state.step
                 if step % tc.log_every == 0 or step == self.total_steps:
                     metrics = self._flush_metrics(time.perf_counter() - t0, self.state.images_seen - images0)
+                    metrics["skipped_steps"] = self.state.skipped_steps
+                    if acc.is_main_process:
+                        self.collapse.update(step, metrics)  # warns on discriminator domination
                     t0, images0 = time.perf_counter(), self.state.images_seen
                     self._log(metrics, bar)
                 if tc.sample_every and step % tc.sample_every == 0:
@@ -314,6 +393,7 @@ class Trainer:
                 if tc.checkpoint_every and step % tc.checkpoint_every == 0:
                     self.save_checkpoint()
                     last_saved = step
+                self._stop_if_asked(last_saved)
                 if step >= self.total_steps:
                     break
             else:
@@ -326,6 +406,13 @@ class Trainer:
             self.save_checkpoint()
         return self._finish()
 
+    def _stop_if_asked(self, last_saved: int) -> None:
+        if self.guard.stop_agreed:  # SIGINT/SIGTERM reached some process: checkpoint this step, then exit
+            if last_saved != self.state.step:
+                self.save_checkpoint()
+            self.tracking.finish()
+            raise stopped(self.guard.stop_signal, self.state.step)
+
     def _log(self, metrics: Dict[str, float], bar: tqdm) -> None:
         acc = self.accelerator
         if acc.is_main_process:
@@ -334,8 +421,7 @@ class Trainer:
             with open(self.output_dir / "metrics.jsonl", "a") as fh:
                 fh.write(json.dumps(record) + "\n")
             bar.set_postfix({k: f"{v:.3g}" for k, v in metrics.items() if k in ("g/total", "d/total", "images_per_sec")})
-        if acc.log_with:
-            acc.log(metrics, step=self.state.step)
+        self.tracking.log(metrics, self.state.step)
 
     def _finish(self) -> Path:
         acc = self.accelerator
@@ -347,36 +433,55 @@ class Trainer:
                 self.model.save_pretrained(final / "raw")
             (final / "training_config.yaml").write_text(yaml.safe_dump(to_dict(self.config), sort_keys=False))
             self.write_images("final")
-        if acc.log_with:
-            acc.end_training()
+            if self.config.train.plot_loss_curves:
+                write_loss_curves(self.output_dir)  # loss_curves.png; warns instead of raising
+        self.tracking.finish()  # not end_training(): that also destroys the process group
         acc.wait_for_everyone()
         return final
 
     # ---- images ------------------------------------------------------------------------------------
     @torch.no_grad()
     def write_images(self, name: str) -> None:
-        """Write real | reconstruction and prior-sample grids (EMA generator) as PNGs."""
+        """Write real | reconstruction pairs, prior samples and interpolation strips of the EMA
+        generator as ``samples/<name>_<panel>.png``, and log the same panels to the trackers."""
         if not self.accelerator.is_main_process:
             return
-        from torchvision.utils import save_image
+        from torchvision.utils import make_grid, save_image
 
         model = self.ema_model
         was_training = model.training
         model.eval()
-        low, high = model.value_range
-        real = self._fixed_real
+        real = self._fixed_real  # (N, C, H, W)
         recon = model.reconstruct(real)
-        pairs = torch.stack([real, recon], dim=1).flatten(0, 1)  # (2N, C, H, W): real, recon, real, ...
-        samples = model.decode(self._fixed_noise)
+        panels = {  # name -> (images, images per row)
+            "reconstructions": (torch.stack([real, recon], dim=1).flatten(0, 1), 16),  # (2N, C, H, W): real, recon, ...
+            "samples": (model.decode(self._fixed_noise), 8),  # (N, C, H, W)
+        }
+        k = min(8, real.shape[0] // 2)  # strips between fixed real images i and k + i
+        if k:
+            strip = model.interpolate(real[:k], real[k:2 * k], steps=8)  # (k, 8, C, H, W)
+            rows = torch.cat([real[:k, None], strip, real[k:2 * k, None]], dim=1)  # (k, 10, C, H, W): ends are real
+            panels["interpolations"] = (rows.flatten(0, 1), rows.shape[1])
+        model.train(was_training)
+        grids = {key: make_grid(images.float(), nrow=nrow, normalize=True, value_range=model.value_range)
+                 for key, (images, nrow) in panels.items()}  # (3, H', W') in [0, 1]
         out = self.output_dir / "samples"
         out.mkdir(parents=True, exist_ok=True)
-        save_image(pairs.float(), out / f"{name}_reconstructions.png", nrow=16, normalize=True, value_range=(low, high))
-        save_image(samples.float(), out / f"{name}_samples.png", nrow=8, normalize=True, value_range=(low, high))
-        model.train(was_training)
+        for key, grid in grids.items():
+            save_image(grid, out / f"{name}_{key}.png")
+        self.tracking.log_images(grids, self.state.step)
 
     # ---- checkpoints ---------------------------------------------------------------------------------
     def save_checkpoint(self) -> Path:
-        """Save a complete, resumable checkpoint (every process must call this)."""
+        """Save a complete, resumable checkpoint (every process must call this).
+
+        Raises:
+            TrainingDiverged: the weights are not finite (the existing checkpoints are kept).
+        """
+        if not all_finite([self.gen, self.disc if self.has_disc else None, self.ema]):
+            raise TrainingDiverged(
+                f"Refusing to save step {self.state.step}: the weights contain NaN or inf. The checkpoints already "
+                f"under {self.checkpoints.root} are kept; resume from the newest with lower learning rates.")
         extra = {"trainer_state.json": lambda p: p.write_text(json.dumps(asdict(self.state)))}
         if self.ema is not None:
             ema_state = {k: v.detach().contiguous().cpu() for k, v in self.ema.state_dict().items()}
@@ -387,36 +492,22 @@ class Trainer:
     def load_checkpoint(self, path: Path) -> None:
         """Restore weights, optimizers, schedulers, scaler, RNG, EMA and counters from ``path``.
 
+        Every file is checked first (safetensors headers, ``weights_only`` pickles, shapes), and the live
+        objects are put back if the load still fails: a failed resume never leaves a half-loaded trainer.
+
         Raises:
-            CheckpointError: a file is corrupt, truncated or from another architecture.
+            CheckpointError: naming the file that is missing, corrupt, unsafe or from another architecture.
         """
-        try:
-            self.accelerator.load_state(str(path))
-            self.state = TrainState(**json.loads((path / "trainer_state.json").read_text()))
-            if self.ema is not None:
-                ema_file = path / "ema.safetensors"
-                if ema_file.is_file():
-                    self.ema.load_state_dict(load_file(str(ema_file), device=str(self.accelerator.device)))
-                else:
-                    logger.warning("%s has no EMA weights; the EMA restarts from the current weights.", path)
-        except CheckpointError:
-            raise
-        except Exception as exc:  # corrupt pickles, truncated safetensors, shape mismatches, bad JSON
-            raise CheckpointError(
-                f"Checkpoint '{path}' cannot be restored: {type(exc).__name__}: {exc}. It may be truncated, "
-                "corrupt, or saved with a different model/loss configuration; resume from another checkpoint "
-                "(they are kept under <output-dir>/checkpoints) or start a new output directory."
-            ) from exc
+        path = Path(path)
+        state = TrainState(**read_counters(path / "trainer_state.json", list(asdict(TrainState()))))
+        extra = {"ema.safetensors": self.ema} if self.ema is not None and (path / "ema.safetensors").is_file() else {}
+        if self.ema is not None and not extra:
+            logger.warning("%s has no EMA weights; the EMA restarts from the current weights.", path)
+        both = self.has_disc  # Accelerate's prepare order: generator first
+        restore(self.accelerator, path, [self.gen, self.disc] if both else [self.gen],
+                [self.g_opt, self.d_opt] if both else [self.g_opt], [self.g_sched, self.d_sched] if both else [self.g_sched],
+                extra)
+        self.state = state
         logger.info("Resumed from %s at step %d (epoch %d, batch %d)", path, self.state.step,
                     self.state.epoch, self.state.batch_in_epoch)
 
-
-def _flatten(data: dict, prefix: str = "") -> Dict[str, object]:
-    flat: Dict[str, object] = {}
-    for k, v in data.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            flat.update(_flatten(v, key + "."))
-        else:
-            flat[key] = v if isinstance(v, (int, float, str, bool)) or v is None else str(v)
-    return flat

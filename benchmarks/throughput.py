@@ -1,0 +1,161 @@
+"""Throughput benchmark: vaegan's trainer against a bare hand-written PyTorch loop.
+
+Both run the recipe's default model and losses (conv VAE, BCE + KL + non-saturating GAN with the
+'simple' discriminator judging reconstructions and prior samples, decoder-only fakes, Adam for both
+players, gradient clipping, EMA) on the same in-memory MNIST-sized data: per batch one generator
+forward, the discriminator's and the generator's backward at the same weights, then both updates. Each measurement
+runs in its own subprocess (so peak memory is its own) and reports images/s after a warm-up and the
+peak resident memory (CPU) or peak allocated memory (GPU).
+
+    python benchmarks/throughput.py                       # batch 64 and 256, fp32, CPU
+    python benchmarks/throughput.py --precision bf16      # on a GPU (or bf16 autocast on CPU)
+    python benchmarks/throughput.py --batch-sizes 64 --steps 60 --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _data(n: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(0)
+    return (torch.rand(n, 1, 28, 28, generator=g) > 0.8).to(torch.uint8) * 255  # MNIST-like uint8
+
+
+def _peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def run_trainer(batch: int, steps: int, warmup: int, precision: str, out_dir: Path) -> dict:
+    import vaegan
+    from vaegan.config import ExperimentConfig, apply_overrides
+    from vaegan.data import TensorImages
+
+    log_every = 10
+    cfg = apply_overrides(ExperimentConfig(), [
+        f"train.output_dir={out_dir}", f"train.batch_size={batch}", f"train.max_steps={warmup + steps}",
+        "train.epochs=1000", f"train.log_every={log_every}", "train.sample_every=0", "train.checkpoint_every=0",
+        f"train.mixed_precision={precision}"])
+    ds = TensorImages(_data(batch * 40))
+    torch.manual_seed(0)
+    trainer = vaegan.Trainer(cfg, vaegan.build_model(cfg), vaegan.Objective.from_config(cfg), ds,
+                             vaegan.build_discriminator(cfg))
+    trainer.fit()
+    rows = [r for r in trainer.history if r["step"] > warmup]
+    ips = sum(r["images_per_sec"] for r in rows) / len(rows)
+    return {"images_per_s": ips, "peak_memory_mb": _peak_memory_mb(trainer.accelerator.device)}
+
+
+def run_bare(batch: int, steps: int, warmup: int, precision: str) -> dict:
+    """The same work, written by hand: no Accelerate, no registry, no logging."""
+    import torch.nn.functional as F
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+    from torch.utils.data import DataLoader
+
+    from vaegan import VAE, ModelConfig
+    from vaegan.data import TensorImages
+    from vaegan.discriminators import SimpleDiscriminator
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    torch.manual_seed(0)
+    vae, disc = VAE(ModelConfig()).to(device), SimpleDiscriminator((1, 28, 28)).to(device)
+    g_opt = torch.optim.AdamW(vae.parameters(), lr=2e-4, betas=(0.5, 0.9), weight_decay=0.0, foreach=True)
+    d_opt = torch.optim.AdamW(disc.parameters(), lr=2e-4, betas=(0.5, 0.9), weight_decay=0.0, foreach=True)
+    ema = AveragedModel(vae, multi_avg_fn=get_ema_multi_avg_fn(0.999), use_buffers=True)
+    loader = DataLoader(TensorImages(_data(batch * 40)), batch_size=batch, shuffle=True, drop_last=True)
+
+    def autocast():
+        return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
+    step, t0 = 0, None
+    while step < warmup + steps:
+        for x in loader:
+            x = x.to(device, non_blocking=True)
+            with autocast():
+                out = vae(x, num_prior=x.shape[0], decoder_only=True)
+                d_fake = torch.cat([out.recon, out.prior_samples]).detach()
+                real, fake = disc(x).logits.float(), disc(d_fake).logits.float()
+                d_loss = F.softplus(-real).mean() + F.softplus(fake).mean()
+            d_loss.backward()
+            disc.requires_grad_(False)
+            with autocast():
+                bce = F.binary_cross_entropy_with_logits(out.recon_logits.float(), x.float())
+                kl = out.posterior.kl().mean(0).sum() / x[0].numel()
+                g_fake = torch.cat([out.recon_decoder_only, out.prior_samples])
+                adv = F.softplus(-disc(g_fake).logits.float()).mean()
+                g_loss = bce + min(1.0, step / 1000) * kl + 0.1 * adv
+            g_loss.backward()
+            disc.requires_grad_(True)
+            for net, opt in ((disc, d_opt), (vae, g_opt)):
+                torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            ema.update_parameters(vae)
+            step += 1
+            if step == warmup:
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                t0 = time.perf_counter()
+            if step >= warmup + steps:
+                break
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return {"images_per_s": steps * batch / (time.perf_counter() - t0), "peak_memory_mb": _peak_memory_mb(device)}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[64, 256])
+    p.add_argument("--steps", type=int, default=100, help="measured steps (after the warm-up)")
+    p.add_argument("--warmup", type=int, default=20)
+    p.add_argument("--precision", choices=["no", "bf16", "fp16"], default="no")
+    p.add_argument("--repeats", type=int, default=3, help="alternate trainer/bare this many times; report medians")
+    p.add_argument("--json", type=Path)
+    p.add_argument("--worker", choices=["trainer", "bare"], help=argparse.SUPPRESS)
+    p.add_argument("--batch", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--out-dir", type=Path, default=Path("outputs/throughput"), help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.worker:  # one measurement in this process
+        if args.worker == "trainer":
+            r = run_trainer(args.batch, args.steps, args.warmup, args.precision, args.out_dir)
+        else:
+            r = run_bare(args.batch, args.steps, args.warmup, args.precision)
+        sys.stdout.write(json.dumps(r) + "\n")
+        return 0
+    results = []
+    for batch in args.batch_sizes:
+        runs = {"trainer": [], "bare": []}
+        for _ in range(args.repeats):
+            for kind in ("bare", "trainer"):  # alternate, so drift in machine load hits both alike
+                cmd = [sys.executable, __file__, "--worker", kind, "--batch", str(batch), "--steps", str(args.steps),
+                       "--warmup", str(args.warmup), "--precision", args.precision, "--out-dir",
+                       str(args.out_dir / f"b{batch}")]
+                out = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=ROOT)
+                runs[kind].append(json.loads(out.stdout.strip().splitlines()[-1]))
+        med = {k: sorted(r["images_per_s"] for r in v)[len(v) // 2] for k, v in runs.items()}
+        mem = {k: max(r["peak_memory_mb"] for r in v) for k, v in runs.items()}
+        row = {"batch": batch, "precision": args.precision, "trainer_images_per_s": med["trainer"],
+               "bare_images_per_s": med["bare"], "overhead_pct": 100 * (med["bare"] / med["trainer"] - 1),
+               "trainer_peak_mb": mem["trainer"], "bare_peak_mb": mem["bare"], "repeats": args.repeats}
+        results.append(row)
+        sys.stdout.write(json.dumps(row) + "\n")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
