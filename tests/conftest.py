@@ -44,6 +44,37 @@ def tiny_config(output_dir: Path, *overrides: str) -> ExperimentConfig:
                                   f"train.output_dir={output_dir}", *overrides])
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny tensors: one intra-op thread is fastest, and immune to a busy second core."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
+def seeded():
+    import torch
+
+    torch.manual_seed(0)
+
+
+@pytest.fixture(scope="module")
+def saved_run(tmp_path_factory) -> Path:
+    """A real run of two steps: its checkpoint and its final/ model (shared by a test module)."""
+    import vaegan
+    from accelerate.state import AcceleratorState, GradientState
+
+    out = tmp_path_factory.mktemp("saved") / "run"
+    vaegan.build_trainer(tiny_config(out, "train.max_steps=2")).fit()
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    return out
+
+
 @pytest.fixture
 def mnist_root() -> Path:
     return MNIST_ROOT

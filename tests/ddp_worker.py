@@ -25,7 +25,6 @@ def main(out: Path, *overrides: str) -> None:
     cfg = tiny_config(out, "train.max_steps=4", "train.checkpoint_every=2", *overrides)
     trainer = vaegan.build_trainer(cfg)
     acc = trainer.accelerator
-    x = trainer.loader.dataset  # noqa: F841 - the shard differs per rank; training makes them agree
     first = next(iter(trainer.loader))
     trainer.fit()
     gathered = acc.gather(first[:1].reshape(1, -1))  # what each rank's first batch started with

@@ -160,16 +160,6 @@ def test_empty_dataset_given_to_the_trainer_directly(tiny):
 # ---- checkpoints and saved models ------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def saved_run(tmp_path_factory) -> Path:
-    """A real run of two steps: its checkpoint and its final/ model."""
-    from accelerate.state import AcceleratorState, GradientState
-
-    out = tmp_path_factory.mktemp("saved") / "run"
-    vaegan.build_trainer(tiny_config(out, "train.max_steps=2")).fit()
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    return out
 
 
 def _copy_run(saved_run: Path, tmp_path: Path) -> Path:

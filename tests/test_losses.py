@@ -25,17 +25,7 @@ LOSS_NAMES = registry.available("vaegan.losses")
 ADV_NAMES = registry.available("vaegan.adversarial")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(autouse=True)
-def _seed():
-    torch.manual_seed(0)
+pytestmark = pytest.mark.usefixtures("one_torch_thread", "seeded")
 
 
 def tiny_model(output_range="unit", arch="conv") -> ModelConfig:

@@ -34,18 +34,7 @@ def images(shape, output_range="unit", n=B, seed=0) -> torch.Tensor:
     return x * (high - low) + low
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny tensors: one intra-op thread is fastest, and immune to a busy second core.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(autouse=True)
-def _seed():
-    torch.manual_seed(0)
+pytestmark = pytest.mark.usefixtures("one_torch_thread", "seeded")
 
 
 # ---- forward -------------------------------------------------------------------------------------

@@ -38,15 +38,6 @@ class Payload:
         return (os.system, (f"touch {shlex.quote(str(self.marker))}",))
 
 
-@pytest.fixture(scope="module")
-def saved_run(tmp_path_factory) -> Path:
-    from accelerate.state import AcceleratorState, GradientState
-
-    out = tmp_path_factory.mktemp("saved") / "run"
-    vaegan.build_trainer(tiny_config(out, "train.max_steps=2")).fit()
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    return out
 
 
 @pytest.fixture
