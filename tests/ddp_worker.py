@@ -15,10 +15,12 @@ sys.path.insert(0, str(Path(__file__).parent))
 from conftest import tiny_config  # noqa: E402
 
 import vaegan  # noqa: E402
+from vaegan.cli import shutdown_distributed  # noqa: E402
 
 
 def fingerprint(module: torch.nn.Module) -> dict:
-    return {n: [float(p.double().sum()), float(p.double().pow(2).sum())] for n, p in module.named_parameters()}
+    return {n: [float(p.detach().double().sum()), float(p.detach().double().pow(2).sum())]
+            for n, p in module.named_parameters()}
 
 
 def main(out: Path, *overrides: str) -> None:
@@ -38,6 +40,7 @@ def main(out: Path, *overrides: str) -> None:
         "history": trainer.history,
     }
     (out / f"rank{acc.process_index}.json").write_text(json.dumps(report))
+    shutdown_distributed()  # as the recipe does: never leave gloo to static destructors at exit
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ from . import registry
 from .config import ExperimentConfig, load_config
 from .errors import ConfigError, VaeganError
 
-__all__ = ["main", "add_train_flags", "config_from_flags", "run_recipe"]
+__all__ = ["main", "add_train_flags", "config_from_flags", "run_recipe", "shutdown_distributed"]
 
 # flag -> config keys it sets (one flag may set several, e.g. --lr sets both players' rates)
 _FLAGS = {
@@ -95,11 +95,26 @@ def run_recipe(argv: Optional[Sequence[str]] = None, default_config: Optional[Pa
     logging.getLogger("accelerate").setLevel(logging.WARNING)  # one line per saved file otherwise
 
     def go() -> int:
-        final = train(config_from_flags(args, default_config))
+        try:
+            final = train(config_from_flags(args, default_config))
+        finally:
+            shutdown_distributed()
         logging.getLogger("vaegan").info("Final model written to %s", final)
         return 0
 
     return _guard(go)
+
+
+def shutdown_distributed() -> None:
+    """Destroy the process group, if any, before the interpreter exits.
+
+    Left to static destructors at exit, gloo's threads can abort the process ("terminate called
+    without an active exception") after training has finished; the script that owns the run ends it.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _plugins(args: argparse.Namespace) -> int:
