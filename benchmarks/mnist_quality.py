@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 import vaegan
-from vaegan.config import DataConfig, ExperimentConfig, apply_overrides
+from vaegan.config import DataConfig, EvalConfig, ExperimentConfig, apply_overrides
 from vaegan.data import build_dataset
 from vaegan.evaluation import _Features, evaluate, load_or_train_classifier
 from vaegan.metrics import HighFrequencyRatio, SharpnessRatio
@@ -81,9 +81,9 @@ def train_variant(name: str, extra: List[str], args) -> Dict[str, object]:
     logging.info("%s: trained %d steps in %.0f s (%.0f images/s)", name, trainer.state.step, wall, ips)
     model = vaegan.VAE.from_pretrained(final)
     t1 = time.perf_counter()
-    metrics = evaluate(model, DataConfig(root=args.data_dir, split="test", download=False),
-                       num_samples=args.num_samples, nll_images=args.nll_images, nll_samples=args.nll_samples,
-                       output=out / "eval.json")
+    metrics = evaluate(model, DataConfig(root=args.data_dir, download=False),
+                       EvalConfig(split="test", num_samples=args.num_samples, nll_images=args.nll_images,
+                                  nll_samples=args.nll_samples), output=out / "eval.json")
     logging.info("%s: evaluated in %.0f s", name, time.perf_counter() - t1)
     return {"name": name, "overrides": VARIANTS[name] + extra, "wall_s": wall, "images_per_s": ips,
             "steps": trainer.state.step, "images_seen": trainer.state.images_seen, **metrics, "final": str(final)}

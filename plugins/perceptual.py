@@ -176,21 +176,27 @@ class LPIPSLoss(LossTerm):
                               mode="bilinear", align_corners=False)
         return x
 
-    def forward(self, inputs: TermInputs) -> Tensor:
-        """Mean LPIPS distance over the batch (fp32)."""
-        recon = inputs.output.recon
+    def distance(self, a: Tensor, b: Tensor, value_range=(0.0, 1.0)) -> Tensor:
+        """LPIPS distance of each pair, (B,), for images (B, C, H, W) in ``value_range`` (fp32).
+
+        Only ``a`` carries a gradient; ``vaegan.evaluation`` uses this as its LPIPS metric.
+        """
         model = self._lpips
-        if next(model.parameters()).device != recon.device:
-            model.to(recon.device)  # lazily: .to() on the parent never reaches an unregistered module
-        with torch.autocast(device_type=recon.device.type, enabled=False):
-            # One backbone pass over both: (2B, 3, H', W'). real never carries a gradient.
-            x = self._prepare(torch.cat([recon.float(), inputs.real.detach().float()]), inputs.value_range)
+        if next(model.parameters()).device != a.device:
+            model.to(a.device)  # lazily: .to() on the parent never reaches an unregistered module
+        with torch.autocast(device_type=a.device.type, enabled=False):
+            # One backbone pass over both: (2B, 3, H', W').
+            x = self._prepare(torch.cat([a.float(), b.detach().float()]), value_range)
             layers = model.net(model.scaling_layer(x))
-            total = torch.zeros(recon.shape[0], 1, device=recon.device)
+            total = torch.zeros(a.shape[0], 1, device=a.device)
             for lin, features in zip(model.lins, layers):
                 mine, theirs = _unit(features.float()).chunk(2)  # (B, C_l, h_l, w_l) each
                 total = total + lin((mine - theirs).pow(2)).mean(dim=(2, 3))  # (B, 1)
-            return total.mean()
+            return total.squeeze(1)
+
+    def forward(self, inputs: TermInputs) -> Tensor:
+        """Mean LPIPS distance between reconstructions and inputs over the batch (fp32)."""
+        return self.distance(inputs.output.recon, inputs.real, inputs.value_range).mean()
 
 
 def _build(net: str) -> nn.Module:

@@ -6,6 +6,7 @@ Tests never read ../shared (a fresh clone has no such folder).
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,8 @@ MNIST_ROOT = FIXTURES  # torchvision layout: FIXTURES/MNIST/raw/*-ubyte (256 tra
 
 os.environ.setdefault("WANDB_MODE", "offline")  # never try the network from a test
 os.environ.setdefault("WANDB_SILENT", "true")
+# The evaluation classifier is cached here, once per test session, never under the user's ~/.cache.
+os.environ.setdefault("VAEGAN_CACHE", tempfile.mkdtemp(prefix="vaegan-test-cache-"))
 
 
 # A model small enough that a training step takes milliseconds on 2 CPU cores.

@@ -111,7 +111,8 @@ def test_wandb_offline_run_records_config_every_term_and_images(tiny, monkeypatc
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_API_KEY", secret)
     monkeypatch.delenv("WANDB_DIR", raising=False)  # the default: under the output directory
-    cfg = tiny("train.report_to=wandb", "adversarial.adaptive=true", *RUN)
+    cfg = tiny("train.report_to=wandb", "adversarial.adaptive=true", *RUN, "eval.every=8", "eval.num_samples=32",
+               "eval.nll_images=4", "eval.nll_samples=2", "eval.lpips=false", "eval.limit=32")
     with caplog.at_level(logging.WARNING, logger="vaegan"):
         vaegan.build_trainer(cfg).fit()
     assert not [r for r in caplog.records if "tracker" in r.getMessage()], "the tracker must not have failed"
@@ -133,6 +134,10 @@ def test_wandb_offline_run_records_config_every_term_and_images(tiny, monkeypatc
                 assert history[row["step"]][key] == pytest.approx(value, rel=1e-6), (row["step"], key)
     assert {"g/bce", "g/kl", "g/adversarial", "g/adaptive_weight", "d/discriminator", "d/logits_real",
             "d/logits_fake", "grad_norm/g", "grad_norm/d", "lr/g", "lr/d", "weight/kl", "images_per_sec"} <= set(rows[0])
+
+    (evaluated,) = [json.loads(line) for line in (out / "eval.jsonl").read_text().splitlines()]
+    for key in ("psnr", "ssim", "fd_classifier", "nll_bits_per_dim", "sharpness_ratio", "recall"):
+        assert history[8][f"eval/{key}"] == pytest.approx(evaluated[key], rel=1e-6), key  # evaluation reaches W&B
 
     for step in (4, 8):
         for panel in PANELS:

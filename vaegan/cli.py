@@ -4,6 +4,7 @@
     vaegan sample --model DIR --num N --out FILE    prior samples (.png grid or .npz uint8 array)
     vaegan reconstruct --model DIR --data-dir D --out FILE   reconstructions of a dataset split
     vaegan interpolate --model DIR --out FILE       interpolation strips
+    vaegan eval --model DIR --data-dir D [--out F]  every metric of vaegan.evaluation, as a table and JSON
     vaegan plugins                                  list installed plugins with distribution and status
 
 Errors a user can fix print one paragraph (no traceback) and exit with status 2. The work of
@@ -39,6 +40,7 @@ _FLAGS = {
     "resume": ("train.resume",),
     "report_to": ("train.report_to",),
     "mixed_precision": ("train.mixed_precision",),
+    "compile": ("train.compile",),
 }
 
 
@@ -58,6 +60,8 @@ def add_train_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--report-to", choices=["none", "wandb", "tensorboard"])
     parser.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"],
                         help="default: as set by `accelerate launch` / `accelerate config`")
+    parser.add_argument("--compile", action="store_const", const="inductor", dest="compile",
+                        help="torch.compile both players (train.compile=inductor); the first steps are slower")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                         help="dotted config overrides, e.g. model.latent_dim=32 losses.1.weight.value=0.5")
 
@@ -176,6 +180,51 @@ def _interpolate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval(args: argparse.Namespace) -> int:
+    import json
+    import os
+
+    import torch
+
+    from . import commands
+    from .config import DataConfig, EvalConfig, from_dict
+    from .evaluation import evaluate
+
+    if args.out is not None and Path(args.out).suffix.lower() != ".json":
+        raise ConfigError(f"--out '{args.out}' must be a .json file (the results are written as JSON).")
+    eval_config = from_dict(EvalConfig, {
+        "split": args.split, "limit": args.limit, "num_samples": args.num_samples, "nll_images": args.nll_images,
+        "nll_samples": args.nll_samples, "likelihood": args.likelihood, "batch_size": args.batch_size,
+        "classifier": {"auto": None, "on": True, "off": False}[args.classifier],
+        "lpips": {"auto": None, "on": True, "off": False}[args.lpips], "inception": args.inception,
+        "seed": args.seed}, "eval")
+    accelerator = None
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under torchrun / accelerate launch: shard over processes
+        from accelerate import Accelerator
+
+        accelerator = Accelerator()
+    device = accelerator.device if accelerator is not None else args.device
+    model = commands.load_model(args.model, raw=args.raw, device=device)
+    name = args.dataset
+    if name is None:  # the dataset plugin the model was trained on, else MNIST
+        trained = commands.trained_data_config(args.model)
+        name = trained.name if trained is not None else "mnist"
+    data = from_dict(DataConfig, {"name": name, "root": args.data_dir, "download": args.download}, "data")
+    logvar = None if args.logvar is None else torch.tensor(args.logvar)
+    try:
+        results = evaluate(model, data, eval_config, logvar=logvar, accelerator=accelerator, output=args.out)
+    finally:
+        shutdown_distributed()
+    if accelerator is None or accelerator.is_main_process:
+        for key, value in results.items():
+            if isinstance(value, float):
+                sys.stdout.write(f"{key:24s} {value:.6g}\n")
+        sys.stdout.write(f"protocol {json.dumps(results['protocol'])}\n")
+        if args.out is not None:
+            sys.stdout.write(f"wrote {args.out}\n")
+    return 0
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -262,6 +311,38 @@ def _parser() -> argparse.ArgumentParser:
                    help="dataset images to interpolate between, in pairs (e.g. 0 7 3 5); needs --data-dir")
     _data_flags(i, required=False)
 
+    e = _command(sub, "eval", "evaluate a trained model: fidelity, likelihood, sample quality, detail",
+                 "Compute vaegan.evaluation's metrics for a trained generator (the EMA weights by default) on a "
+                 "dataset split: MSE, PSNR, SSIM and LPIPS (when the backbone's weights are local) of "
+                 "reconstructions; negative ELBO and the IWAE NLL in nats and bits/dim; Fréchet distance in a "
+                 "cached classifier's features, class histogram and precision/recall (labelled data); "
+                 "sharpness and high-frequency ratios of prior samples. Prints a table; --out writes JSON. "
+                 "Under `accelerate launch` / torchrun the work is split over the processes and the numbers "
+                 "are the same as on one.",
+                 "vaegan eval --model outputs/vaegan_mnist --data-dir data --num-samples 10000 --out eval.json")
+    e.add_argument("--model", required=True, metavar="DIR",
+                   help="a training run's output directory (uses its final/) or a saved model folder")
+    e.add_argument("--out", metavar="FILE.json", help="also write the results as JSON")
+    e.add_argument("--raw", action="store_true", help="use the raw weights (final/raw) instead of the EMA ones")
+    e.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
+    _data_flags(e, required=True)
+    e.add_argument("--num-samples", type=_positive_int, default=10000, help="prior samples (default 10000)")
+    e.add_argument("--nll-images", type=_positive_int, default=1000, help="images for the NLL bounds (default 1000)")
+    e.add_argument("--nll-samples", type=_positive_int, default=100,
+                   help="importance samples per image, K of the IWAE bound (default 100)")
+    e.add_argument("--likelihood", choices=["bernoulli", "gaussian"], default="bernoulli",
+                   help="bernoulli on binarised pixels (default) or the decoder's Gaussian with --logvar")
+    e.add_argument("--logvar", type=float, help="per-pixel log-variance of the Gaussian likelihood (default 0)")
+    e.add_argument("--classifier", choices=["auto", "on", "off"], default="auto",
+                   help="classifier metrics (FD, histogram, precision/recall); auto: when the data has labels")
+    e.add_argument("--lpips", choices=["auto", "on", "off"], default="auto",
+                   help="LPIPS distance; auto: when the backbone's ImageNet weights are available locally")
+    e.add_argument("--inception", action="store_true",
+                   help="also the Inception FID (needs torch-fidelity and its weights in the torch cache; slow on CPUs)")
+    e.add_argument("--batch-size", type=_positive_int, default=500, help="images per forward (default 500)")
+    e.add_argument("--seed", type=int, default=0, help="seed of the prior latents and importance noise (default 0)")
+    e.set_defaults(split="test")
+
     p = _command(sub, "plugins", "list installed plugins",
                  "List every plugin in vaegan's entry-point groups with its distribution and whether it loads.",
                  "vaegan plugins --group vaegan.losses")
@@ -270,7 +351,8 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-_COMMANDS = {"plugins": _plugins, "sample": _sample, "reconstruct": _reconstruct, "interpolate": _interpolate}
+_COMMANDS = {"plugins": _plugins, "sample": _sample, "reconstruct": _reconstruct, "interpolate": _interpolate,
+             "eval": _eval}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -36,6 +36,7 @@ __all__ = [
     "DataConfig",
     "OptimConfig",
     "TrainConfig",
+    "EvalConfig",
     "ExperimentConfig",
     "load_config",
     "apply_overrides",
@@ -140,11 +141,12 @@ class AdversarialConfig:
     """The GAN objective: a loss pair in ``vaegan.adversarial`` and when each player starts."""
 
     name: str = "non_saturating"
-    weight: Schedule = Schedule(value=0.1)  # generator weight; small so reconstruction leads
+    weight: Schedule = Schedule(value=0.05)  # generator weight; small so reconstruction leads (docs/training.md)
     disc_start: int = 0  # first step at which the discriminator trains (may precede weight.start)
-    # What D is shown as fake. "both" also judges prior samples: it is what makes samples from the
-    # prior look like digits (FD 49 vs 1088 with reconstructions only, 2 epochs; docs/training.md).
-    fake: Literal["reconstruction", "prior", "both"] = "both"
+    # What D is shown as fake. Prior samples are what must look like data (reconstructions-only fakes
+    # leave them as fragments); "prior" also skips the decoder-only reconstruction pass, 1.6x faster
+    # than "both" and better at 20 epochs (FD 13 vs 25, sharpness 1.12 vs 1.71; docs/training.md).
+    fake: Literal["reconstruction", "prior", "both"] = "prior"
     train_encoder: bool = False  # Larsen et al.: no GAN gradient reaches the encoder
     adaptive: bool = False  # VQGAN/LDM: scale by |grad rec| / |grad adv| at the decoder's last layer
     adaptive_eps: float = 1e-4
@@ -206,7 +208,11 @@ class TrainConfig:
     batch_size: int = 64  # per process
     grad_accum: int = 1  # micro-batches per optimizer update
     seed: int = 0
-    mixed_precision: Optional[Literal["no", "fp16", "bf16"]] = None  # None: as `accelerate launch` says
+    # None: as `accelerate launch` says; without it, bf16 on GPUs that support it, else fp32
+    mixed_precision: Optional[Literal["no", "fp16", "bf16"]] = None
+    tf32: bool = True  # TF32 for fp32 matmuls/convs on Ampere+ GPUs (no effect on CPUs)
+    channels_last: bool = False  # NHWC memory format for the conv nets (faster with GPU tensor cores)
+    compile: Optional[Literal["inductor", "aot_eager", "eager"]] = None  # torch.compile backend; None: off
     ema_decay: Optional[float] = 0.999  # EMA of the generator for sampling; None disables it
     checkpoint_every: int = 1000  # steps; 0 disables periodic checkpoints
     checkpoints_total_limit: int = 3  # keep the newest K complete checkpoints
@@ -231,6 +237,36 @@ class TrainConfig:
             raise ConfigError(f"train.ema_decay must be in (0, 1) or null, got {self.ema_decay}.")
 
 
+@dataclass(frozen=True)
+class EvalConfig:
+    """Evaluation (:func:`vaegan.evaluation.evaluate`): ``vaegan eval`` and, with ``every > 0``, during training.
+
+    The defaults of ``num_samples`` and the NLL sizes are small enough to evaluate every few thousand
+    steps; the published benchmark uses 10,000 samples (``vaegan eval --num-samples 10000``).
+    """
+
+    every: int = 0  # steps between evaluations during training (and one at the end); 0: off
+    split: Literal["train", "test"] = "test"  # evaluated split of the training dataset plugin
+    limit: Optional[int] = None  # evaluate only the first N images of the split
+    ema: bool = True  # evaluate the EMA generator (the one that is saved and sampled)
+    num_samples: int = 2000  # prior samples for FD, sharpness, histogram, precision/recall
+    nll_images: int = 500  # images for the ELBO / IWAE bounds
+    nll_samples: int = 50  # importance samples per image (K)
+    likelihood: Literal["bernoulli", "gaussian"] = "bernoulli"  # Bernoulli on binarised pixels
+    batch_size: int = 500
+    classifier: Optional[bool] = None  # classifier metrics (FD, histogram, P/R); None: when the data has labels
+    lpips: Optional[bool] = None  # LPIPS distance of reconstructions; None: when the backbone weights are local
+    inception: bool = False  # also the Inception FID (needs torch-fidelity and its weights; slow on CPUs)
+    seed: int = 0  # prior latents and importance noise: the same images on any number of processes
+
+    def __post_init__(self) -> None:
+        _positive(self, "num_samples", "nll_images", "nll_samples", "batch_size")
+        if self.every < 0:
+            raise ConfigError(f"eval.every must be >= 0 (0 turns evaluation during training off), got {self.every}.")
+        if self.limit is not None and self.limit < 1:
+            raise ConfigError(f"eval.limit must be a positive number of images or null, got {self.limit}.")
+
+
 def _default_losses() -> Tuple[TermConfig, ...]:
     # BCE suits MNIST's near-binary pixels; the KL warm-up avoids early posterior collapse.
     return (TermConfig("bce"), TermConfig("kl", Schedule(value=1.0, warmup=1000)))
@@ -248,6 +284,7 @@ class ExperimentConfig:
     optim_g: OptimConfig = OptimConfig()
     optim_d: OptimConfig = OptimConfig()
     train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
 
     def __post_init__(self) -> None:
         if (self.discriminator is None) != (self.adversarial is None):

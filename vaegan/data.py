@@ -18,7 +18,7 @@ import logging
 import math
 import shutil
 from pathlib import Path
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -59,6 +59,17 @@ class TensorImages(Dataset):
 
     def __getitem__(self, index: int) -> Tensor:
         return _to_range(self.images[index], self.value_range)
+
+    def __getitems__(self, indices: Sequence[int]) -> List[Tensor]:
+        """A batch's items from one indexing op and one conversion (the DataLoader calls this instead of
+        B ``__getitem__`` calls); returned as views, so any ``collate_fn`` still works."""
+        batch = _to_range(self.images[torch.as_tensor(indices, device=self.images.device)], self.value_range)
+        return list(batch.unbind(0))  # (C, H, W) views of one (B, C, H, W) tensor
+
+    def to(self, device: Union[str, torch.device]) -> "TensorImages":
+        """The same images on ``device`` (e.g. the GPU: batches are then cut there, with no copies)."""
+        labels = self.labels.to(device) if self.labels is not None else None
+        return TensorImages(self.images.to(device), self.value_range, labels)
 
 
 class ImageFolder(Dataset):

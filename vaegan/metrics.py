@@ -119,7 +119,8 @@ def _log_likelihood(model, x: Tensor, z: Tensor, likelihood: str, logvar: Option
 
 @torch.no_grad()
 def importance_sampled_log_likelihood(model, x: Tensor, num_samples: int = 100, likelihood: str = "bernoulli",
-                                      logvar: Optional[Tensor] = None, chunk: int = 50) -> Dict[str, Tensor]:
+                                      logvar: Optional[Tensor] = None, chunk: int = 50,
+                                      noise: Optional[Tensor] = None) -> Dict[str, Tensor]:
     """Per-image ELBO parts and the IWAE estimate of log p(x) (Burda et al. 2016), in nats.
 
     Args:
@@ -128,6 +129,7 @@ def importance_sampled_log_likelihood(model, x: Tensor, num_samples: int = 100, 
         num_samples: K importance samples from q(z|x).
         likelihood: ``"bernoulli"`` (pixels in {0, 1}) or ``"gaussian"`` (per-pixel log-variance ``logvar``).
         logvar: Gaussian log-variance, scalar or per channel (e.g. a trained ``gaussian_nll``'s).
+        noise: Standard-normal draws (K, B, D) to use instead of fresh ones (reproducible under sharding).
 
     Returns:
         ``{"log_px_iwae", "elbo", "recon_ll", "kl"}``, each (B,) in nats.
@@ -137,7 +139,7 @@ def importance_sampled_log_likelihood(model, x: Tensor, num_samples: int = 100, 
     log_ws = []
     for start in range(0, num_samples, chunk):
         k = min(chunk, num_samples - start)
-        eps = torch.randn(k, *q.mean.shape, device=x.device)
+        eps = noise[start : start + k].to(q.mean) if noise is not None else torch.randn(k, *q.mean.shape, device=x.device)
         z = q.mean.unsqueeze(0) + q.std.unsqueeze(0) * eps  # (k, B, D)
         flat = rearrange(z, "k b d -> (k b) d")
         xs = x.unsqueeze(0).expand(k, *x.shape).reshape(-1, *x.shape[1:])
@@ -175,11 +177,12 @@ class LikelihoodBounds(Metric):
             self.add_state(name, torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("dims", torch.zeros((), dtype=torch.float64), dist_reduce_fx="max")
 
-    def update(self, x: Tensor) -> None:
+    def update(self, x: Tensor, noise: Optional[Tensor] = None) -> None:
+        """Add images (B, C, H, W); ``noise`` (K, B, D) fixes the importance samples."""
         if self.likelihood == "bernoulli":
             low, high = self.model.value_range
             x = torch.where(x > (low + high) / 2, high, low).to(x.dtype)  # binarise
-        r = importance_sampled_log_likelihood(self.model, x, self.num_samples, self.likelihood, self.logvar)
+        r = importance_sampled_log_likelihood(self.model, x, self.num_samples, self.likelihood, self.logvar, noise=noise)
         self.nll += -r["log_px_iwae"].double().sum()
         self.neg_elbo += -r["elbo"].double().sum()
         self.recon += -r["recon_ll"].double().sum()

@@ -30,6 +30,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -47,9 +48,10 @@ from tqdm.auto import tqdm
 
 from .checkpointing import CheckpointManager, find_checkpoint, read_counters, restore
 from .config import ExperimentConfig, OptimConfig, to_dict
-from .data import first_batch
+from .data import TensorImages, first_batch
 from .guards import CollapseMonitor, GracefulStop, StepGuard, all_finite, stopped
 from .errors import ConfigError, DataError, TrainingDiverged
+from .evaluation import EvalResources, evaluate, prepare_evaluation
 from .model import VAE, VAEOutput
 from .objective import Objective, TermInputs
 from .plots import write_loss_curves
@@ -78,6 +80,21 @@ def ema_with_warmup(decay: float):
         torch._foreach_add_(ema_params, torch._foreach_mul(params, 1.0 - d))
 
     return update
+
+
+def default_precision(requested: Optional[str]) -> Optional[str]:
+    """``requested`` if set; else what ``accelerate launch``/``accelerate config`` set (None lets
+    Accelerate read it); else bf16 on a GPU that supports it, and fp32 otherwise.
+
+    Example:
+        >>> default_precision("no")
+        'no'
+    """
+    if requested is not None or os.environ.get("ACCELERATE_MIXED_PRECISION"):
+        return requested
+    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return "bf16"  # same range as fp32, no loss scaling; about 2x the conv/matmul throughput
+    return None
 
 
 class Player(nn.Module):
@@ -109,8 +126,11 @@ class TrainState:
 
 def _optimizer(params, cfg: OptimConfig, total_steps: int):
     params = [p for p in params if p.requires_grad]
-    # foreach: one fused kernel per parameter group instead of one per tensor.
-    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, foreach=True)
+    kwargs = dict(lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    try:  # fused: one kernel for the whole update (CPU and CUDA); measured 3x faster than foreach on CPU
+        opt = torch.optim.AdamW(params, fused=True, **kwargs)
+    except RuntimeError:  # a device without a fused kernel: one kernel per parameter group
+        opt = torch.optim.AdamW(params, foreach=True, **kwargs)
 
     def factor(step: int) -> float:
         if step < cfg.warmup_steps:
@@ -149,8 +169,11 @@ class Trainer:
                  discriminator: Optional[nn.Module] = None, accelerator: Optional[Accelerator] = None) -> None:
         tc = config.train
         self.config = config
+        if tc.tf32 and torch.cuda.is_available():  # fp32 matmuls and convs on tensor cores (Ampere+)
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
         self.accelerator = accelerator or Accelerator(
-            mixed_precision=tc.mixed_precision,
+            mixed_precision=default_precision(tc.mixed_precision),
             gradient_accumulation_steps=tc.grad_accum,
             log_with=None if tc.report_to == "none" else tc.report_to,
             project_dir=tc.output_dir,
@@ -164,15 +187,26 @@ class Trainer:
         self._check_data(model, dataset, tc.batch_size * acc.num_processes)
         set_seed(tc.seed)
 
+        workers = config.data.num_workers
+        on_gpu = acc.device.type == "cuda"
+        if isinstance(dataset, TensorImages) and on_gpu and workers == 0:
+            dataset = dataset.to(acc.device)  # MNIST-size data lives on the GPU: batches are cut there
+        streamed = not isinstance(dataset, TensorImages)  # decoded per item: workers, pinned memory, prefetch
         # A private generator: DataLoader.__iter__ otherwise draws a seed from the global RNG, which
         # would shift the reparameterisation noise after a mid-epoch resume.
         loader = DataLoader(dataset, batch_size=tc.batch_size, shuffle=True, drop_last=True,
-                            num_workers=config.data.num_workers, generator=torch.Generator().manual_seed(tc.seed))
+                            num_workers=workers, generator=torch.Generator().manual_seed(tc.seed),
+                            pin_memory=on_gpu and streamed, persistent_workers=workers > 0,
+                            prefetch_factor=4 if workers > 0 else None)
         batches = len(dataset) // (tc.batch_size * acc.num_processes)
         per_epoch = math.ceil(batches / tc.grad_accum)
         self.total_steps = min(tc.max_steps or per_epoch * tc.epochs, per_epoch * tc.epochs)
         objective.resolve(self.total_steps)  # schedules given as a fraction of training
 
+        if tc.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+            if discriminator is not None:
+                discriminator = discriminator.to(memory_format=torch.channels_last)
         gen = Player(model, objective.generator_terms)
         g_opt, g_sched = _optimizer(gen.parameters(), config.optim_g, self.total_steps)
         self.objective = objective
@@ -197,6 +231,10 @@ class Trainer:
         self.ema = None
         if tc.ema_decay is not None:
             self.ema = AveragedModel(self.model, multi_avg_fn=ema_with_warmup(tc.ema_decay), use_buffers=True)
+        if tc.compile:  # in place, after the EMA copy: state_dict keys and checkpoints stay as they are
+            self.model.compile(backend=tc.compile)
+            if self.has_disc:
+                self.disc_net.compile(backend=tc.compile)
         self.state = TrainState()
         self.checkpoints = CheckpointManager(self.output_dir, tc.checkpoints_total_limit)
         self.guard = StepGuard(tc.max_nonfinite_steps, acc, fp16_scaler=acc.scaler is not None)
@@ -206,6 +244,10 @@ class Trainer:
         self._sums: Dict[str, Tensor] = {}
         self._counts: Dict[str, int] = {}
         self.tracking = Tracking(acc, tc.project, self.output_dir)  # W&B / TensorBoard; never stops training
+        self._eval: Optional[EvalResources] = None
+        self._last_eval, self._last_results = -1, {}
+        if config.eval.every:  # load the split (and classifier) now: missing data fails before training
+            self._eval = prepare_evaluation(config.data, model.config, config.eval, accelerator=acc)
 
     # ---- set-up ----------------------------------------------------------------------------------
     def _check_data(self, model: VAE, dataset: Dataset, global_batch: int) -> None:
@@ -229,6 +271,8 @@ class Trainer:
 
     # ---- one micro-batch ---------------------------------------------------------------------------
     def _micro_step(self, x: Tensor) -> None:
+        if self.config.train.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         out = self.gen(x, **self.objective.forward_kwargs(x.shape[0]))  # the one generator forward (DDP + autocast)
         self.guard.watch("input pixels", x)
         d_active = self.has_disc and self.objective.discriminator_active(self.state.step)
@@ -393,6 +437,8 @@ class Trainer:
                 if tc.checkpoint_every and step % tc.checkpoint_every == 0:
                     self.save_checkpoint()
                     last_saved = step
+                if self.config.eval.every and step % self.config.eval.every == 0:
+                    self.evaluate()
                 self._stop_if_asked(last_saved)
                 if step >= self.total_steps:
                     break
@@ -425,8 +471,13 @@ class Trainer:
 
     def _finish(self) -> Path:
         acc = self.accelerator
-        acc.wait_for_everyone()
         final = self.output_dir / "final"
+        if self.config.eval.every:
+            results = self.evaluate() if self._last_eval != self.state.step else self._last_results
+            if acc.is_main_process:
+                final.mkdir(parents=True, exist_ok=True)
+                (final / "eval.json").write_text(json.dumps(results, indent=2) + "\n")
+        acc.wait_for_everyone()
         if acc.is_main_process:
             self.ema_model.save_pretrained(final)
             if self.ema is not None:
@@ -438,6 +489,29 @@ class Trainer:
         self.tracking.finish()  # not end_training(): that also destroys the process group
         acc.wait_for_everyone()
         return final
+
+    # ---- evaluation ----------------------------------------------------------------------------------
+    def evaluate(self) -> Dict[str, object]:
+        """Evaluate the EMA generator (``eval.ema``) with the ``eval`` config on every process.
+
+        Scalars go to the trackers as ``eval/<metric>`` and every result, with its step, is appended to
+        ``<output_dir>/eval.jsonl``. Every process must call this (the metric states are reduced).
+        """
+        ec = self.config.eval
+        if self._eval is None:
+            self._eval = prepare_evaluation(self.config.data, self.model.config, ec, accelerator=self.accelerator)
+        model = self.ema_model if ec.ema else self.model
+        t0 = time.perf_counter()
+        results = evaluate(model, self._eval.data, ec, resources=self._eval, accelerator=self.accelerator)
+        logger.info("Evaluation at step %d took %.1f s: %s", self.state.step, time.perf_counter() - t0,
+                    ", ".join(f"{k} {v:.4g}" for k, v in results.items() if isinstance(v, float)))
+        if self.accelerator.is_main_process:
+            with open(self.output_dir / "eval.jsonl", "a") as fh:
+                fh.write(json.dumps({"step": self.state.step, **results}) + "\n")
+        self.tracking.log({f"eval/{k}": float(v) for k, v in results.items()
+                           if isinstance(v, (int, float)) and not isinstance(v, bool)}, self.state.step)
+        self._last_eval, self._last_results = self.state.step, results
+        return results
 
     # ---- images ------------------------------------------------------------------------------------
     @torch.no_grad()

@@ -1,0 +1,86 @@
+"""The speed features stay correct: batched in-memory data, fused optimizers, channels_last, torch.compile.
+
+Speed itself is measured by benchmarks/ (docs/benchmarks.md), never asserted here.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch.utils.data import DataLoader
+
+import vaegan
+from vaegan.data import TensorImages
+from vaegan.trainer import default_precision
+
+from conftest import tiny_config
+
+
+def _final_weights(run: Path):
+    final = run / "final"
+    return load_file(str(final / "model.safetensors")), load_file(str(final / "raw" / "model.safetensors"))
+
+
+def test_in_memory_batches_equal_item_by_item_batches():
+    images = (torch.rand(50, 3, 8, 8, generator=torch.Generator().manual_seed(0)) * 255).to(torch.uint8)
+    ds = TensorImages(images, value_range=(-1.0, 1.0))
+    batches = list(DataLoader(ds, batch_size=8))  # __getitems__: one indexing op per batch
+    for k, batch in enumerate(batches):
+        expected = torch.stack([ds[i] for i in range(8 * k, min(8 * k + 8, 50))])
+        assert torch.equal(batch, expected)
+    assert batches[-1].shape == (2, 3, 8, 8)
+
+
+def test_both_players_use_fused_optimizers(tiny):
+    trainer = vaegan.build_trainer(tiny())
+    for opt in (trainer.g_opt, trainer.d_opt):
+        assert opt.optimizer.defaults["fused"] is True
+
+
+def test_default_precision_follows_the_launcher_then_the_hardware(monkeypatch):
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+    assert default_precision("fp16") == "fp16"  # an explicit choice always wins
+    expected = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else None
+    assert default_precision(None) == expected  # CPU: fp32 (None lets Accelerate read its config)
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")  # set by `accelerate launch`
+    assert default_precision(None) is None
+
+
+def test_channels_last_trains_to_the_same_weights(tmp_path):
+    runs = {}
+    for name, extra in (("default", ()), ("nhwc", ("train.channels_last=true",))):
+        vaegan.build_trainer(tiny_config(tmp_path / name, "train.max_steps=4", *extra)).fit()
+        runs[name] = _final_weights(tmp_path / name)
+    for a, b in zip(runs["default"], runs["nhwc"]):
+        assert a.keys() == b.keys()
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["aot_eager"])
+def test_compiled_players_train_checkpoint_and_resume(tmp_path, backend):
+    """Two compiled players, the EMA, a checkpoint and a mid-run resume: the same weights as eager
+    training, and checkpoints whose keys do not change (loadable by an eager run)."""
+    common = ("train.epochs=3", "train.checkpoint_every=3")
+    vaegan.build_trainer(tiny_config(tmp_path / "eager", *common, "train.max_steps=6")).fit()
+
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(True)
+    compiled = (*common, f"train.compile={backend}")
+    vaegan.build_trainer(tiny_config(tmp_path / "compiled", *compiled, "train.max_steps=3")).fit()
+    AcceleratorState._reset_state(True)
+    resumed = vaegan.build_trainer(tiny_config(tmp_path / "compiled", *compiled, "train.max_steps=6",
+                                               "train.resume=latest"))
+    resumed.fit()
+    assert resumed.state.step == 6
+    ckpt = "checkpoints/step_00000006"
+    for f in ("model.safetensors", "model_1.safetensors", "ema.safetensors"):
+        a = load_file(str(tmp_path / "eager" / ckpt / f))
+        b = load_file(str(tmp_path / "compiled" / ckpt / f))
+        assert a.keys() == b.keys(), f  # no '_orig_mod.' prefixes
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5, msg=f"{f}:{key}")
