@@ -1,11 +1,13 @@
 """Throughput benchmark: vaegan's trainer against a bare hand-written PyTorch loop.
 
 Both run the recipe's default model and losses (conv VAE, BCE + KL + non-saturating GAN with the
-'simple' discriminator judging reconstructions and prior samples, decoder-only fakes, Adam for both
-players, gradient clipping, EMA) on the same in-memory MNIST-sized data: per batch one generator
+'simple' discriminator judging prior samples, fused AdamW for both players, gradient clipping, EMA) on
+the same in-memory MNIST-sized data: per batch one generator
 forward, the discriminator's and the generator's backward at the same weights, then both updates. Each measurement
-runs in its own subprocess (so peak memory is its own) and reports images/s after a warm-up and the
-peak resident memory (CPU) or peak allocated memory (GPU).
+runs in its own subprocess (so peak memory is its own) and reports images/s after a warm-up, the
+peak resident memory (CPU) or peak allocated memory (GPU), and the FLOPs of one step counted by
+``torch.utils.flop_counter`` (so achieved TFLOP/s = FLOPs/image x images/s, to set against the
+device's peak).
 
     python benchmarks/throughput.py                       # batch 64 and 256, fp32, CPU
     python benchmarks/throughput.py --precision bf16      # on a GPU (or bf16 autocast on CPU)
@@ -27,9 +29,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _data(n: int) -> torch.Tensor:
+def _data(n: int, size: int = 28) -> torch.Tensor:
     g = torch.Generator().manual_seed(0)
-    return (torch.rand(n, 1, 28, 28, generator=g) > 0.8).to(torch.uint8) * 255  # MNIST-like uint8
+    return (torch.rand(n, 1, size, size, generator=g) > 0.8).to(torch.uint8) * 255  # MNIST-like uint8
 
 
 def _peak_memory_mb(device: torch.device) -> float:
@@ -38,7 +40,8 @@ def _peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def run_trainer(batch: int, steps: int, warmup: int, precision: str, out_dir: Path) -> dict:
+def run_trainer(batch: int, steps: int, warmup: int, precision: str, out_dir: Path, size: int = 28,
+                overrides=()) -> dict:
     import vaegan
     from vaegan.config import ExperimentConfig, apply_overrides
     from vaegan.data import TensorImages
@@ -47,8 +50,9 @@ def run_trainer(batch: int, steps: int, warmup: int, precision: str, out_dir: Pa
     cfg = apply_overrides(ExperimentConfig(), [
         f"train.output_dir={out_dir}", f"train.batch_size={batch}", f"train.max_steps={warmup + steps}",
         "train.epochs=1000", f"train.log_every={log_every}", "train.sample_every=0", "train.checkpoint_every=0",
-        f"train.mixed_precision={precision}"])
-    ds = TensorImages(_data(batch * 40))
+        "train.plot_loss_curves=false",
+        f"train.mixed_precision={precision}", f"model.image_size=[{size}, {size}]", *overrides])
+    ds = TensorImages(_data(batch * 40, size))
     torch.manual_seed(0)
     trainer = vaegan.Trainer(cfg, vaegan.build_model(cfg), vaegan.Objective.from_config(cfg), ds,
                              vaegan.build_discriminator(cfg))
@@ -58,7 +62,7 @@ def run_trainer(batch: int, steps: int, warmup: int, precision: str, out_dir: Pa
     return {"images_per_s": ips, "peak_memory_mb": _peak_memory_mb(trainer.accelerator.device)}
 
 
-def run_bare(batch: int, steps: int, warmup: int, precision: str) -> dict:
+def run_bare(batch: int, steps: int, warmup: int, precision: str, size: int = 28) -> dict:
     """The same work, written by hand: no Accelerate, no registry, no logging."""
     import torch.nn.functional as F
     from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
@@ -71,39 +75,40 @@ def run_bare(batch: int, steps: int, warmup: int, precision: str) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
     torch.manual_seed(0)
-    vae, disc = VAE(ModelConfig()).to(device), SimpleDiscriminator((1, 28, 28)).to(device)
-    g_opt = torch.optim.AdamW(vae.parameters(), lr=2e-4, betas=(0.5, 0.9), weight_decay=0.0, foreach=True)
-    d_opt = torch.optim.AdamW(disc.parameters(), lr=2e-4, betas=(0.5, 0.9), weight_decay=0.0, foreach=True)
+    vae = VAE(ModelConfig(image_size=(size, size))).to(device)
+    disc = SimpleDiscriminator((1, size, size)).to(device)
+    g_opt = torch.optim.AdamW(vae.parameters(), lr=2e-4, betas=(0.5, 0.9), weight_decay=0.0, fused=True)
+    d_opt = torch.optim.AdamW(disc.parameters(), lr=2e-4, betas=(0.5, 0.9), weight_decay=0.0, fused=True)
     ema = AveragedModel(vae, multi_avg_fn=get_ema_multi_avg_fn(0.999), use_buffers=True)
-    loader = DataLoader(TensorImages(_data(batch * 40)), batch_size=batch, shuffle=True, drop_last=True)
+    loader = DataLoader(TensorImages(_data(batch * 40, size)), batch_size=batch, shuffle=True, drop_last=True)
 
     def autocast():
         return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
+    def one_step(x: torch.Tensor, step: int) -> None:
+        with autocast():
+            out = vae(x, num_prior=x.shape[0])
+            real, fake = disc(x).logits.float(), disc(out.prior_samples.detach()).logits.float()
+            d_loss = F.softplus(-real).mean() + F.softplus(fake).mean()
+        d_loss.backward()
+        disc.requires_grad_(False)
+        with autocast():
+            bce = F.binary_cross_entropy_with_logits(out.recon_logits.float(), x.float())
+            kl = out.posterior.kl().mean(0).sum() / x[0].numel()
+            adv = F.softplus(-disc(out.prior_samples).logits.float()).mean()
+            g_loss = bce + min(1.0, step / 1000) * kl + 0.05 * adv
+        g_loss.backward()
+        disc.requires_grad_(True)
+        for net, opt in ((disc, d_opt), (vae, g_opt)):
+            torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        ema.update_parameters(vae)
+
     step, t0 = 0, None
     while step < warmup + steps:
         for x in loader:
-            x = x.to(device, non_blocking=True)
-            with autocast():
-                out = vae(x, num_prior=x.shape[0], decoder_only=True)
-                d_fake = torch.cat([out.recon, out.prior_samples]).detach()
-                real, fake = disc(x).logits.float(), disc(d_fake).logits.float()
-                d_loss = F.softplus(-real).mean() + F.softplus(fake).mean()
-            d_loss.backward()
-            disc.requires_grad_(False)
-            with autocast():
-                bce = F.binary_cross_entropy_with_logits(out.recon_logits.float(), x.float())
-                kl = out.posterior.kl().mean(0).sum() / x[0].numel()
-                g_fake = torch.cat([out.recon_decoder_only, out.prior_samples])
-                adv = F.softplus(-disc(g_fake).logits.float()).mean()
-                g_loss = bce + min(1.0, step / 1000) * kl + 0.1 * adv
-            g_loss.backward()
-            disc.requires_grad_(True)
-            for net, opt in ((disc, d_opt), (vae, g_opt)):
-                torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-            ema.update_parameters(vae)
+            one_step(x.to(device, non_blocking=True), step)
             step += 1
             if step == warmup:
                 if device.type == "cuda":
@@ -113,7 +118,16 @@ def run_bare(batch: int, steps: int, warmup: int, precision: str) -> dict:
                 break
     if device.type == "cuda":
         torch.cuda.synchronize()
-    return {"images_per_s": steps * batch / (time.perf_counter() - t0), "peak_memory_mb": _peak_memory_mb(device)}
+    ips = steps * batch / (time.perf_counter() - t0)
+    # FLOPs of one step (both players, forward and backward), counted by torch, outside the timing.
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        one_step(next(iter(loader)).to(device), step)
+    flops_per_image = counter.get_total_flops() / batch
+    return {"images_per_s": ips, "peak_memory_mb": _peak_memory_mb(device), "flops_per_image": flops_per_image,
+            "achieved_tflops": flops_per_image * ips / 1e12}
 
 
 def main(argv=None) -> int:
@@ -124,15 +138,17 @@ def main(argv=None) -> int:
     p.add_argument("--precision", choices=["no", "bf16", "fp16"], default="no")
     p.add_argument("--repeats", type=int, default=3, help="alternate trainer/bare this many times; report medians")
     p.add_argument("--json", type=Path)
+    p.add_argument("--size", type=int, default=28, help="image side (default 28)")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides of the trainer")
     p.add_argument("--worker", choices=["trainer", "bare"], help=argparse.SUPPRESS)
     p.add_argument("--batch", type=int, help=argparse.SUPPRESS)
     p.add_argument("--out-dir", type=Path, default=Path("outputs/throughput"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:  # one measurement in this process
         if args.worker == "trainer":
-            r = run_trainer(args.batch, args.steps, args.warmup, args.precision, args.out_dir)
+            r = run_trainer(args.batch, args.steps, args.warmup, args.precision, args.out_dir, args.size, args.set)
         else:
-            r = run_bare(args.batch, args.steps, args.warmup, args.precision)
+            r = run_bare(args.batch, args.steps, args.warmup, args.precision, args.size)
         sys.stdout.write(json.dumps(r) + "\n")
         return 0
     results = []
@@ -141,14 +157,18 @@ def main(argv=None) -> int:
         for _ in range(args.repeats):
             for kind in ("bare", "trainer"):  # alternate, so drift in machine load hits both alike
                 cmd = [sys.executable, __file__, "--worker", kind, "--batch", str(batch), "--steps", str(args.steps),
-                       "--warmup", str(args.warmup), "--precision", args.precision, "--out-dir",
-                       str(args.out_dir / f"b{batch}")]
+                       "--warmup", str(args.warmup), "--precision", args.precision, "--size", str(args.size),
+                       "--out-dir", str(args.out_dir / f"b{batch}")]
+                if kind == "trainer" and args.set:  # the bare loop is the default recipe only
+                    cmd += ["--set", *args.set]
                 out = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=ROOT)
                 runs[kind].append(json.loads(out.stdout.strip().splitlines()[-1]))
         med = {k: sorted(r["images_per_s"] for r in v)[len(v) // 2] for k, v in runs.items()}
         mem = {k: max(r["peak_memory_mb"] for r in v) for k, v in runs.items()}
-        row = {"batch": batch, "precision": args.precision, "trainer_images_per_s": med["trainer"],
-               "bare_images_per_s": med["bare"], "overhead_pct": 100 * (med["bare"] / med["trainer"] - 1),
+        bare_flops = runs["bare"][0]["flops_per_image"]
+        row = {"batch": batch, "size": args.size, "precision": args.precision, "set": args.set,
+               "gflops_per_image": bare_flops / 1e9, "trainer_achieved_tflops": bare_flops * med["trainer"] / 1e12,
+               "trainer_images_per_s": med["trainer"], "bare_images_per_s": med["bare"], "overhead_pct": 100 * (med["bare"] / med["trainer"] - 1),
                "trainer_peak_mb": mem["trainer"], "bare_peak_mb": mem["bare"], "repeats": args.repeats}
         results.append(row)
         sys.stdout.write(json.dumps(row) + "\n")

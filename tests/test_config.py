@@ -456,3 +456,24 @@ def test_term_config_key_and_from_dict_helper():
     with pytest.raises(ConfigError, match="'model.latent_dim'"):
         from_dict(ModelConfig, {"latent_dim": "3"}, "model")
     assert math.isclose(from_dict(OptimConfig, {"lr": 3}).lr, 3.0)
+
+
+def test_train_encoder_with_prior_only_fakes_is_refused():
+    """Prior samples never pass through the encoder: the switch would silently do nothing."""
+    with pytest.raises(ConfigError, match="train_encoder.*no effect.*'both'"):
+        ExperimentConfig.from_dict({"adversarial": {"fake": "prior", "train_encoder": True}})
+    assert ExperimentConfig.from_dict({"adversarial": {"fake": "both", "train_encoder": True}}).adversarial.train_encoder
+
+
+@pytest.mark.parametrize("section, data, words", [
+    ("eval", {"every": -1}, ["eval.every", ">= 0"]),
+    ("eval", {"num_samples": 0}, ["eval.num_samples", "positive"]),
+    ("eval", {"limit": 0}, ["eval.limit"]),
+    ("eval", {"likelihood": "poisson"}, ["eval.likelihood", "'bernoulli'"]),
+    ("train", {"compile": "tensorrt"}, ["train.compile", "'inductor'"]),
+])
+def test_eval_and_speed_settings_are_validated(section, data, words):
+    with pytest.raises(ConfigError) as info:
+        ExperimentConfig.from_dict({section: data})
+    for w in words:
+        assert w in str(info.value)

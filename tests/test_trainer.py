@@ -106,6 +106,7 @@ def test_adversarial_term_pushes_discriminator_logits_up(tiny):
 def test_gan_gradient_reaches_the_encoder_only_when_configured(tiny, train_encoder):
     """Larsen et al.: the adversarial loss trains the decoder, not the encoder (unless asked)."""
     trainer = vaegan.build_trainer(tiny("losses=[{name: mse, weight: 0.0}]", "adversarial.weight=1.0",
+                                        "adversarial.fake=both",  # reconstructions are what reach the encoder
                                         f"adversarial.train_encoder={str(train_encoder).lower()}"))
     x = _batch(trainer)
     trainer.generator_backward(x, trainer.gen(x, **trainer.objective.forward_kwargs(x.shape[0])))

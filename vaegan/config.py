@@ -156,6 +156,12 @@ class AdversarialConfig:
     def __post_init__(self) -> None:
         if self.disc_start < 0:
             raise ConfigError(f"adversarial.disc_start must be >= 0, got {self.disc_start}.")
+        if self.train_encoder and self.fake == "prior":
+            raise ConfigError(
+                "adversarial.train_encoder: true has no effect with adversarial.fake: prior: prior samples "
+                "never pass through the encoder. Set fake to 'reconstruction' or 'both' for the GAN gradient "
+                "to reach the encoder, or drop train_encoder."
+            )
         _positive(self, "adaptive_eps", "adaptive_max")
 
 
