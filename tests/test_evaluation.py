@@ -75,21 +75,21 @@ def test_evaluate_writes_every_metric(tmp_path):
 
 
 def test_evaluation_is_identical_on_two_processes(tmp_path):
-    """Each rank takes every second image and the states are reduced: the dataset-level metrics equal
-    a one-process run exactly (up to float summation order)."""
+    """`vaegan eval` under torchrun: each rank takes every second image, latent and noise draw, and the
+    states are reduced, so every metric equals a one-process run (up to float summation order)."""
     torch.manual_seed(0)
     model_dir = VAE(TINY_MODEL).save_pretrained(tmp_path / "model")
-    load_or_train_classifier(DATA, TINY_MODEL, tmp_path, epochs=1)  # cache it once for both runs
-    worker = Path(__file__).parent / "ddp_eval_worker.py"
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "VAEGAN_CACHE": str(tmp_path)}
     results = {}
-    for n in (1, 2):
+    for n in (1, 2):  # the first run trains and caches the classifier, the second loads it
         out = tmp_path / f"eval{n}.json"
         proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n),
-                               str(worker), str(model_dir), str(out)], env=env, capture_output=True, text=True, timeout=300)
+                               "-m", "vaegan.cli", "eval", "--model", str(model_dir), "--data-dir", str(MNIST_ROOT),
+                               "--num-samples", "64", "--nll-images", "16", "--nll-samples", "4", "--batch-size", "16",
+                               "--lpips", "off", "--out", str(out)], env=env, capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr[-3000:]
         results[n] = json.loads(out.read_text())
-    assert results[2]["protocol"]["processes"] == 2
+    assert results[1]["protocol"]["processes"] == 1 and results[2]["protocol"]["processes"] == 2
     for key in SCALARS:  # latents and importance noise are drawn once and sharded like the images
         assert results[2][key] == pytest.approx(results[1][key], rel=1e-4, abs=1e-6), key
     assert results[2]["class_histogram"] == results[1]["class_histogram"]

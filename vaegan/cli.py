@@ -203,8 +203,8 @@ def _eval(args: argparse.Namespace) -> int:
         from accelerate import Accelerator
 
         accelerator = Accelerator()
-    device = accelerator.device if accelerator is not None else args.device
-    model = commands.load_model(args.model, raw=args.raw, device=device)
+    # Under a launcher, load on the CPU and let evaluate() move the model to this process's device.
+    model = commands.load_model(args.model, raw=args.raw, device="cpu" if accelerator is not None else args.device)
     name = args.dataset
     if name is None:  # the dataset plugin the model was trained on, else MNIST
         trained = commands.trained_data_config(args.model)

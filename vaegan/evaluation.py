@@ -287,7 +287,7 @@ def evaluate(model: VAE, data: DataConfig, config: EvalConfig = EvalConfig(), *,
     rank = accelerator.process_index if accelerator is not None else 0
     world = accelerator.num_processes if accelerator is not None else 1
     was_training = model.training
-    model.eval()
+    model.to(device).eval()
     res = resources or prepare_evaluation(data, model.config, config, cache_dir, accelerator)
     data, ds, clf, lpips = res.data, res.dataset, res.classifier, res.lpips
     low, high = model.value_range
