@@ -18,7 +18,7 @@ from vaegan import VAE, ModelConfig
 from vaegan.cli import main as cli
 from vaegan.config import DataConfig, EvalConfig
 from vaegan.errors import DataError, PluginError
-from vaegan.evaluation import DigitClassifier, EvalResources, evaluate, load_or_train_classifier, prepare_evaluation
+from vaegan.evaluation import DigitClassifier, evaluate, load_or_train_classifier, prepare_evaluation
 
 from conftest import MNIST_ROOT
 
