@@ -248,10 +248,10 @@ def _command(sub, name: str, summary: str, description: str, example: str, **kwa
                           formatter_class=argparse.RawDescriptionHelpFormatter, **kwargs)
 
 
-def _model_flags(p: argparse.ArgumentParser, out_help: str) -> None:
+def _model_flags(p: argparse.ArgumentParser, out_help: str, out_required: bool = True, out_metavar: str = "FILE") -> None:
     p.add_argument("--model", required=True, metavar="DIR",
                    help="a training run's output directory (uses its final/) or a saved model folder")
-    p.add_argument("--out", required=True, metavar="FILE", help=out_help)
+    p.add_argument("--out", required=out_required, metavar=out_metavar, help=out_help)
     p.add_argument("--raw", action="store_true", help="use the raw weights (final/raw) instead of the EMA ones")
     p.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
 
@@ -320,11 +320,7 @@ def _parser() -> argparse.ArgumentParser:
                  "Under `accelerate launch` / torchrun the work is split over the processes and the numbers "
                  "are the same as on one.",
                  "vaegan eval --model outputs/vaegan_mnist --data-dir data --num-samples 10000 --out eval.json")
-    e.add_argument("--model", required=True, metavar="DIR",
-                   help="a training run's output directory (uses its final/) or a saved model folder")
-    e.add_argument("--out", metavar="FILE.json", help="also write the results as JSON")
-    e.add_argument("--raw", action="store_true", help="use the raw weights (final/raw) instead of the EMA ones")
-    e.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
+    _model_flags(e, "also write the results as JSON", out_required=False, out_metavar="FILE.json")
     _data_flags(e, required=True)
     e.add_argument("--num-samples", type=_positive_int, default=10000, help="prior samples (default 10000)")
     e.add_argument("--nll-images", type=_positive_int, default=1000, help="images for the NLL bounds (default 1000)")
