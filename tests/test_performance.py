@@ -27,7 +27,17 @@ def _final_weights(run: Path):
 def test_in_memory_batches_equal_item_by_item_batches():
     images = (torch.rand(50, 3, 8, 8, generator=torch.Generator().manual_seed(0)) * 255).to(torch.uint8)
     ds = TensorImages(images, value_range=(-1.0, 1.0))
+    calls = []
+    fetch = TensorImages.__getitems__
+
+    class Counted(TensorImages):
+        def __getitems__(self, indices):
+            calls.append(len(indices))
+            return fetch(self, indices)
+
+    ds = Counted(images, value_range=(-1.0, 1.0))
     batches = list(DataLoader(ds, batch_size=8))  # __getitems__: one indexing op per batch
+    assert calls == [8] * 6 + [2]  # the DataLoader fetched whole batches, never item by item
     for k, batch in enumerate(batches):
         expected = torch.stack([ds[i] for i in range(8 * k, min(8 * k + 8, 50))])
         assert torch.equal(batch, expected)
@@ -52,7 +62,10 @@ def test_default_precision_follows_the_launcher_then_the_hardware(monkeypatch):
 def test_channels_last_trains_to_the_same_weights(tmp_path):
     runs = {}
     for name, extra in (("default", ()), ("nhwc", ("train.channels_last=true",))):
-        vaegan.build_trainer(tiny_config(tmp_path / name, "train.max_steps=4", *extra)).fit()
+        trainer = vaegan.build_trainer(tiny_config(tmp_path / name, "train.max_steps=4", *extra))
+        nhwc = trainer.model.decoder.out.weight.is_contiguous(memory_format=torch.channels_last)
+        assert nhwc == (name == "nhwc")  # the layout really changed (4-d conv weights, C > 1)
+        trainer.fit()
         runs[name] = _final_weights(tmp_path / name)
     for a, b in zip(runs["default"], runs["nhwc"]):
         assert a.keys() == b.keys()
@@ -71,7 +84,10 @@ def test_compiled_players_train_checkpoint_and_resume(tmp_path, backend):
 
     AcceleratorState._reset_state(True)
     compiled = (*common, f"train.compile={backend}")
-    vaegan.build_trainer(tiny_config(tmp_path / "compiled", *compiled, "train.max_steps=3")).fit()
+    first = vaegan.build_trainer(tiny_config(tmp_path / "compiled", *compiled, "train.max_steps=3"))
+    assert first.model._compiled_call_impl is not None and first.disc_net._compiled_call_impl is not None
+    assert getattr(first.ema.module, "_compiled_call_impl", None) is None  # the EMA copy stays eager
+    first.fit()
     AcceleratorState._reset_state(True)
     resumed = vaegan.build_trainer(tiny_config(tmp_path / "compiled", *compiled, "train.max_steps=6",
                                                "train.resume=latest"))
