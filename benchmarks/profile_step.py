@@ -33,11 +33,12 @@ class _Profiled(vaegan.Trainer):
 
     profiler = None
 
-    def _update(self, d_active: bool) -> None:
+    def _update(self, d_active: bool) -> torch.Tensor:
         with record_function("vaegan/update"):
-            super()._update(d_active)
+            found_inf = super()._update(d_active)
         if self.profiler is not None:
             self.profiler.step()
+        return found_inf
 
 
 def main(argv=None) -> int:

@@ -15,6 +15,7 @@ vaegan VAE of the same architecture: same modules, so the numbers are comparable
 
     python benchmarks/vs_pythae.py --data-dir ../shared/data                 # 2 pythae epochs
     python benchmarks/vs_pythae.py --data-dir ../shared/data --pythae-epochs 5 --json out.json
+    python benchmarks/vs_pythae.py --data-dir ../shared/data --set train.mixed_precision=bf16 train.channels_last=true
 """
 
 from __future__ import annotations
@@ -111,17 +112,18 @@ class _Budgeted(vaegan.Trainer):
 
     deadline = float("inf")
 
-    def _update(self, d_active: bool) -> None:
-        super()._update(d_active)
+    def _update(self, d_active: bool) -> torch.Tensor:
+        found_inf = super()._update(d_active)
         if time.perf_counter() > self.deadline:
             self.total_steps = self.state.step + 1  # the loop ends after this step
+        return found_inf
 
 
 def train_vaegan(args, seconds: float, out: Path):
     cfg = apply_overrides(ExperimentConfig(), [
         f"data.root={args.data_dir}", "data.download=false", f"train.output_dir={out}", "train.epochs=1000",
         f"train.seed={args.seed}", "train.checkpoint_every=0", "train.sample_every=0", "train.log_every=100",
-        "train.plot_loss_curves=false"])
+        "train.plot_loss_curves=false", *args.set])
     set_seed(cfg.train.seed)  # as vaegan.build_trainer does
     trainer = _Budgeted(cfg, vaegan.build_model(cfg), vaegan.Objective.from_config(cfg),
                         build_dataset(cfg.data, cfg.model), vaegan.build_discriminator(cfg))
@@ -139,6 +141,8 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num-samples", type=int, default=10000)
     p.add_argument("--json", type=Path)
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="vaegan config overrides, e.g. train.mixed_precision=bf16 train.channels_last=true")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     model_cfg = ExperimentConfig().model

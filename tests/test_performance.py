@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 
 import vaegan
 from vaegan.data import TensorImages
-from vaegan.trainer import default_precision
+from vaegan.trainer import WarmupEMA, _step_unless, default_precision
 
 from conftest import tiny_config
 
@@ -48,6 +48,47 @@ def test_both_players_use_fused_optimizers(tiny):
     trainer = vaegan.build_trainer(tiny())
     for opt in (trainer.g_opt, trainer.d_opt):
         assert opt.optimizer.defaults["fused"] is True
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "foreach"])
+def test_a_skipped_update_changes_nothing_and_an_applied_one_steps(fused):
+    """The guard's device verdict: fused AdamW reads it in its kernel (no host sync), foreach by one read."""
+    torch.manual_seed(0)
+    net = torch.nn.Linear(4, 3)
+    opt = torch.optim.AdamW(net.parameters(), lr=0.1, weight_decay=0.1, fused=fused or None, foreach=not fused or None)
+
+    def step(found_inf: float):
+        net(torch.randn(8, 4)).square().mean().backward()
+        before = [p.detach().clone() for p in net.parameters()]
+        _step_unless(opt, torch.tensor(found_inf))
+        opt.zero_grad(set_to_none=True)
+        return before, [int(s["step"]) for s in opt.state.values()]
+
+    step(0.0)
+    before, counts = step(1.0)  # skipped: weights (weight decay included) and Adam's step count unchanged
+    assert all(torch.equal(a, b) for a, b in zip(before, net.parameters())) and counts == [1, 1]
+    before, counts = step(0.0)
+    assert not any(torch.equal(a, b) for a, b in zip(before, net.parameters())) and counts == [2, 2]
+
+
+def test_ema_stays_bit_for_bit_on_a_skipped_step():
+    torch.manual_seed(0)
+    net = torch.nn.Linear(4, 3)
+    update = WarmupEMA(0.999)
+    ema = torch.optim.swa_utils.AveragedModel(net, multi_avg_fn=update, use_buffers=True)
+    with torch.no_grad():
+        net.weight.add_(1.0)
+    ema.update_parameters(net)  # the first update copies
+    with torch.no_grad():
+        net.weight.add_(1.0)
+    held = [p.clone() for p in ema.module.parameters()]
+    update.skip = torch.tensor(1.0)
+    ema.update_parameters(net)
+    assert all(torch.equal(a, b) for a, b in zip(held, ema.module.parameters()))
+    update.skip = torch.tensor(0.0)
+    ema.update_parameters(net)
+    d = min(0.999, (1 + 2) / (10 + 2))  # warm-up decay after n = 2 updates
+    assert torch.allclose(ema.module.weight, d * held[0] + (1 - d) * net.weight)
 
 
 def test_default_precision_follows_the_launcher_then_the_hardware(monkeypatch):

@@ -78,21 +78,73 @@ def _with_nan(tiny, calls, kind="loss", side="generator", *overrides):
 @pytest.mark.parametrize("side", ["generator", "discriminator"])
 @pytest.mark.parametrize("kind", ["loss", "grad"])
 def test_a_non_finite_step_is_skipped_for_both_players(tiny, nan_term, caplog, kind, side):
-    trainer = vaegan.build_trainer(_with_nan(tiny, [3], kind, side, "train.max_steps=4"))
+    # checkpoint_every=1 syncs the guard at every step; the log interval (2) alone is tested below.
+    trainer = vaegan.build_trainer(_with_nan(tiny, [3], kind, side, "train.max_steps=4", "train.checkpoint_every=1"))
     with caplog.at_level(logging.WARNING, logger="vaegan.guards"):
         trainer.fit()
-    assert trainer.state.step == 4 and trainer.state.skipped_steps == 1
-    assert trainer.state.batch_in_epoch == 1 and trainer.state.epoch == 1  # 5 batches for 4 updates
-    # Neither optimizer stepped on the bad batch, and neither did the EMA.
-    for opt in (trainer.g_opt, trainer.d_opt):
-        assert {int(s["step"]) for s in opt.optimizer.state.values()} == {4}
-    assert int(trainer.ema.n_averaged) == 4
+    # Four optimizer steps were taken (four batches); the third changed nothing and is counted as skipped.
+    assert trainer.state.step == 4 and trainer.state.skipped_steps == 1 and trainer.state.batch_in_epoch == 4
+    for opt in (trainer.g_opt, trainer.d_opt):  # the fused kernels skipped the update and its Adam step count
+        assert {int(s["step"]) for s in opt.optimizer.state.values()} == {3}
+    # Bit for bit: generator, discriminator and EMA weights after step 3 are those after step 2. (Buffers
+    # such as spectral norm's power-iteration vectors move in every training forward, as in any trainer.)
+    # The EMA's n_averaged counts optimizer steps taken, a skipped one included (its decay warm-up).
+    buffers = {"n_averaged", *(n for m in (trainer.gen, trainer.disc) for n, _ in m.named_buffers())}
+    ckpt = {step: Path(trainer.output_dir) / "checkpoints" / f"step_{step:08d}" for step in (2, 3, 4)}
+    for name in WEIGHT_FILES:
+        before, during, after = (load_file(str(ckpt[s] / name)) for s in (2, 3, 4))
+        weights = [k for k in before if k not in buffers]
+        assert weights and all(torch.equal(before[k], during[k]) for k in weights), f"{name} changed on the skipped step"
+        assert not all(torch.equal(during[k], after[k]) for k in weights), f"{name} did not train on after it"
     assert all(torch.isfinite(p).all() for m in (trainer.gen, trainer.disc) for p in m.parameters())
     which = {"loss": f"{side[0]} loss", "grad": f"grad_norm/{side[0]}"}[kind]
-    assert any("Step 3 skipped for both players" in r.message and which in r.message for r in caplog.records)
+    assert any("1 optimizer step(s) skipped for both players (the last at step 3)" in r.message and which in r.message
+               for r in caplog.records)
     rows = [json.loads(line) for line in (Path(trainer.output_dir) / "metrics.jsonl").read_text().splitlines()]
     assert [r["skipped_steps"] for r in rows] == [0, 1]  # counted and logged
     assert all(torch.isfinite(torch.tensor(v)) for r in rows for v in r.values()), "a skipped step leaked into metrics"
+
+
+def test_skipped_steps_are_counted_at_the_log_interval_without_a_host_read_per_step(tiny, nan_term):
+    """The host reads the guard only at log intervals: between them vaegan's code calls no .item(),
+    .tolist(), bool(), float(), .cpu() or .numpy() on a tensor, yet every skipped step is counted."""
+    from torch.overrides import TorchFunctionMode
+
+    reads = {"item", "tolist", "__bool__", "__float__", "__int__", "__index__", "cpu", "numpy"}
+    ours = (str(ROOT / "vaegan"), str(ROOT / "plugins"))
+
+    class HostReads(TorchFunctionMode):
+        """Records the source line of every tensor -> host read made by vaegan's own code."""
+
+        def __init__(self):
+            super().__init__()
+            self.lines: List[str] = []
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if getattr(func, "__name__", "") in reads:
+                caller = sys._getframe(1)
+                if caller.f_code.co_filename.startswith(ours):
+                    self.lines.append(f"{caller.f_code.co_filename}:{caller.f_lineno} {func.__name__}")
+            return func(*args, **(kwargs or {}))
+
+    cfg = _with_nan(tiny, [3, 5, 6], "loss", "generator", "train.epochs=3", "train.log_every=6")
+    trainer = vaegan.build_trainer(cfg)
+    per_step: Dict[int, List[str]] = {}
+    micro_step = trainer._micro_step
+
+    def watched(x):
+        with HostReads() as mode:
+            micro_step(x)
+        per_step[trainer.state.step + 1] = mode.lines
+
+    trainer._micro_step = watched
+    trainer.fit()
+    assert sorted(per_step) == list(range(1, 13))
+    assert all(lines == [] for lines in per_step.values()), {s: lines for s, lines in per_step.items() if lines}
+    assert trainer.state.skipped_steps == 3
+    rows = [json.loads(line) for line in (Path(trainer.output_dir) / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["skipped_steps"]) for r in rows] == [(6, 3), (12, 3)]
+    assert {int(s["step"]) for s in trainer.g_opt.optimizer.state.values()} == {9}
 
 
 def test_too_many_non_finite_steps_stop_training_and_keep_the_last_good_checkpoint(tiny, nan_term):
@@ -103,11 +155,14 @@ def test_too_many_non_finite_steps_stop_training_and_keep_the_last_good_checkpoi
         trainer.fit()
     assert isinstance(info.value, VaeganError)  # the CLI prints it as one paragraph, exit status 2
     out = Path(cfg.train.output_dir)
-    assert [p.name for p in list_checkpoints(out / "checkpoints")] == [f"step_{s:08d}" for s in (1, 2, 3)]
+    # Steps 4 and 5 were skipped (fewer than 3 in a row when saved): their checkpoints hold step 3's weights
+    # (checkpoints_total_limit keeps 3). The third skip in a row stops the run before its checkpoint is written.
+    assert [p.name for p in list_checkpoints(out / "checkpoints")] == [f"step_{s:08d}" for s in (3, 4, 5)]
     assert not (out / "final").exists()
+    good = load_file(str(out / "checkpoints" / "step_00000003" / "model.safetensors"))
     saved = load_file(str(find_checkpoint(out, "latest") / "model.safetensors"))
     live = trainer.gen.state_dict()
-    assert all(torch.isfinite(v).all() and torch.equal(v, live[k]) for k, v in saved.items())
+    assert all(torch.isfinite(v).all() and torch.equal(v, live[k]) and torch.equal(v, good[k]) for k, v in saved.items())
 
 
 def _fp16_accelerator():
@@ -135,7 +190,7 @@ def test_fp16_grad_scaler_unscales_once_and_a_bad_step_lowers_the_scale(tiny, na
     assert fp16.state.step == 4 and fp16.state.skipped_steps == 1
     assert fp16.accelerator.scaler.get_scale() == 2.0 ** 9  # backed off once, for the one bad step
     for opt in (fp16.g_opt, fp16.d_opt):
-        assert {int(s["step"]) for s in opt.optimizer.state.values()} == {4}
+        assert {int(s["step"]) for s in opt.optimizer.state.values()} == {3}
     for a, b in zip(fp32.history, fp16.history):  # true (unscaled once) gradient norms, as in fp32
         for key in ("grad_norm/g", "grad_norm/d"):
             assert b[key] == pytest.approx(a[key], rel=1e-2), key
@@ -314,7 +369,8 @@ def _kill_9(out: Path) -> Dict[str, object]:
 
 def _ddp_signal_to_one_rank(out: Path) -> Dict[str, object]:
     """Two gloo processes (torchrun); SIGTERM reaches rank 1 only. Both must stop after the same step and
-    write one complete checkpoint together (the stop flag travels in the per-step reduce)."""
+    write one complete checkpoint together (the stop flag travels in the guard's per-step reduce, read by
+    the host at the next log interval)."""
     env = {**ENV, "ACCELERATE_USE_CPU": "true"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(RECIPE),
            "--data-dir", str(MNIST_ROOT), "--output-dir", str(out), *ARGS]

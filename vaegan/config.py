@@ -223,7 +223,7 @@ class TrainConfig:
     checkpoint_every: int = 1000  # steps; 0 disables periodic checkpoints
     checkpoints_total_limit: int = 3  # keep the newest K complete checkpoints
     sample_every: int = 500  # steps between PNG grids; 0 disables them
-    log_every: int = 50  # steps between logged scalars (metric syncs; the step guard adds one small one)
+    log_every: int = 50  # steps between logged scalars: the only host syncs (metrics, skipped-step counts)
     max_nonfinite_steps: int = 20  # skipped NaN/inf steps in a row before training stops
     num_samples: int = 64  # images in each PNG grid
     report_to: Literal["none", "wandb", "tensorboard"] = "none"

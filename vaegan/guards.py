@@ -1,24 +1,29 @@
 """Training guards: non-finite steps, discriminator collapse, and a graceful stop on SIGINT/SIGTERM.
 
-- :class:`StepGuard` decides, once per optimizer step, whether the step may be applied: every loss,
-  the input batch and both players' clipped gradient norms must be finite on *every* process. The
-  check is a few tiny device reductions stacked into one vector, one ``accelerator.reduce`` (so all
-  DDP ranks agree) and one host transfer per step; the same transfer carries the "a stop signal
-  arrived" flag, so ranks also agree on where to stop. A step that fails is skipped for both players
-  (no optimizer or scheduler step, gradients zeroed, no EMA update), counted and logged; after
-  ``max_consecutive`` skips in a row training stops with :class:`TrainingDiverged`.
+- :class:`StepGuard` decides, on the device, whether each optimizer step is applied: every loss, the
+  input batch and both players' clipped gradient norms must be finite on *every* process. The flags
+  are stacked into one vector and, with several processes, summed by one ``accelerator.reduce`` (so
+  all DDP ranks agree). :meth:`StepGuard.check` returns the verdict as a device tensor
+  (``found_inf``) that the fused optimizers and the EMA read on the device: a bad step changes no
+  weight, and the host never waits for it. The host reads the guard's counters only at
+  :meth:`StepGuard.sync` (the trainer's log intervals, checkpoints, evaluations and the end): skipped
+  steps are then counted and logged, and after ``max_consecutive`` skips in a row training stops with
+  :class:`TrainingDiverged`.
 - :class:`CollapseMonitor` reads the metrics already averaged over processes at each log interval
   (no extra host sync) and warns when the discriminator wins everything for several intervals in a
   row or the generator's adversarial loss explodes.
 - :class:`GracefulStop` turns SIGINT/SIGTERM into a flag; the trainer writes a checkpoint at the next
-  step boundary and exits with status ``128 + signal`` (130 for SIGINT, 143 for SIGTERM). A second
-  signal while that happens stops at once (the checkpoint being written is atomic, so nothing is lost).
+  step boundary (one process) or the next sync point (several processes, which must agree on the
+  step) and exits with status ``128 + signal`` (130 for SIGINT, 143 for SIGTERM). A second signal
+  while that happens stops at once (the checkpoint being written is atomic, so nothing is lost).
 
 Example:
     >>> guard = StepGuard(max_consecutive=3)
     >>> guard.watch("g loss", torch.tensor(float("nan")))
     >>> guard.check({"grad_norm/g": torch.tensor(1.0)}, step=7)
-    False
+    tensor(1.)
+    >>> guard.sync(step=7)
+    1
     >>> guard.consecutive
     1
 """
@@ -48,11 +53,13 @@ EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
 class StepGuard:
     """Skips optimizer steps whose losses, inputs or gradients are not finite; stops after too many.
 
-    Call :meth:`watch` with each micro-batch's losses (device tensors; no sync), then :meth:`check`
-    once per optimizer step with the clipped gradient norms.
+    Call :meth:`watch` with each micro-batch's losses (device tensors), then :meth:`check` once per
+    optimizer step with the gradient norms: it returns ``found_inf`` (a 0-dim float32 device tensor,
+    1.0 when the step must be skipped) without any host sync. Call :meth:`sync` at intervals: the one
+    host read, which counts and logs the skipped steps and raises when too many came in a row.
 
     Args:
-        max_consecutive: Skipped steps in a row after which :meth:`check` raises.
+        max_consecutive: Skipped steps in a row after which :meth:`sync` raises.
         accelerator: Reduces the flags over processes; None for a single process.
         fp16_scaler: True when a GradScaler is in use: a gradient overflow with finite losses is
             then routine loss-scale calibration, logged at INFO instead of WARNING.
@@ -62,66 +69,107 @@ class StepGuard:
         self.max_consecutive = max_consecutive
         self.accelerator = accelerator
         self.fp16_scaler = fp16_scaler
-        self.consecutive = 0  # skipped steps in a row
-        self.stop_signal: Optional[int] = None  # set by GracefulStop; agreed over ranks in check()
-        self.stop_agreed = False  # True once any rank has received a stop signal
-        self.applied = True  # the last checked step was applied
-        self._ok: Dict[str, Tensor] = {}
+        self.consecutive = 0  # skipped steps in a row, as of the last sync
+        self.stop_signal: Optional[int] = None  # set by GracefulStop
+        self.stop_agreed = False  # True once the processes agree that a stop signal arrived
+        self._ok: Dict[str, Tensor] = {}  # this step's watched values: name -> finite (device bool)
+        # Device-side counters since the last sync (created on the first check, on the flags' device).
+        self._counters: Optional[Tensor] = None  # (5,): skipped, current run, longest run, stop, last bad step
+        self._culprits: Dict[str, Tensor] = {}  # name -> steps it was non-finite in
+        self._first_step: Optional[int] = None  # first step checked since the last sync
+
+    @property
+    def _single(self) -> bool:
+        return self.accelerator is None or self.accelerator.num_processes == 1
 
     def request_stop(self, signum: int) -> None:
-        """Ask for a stop at the next step boundary (called from a signal handler)."""
+        """Ask for a stop (called from a signal handler). One process stops at the next step boundary;
+        several agree on the step at the next :meth:`sync`."""
         self.stop_signal = signum
+        if self._single:
+            self.stop_agreed = True
 
     def watch(self, name: str, value: Tensor) -> None:
         """Remember whether ``value`` (a loss, a batch) is all finite; a device op, no host sync."""
         ok = torch.isfinite(value.detach()).all()
         self._ok[name] = self._ok[name] & ok if name in self._ok else ok
 
-    def check(self, grad_norms: Mapping[str, Tensor], step: int) -> bool:
-        """True when the step may be applied. Clears what :meth:`watch` collected.
+    def check(self, grad_norms: Mapping[str, Tensor], step: int) -> Tensor:
+        """Decide on the device whether this step is applied; clears what :meth:`watch` collected.
 
         Args:
             grad_norms: Name -> total gradient norm of one player (before clipping).
-            step: The step being decided (for messages).
+            step: The step being decided (for the messages of :meth:`sync`).
+
+        Returns:
+            ``found_inf``: a 0-dim float32 tensor on the flags' device, 1.0 when something was not
+            finite on any process (skip the step), else 0.0. Reading it on the host would be a sync.
+        """
+        values = {**self._ok, **{n: torch.isfinite(v.detach()).all() for n, v in grad_norms.items()}}
+        self._ok = {}
+        names = list(values)
+        device = values[names[0]].device if names else torch.device("cpu")
+        stop = torch.full((1,), float(self.stop_signal is not None), device=device)
+        # (n + 1,): 1 where something is wrong on this process, then the stop flag; summed over processes.
+        bad = torch.cat([(~torch.stack([values[n] for n in names])).float(), stop]) if names else stop
+        if not self._single:
+            bad = self.accelerator.reduce(bad, "sum")
+        found_inf = (bad[:-1].sum() > 0).float()
+        if self._counters is None:
+            self._counters = torch.zeros(5, device=device)
+        skipped, run, longest, stopped_, last = self._counters.unbind()
+        run = (run + 1) * found_inf  # back to 0 on an applied step
+        self._counters = torch.stack([skipped + found_inf, run, torch.maximum(longest, run),
+                                      torch.maximum(stopped_, (bad[-1] > 0).float()),
+                                      torch.where(found_inf > 0, float(step), last)])
+        for name, flag in zip(names, bad[:-1].unbind()):
+            hit = (flag > 0).float()
+            self._culprits[name] = self._culprits[name] + hit if name in self._culprits else hit
+        if self._first_step is None:
+            self._first_step = step
+        return found_inf
+
+    def sync(self, step: int) -> int:
+        """Read the counters since the last sync (the one host read); log and reset them.
+
+        Returns:
+            The number of steps skipped since the last sync.
 
         Raises:
-            TrainingDiverged: ``max_consecutive`` steps in a row were skipped.
+            TrainingDiverged: ``max_consecutive`` or more steps in a row were skipped.
         """
-        names = list(self._ok) + list(grad_norms)
-        flags = [self._ok[n] for n in self._ok] + [torch.isfinite(v.detach()).all() for v in grad_norms.values()]
-        device = flags[0].device if flags else torch.device("cpu")
-        stop = (torch.ones if self.stop_signal is not None else torch.zeros)(1, dtype=torch.bool, device=device)
-        # (n + 1,) with 1 where something is wrong on this process; summed over processes.
-        bad = torch.cat([~torch.stack(flags), stop]) if flags else stop
-        bad = bad.float()
-        if self.accelerator is not None and self.accelerator.num_processes > 1:
-            bad = self.accelerator.reduce(bad, "sum")
-        *bad_parts, stop_count = bad.tolist()  # the one host sync of the step
-        self._ok = {}
-        self.stop_agreed = self.stop_agreed or stop_count > 0
-        failed = [n for n, b in zip(names, bad_parts) if b > 0]
-        self.applied = not failed
-        if not failed:
-            self.consecutive = 0
-            return True
-        self.consecutive += 1
-        overflow_only = self.fp16_scaler and all(n.startswith("grad_norm/") for n in failed)
+        if self._counters is None:
+            return 0
+        names = list(self._culprits)
+        values = torch.cat([self._counters, torch.stack([self._culprits[n] for n in names])]) if names else self._counters
+        skipped, run, longest, stop, last, *counts = values.tolist()  # the host read
+        first = self._first_step
+        self._counters = torch.stack([torch.zeros_like(self._counters[0]), self._counters[1], self._counters[1],
+                                      torch.zeros_like(self._counters[0]), torch.full_like(self._counters[0], -1)])
+        self._culprits, self._first_step = {}, None
+        self.consecutive = int(run)
+        self.stop_agreed = self.stop_agreed or stop > 0
+        if not skipped:
+            return 0
+        failed = [f"{n} ({int(c)}x)" for n, c in zip(names, counts) if c > 0]
+        overflow_only = self.fp16_scaler and all(n.startswith("grad_norm/") for n, c in zip(names, counts) if c > 0)
         logger.log(
             logging.INFO if overflow_only else logging.WARNING,
-            "Step %d skipped for both players: non-finite %s (%d in a row)%s.",
-            step, ", ".join(failed), self.consecutive,
+            "%s: %d optimizer step(s) skipped for both players (the last at step %d), non-finite %s; "
+            "at most %d in a row%s.", f"Step {step}" if first == step else f"Steps {first}-{step}", int(skipped),
+            int(last), ", ".join(failed), int(longest),
             "; fp16 gradient overflow, the loss scale is lowered" if overflow_only else "",
         )
-        if self.consecutive >= self.max_consecutive:
+        if longest >= self.max_consecutive:
             raise TrainingDiverged(
-                f"Training stopped at step {step}: {self.consecutive} optimizer steps in a row had non-finite "
-                f"values ({', '.join(failed)} in the last one), so the run has diverged. Those steps changed no "
-                "weight, and no checkpoint was written after them: the newest one under <output-dir>/checkpoints "
-                "is the last good state. Lower optim_g.lr/optim_d.lr, keep grad_clip on, prefer bf16 to fp16, "
+                f"Training stopped at step {step}: {int(longest)} optimizer steps in a row had non-finite values "
+                f"({', '.join(failed)} since step {first}), so the run has diverged. Those steps changed no "
+                "weight and the weights are not saved now, so the newest checkpoint under <output-dir>/checkpoints "
+                "holds the last good weights. Lower optim_g.lr/optim_d.lr, keep grad_clip on, prefer bf16 to fp16, "
                 "check the data, then resume with --resume latest (or an earlier checkpoint). "
                 "train.max_nonfinite_steps sets how many skipped steps in a row are tolerated."
             )
-        return False
+        return int(skipped)
 
 
 @dataclass
@@ -211,8 +259,9 @@ class GracefulStop:
             os.kill(os.getpid(), signum)
             return
         self.signum = signum
-        logger.warning("Received %s: a checkpoint is written at the end of the current step, then training "
-                       "exits (send it again to stop immediately).", signal.Signals(signum).name)
+        logger.warning("Received %s: a checkpoint is written at the end of the current step (with several "
+                       "processes: at the next log interval, where they agree), then training exits (send it "
+                       "again to stop immediately).", signal.Signals(signum).name)
         if self.on_signal is not None:
             self.on_signal(signum)
 

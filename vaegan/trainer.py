@@ -10,9 +10,10 @@ Schedule of one micro-batch (one entry into ``accelerator.accumulate(generator, 
    (no gradient to synchronise, so no DDP bookkeeping), the generator's terms are summed with their
    scheduled weights.
 4. **At the accumulation boundary, one update of both players**: gradients are unscaled once (fp16)
-   and clipped; one fused finiteness check of the losses, the batch and both gradient norms (one host
-   sync, agreed by all processes; :class:`~vaegan.guards.StepGuard`) decides whether both optimizers
-   and schedulers step, and then the EMA, or neither does (a NaN/inf step is skipped and counted).
+   and clipped; one fused finiteness check of the losses, the batch and both gradient norms (agreed by
+   all processes; :class:`~vaegan.guards.StepGuard`) yields a device flag ``found_inf`` that the fused
+   optimizers and the EMA read on the device: a NaN/inf step changes no weight for either player, with
+   no host sync. Skipped steps are counted by the host at the log intervals.
 
 Both gradients are computed at the same weights: the generator's adversarial gradient comes from the
 discriminator as it was before this step's update (the order "generator step, then discriminator step
@@ -62,24 +63,28 @@ __all__ = ["Player", "TrainState", "Trainer"]
 logger = logging.getLogger(__name__)
 
 
-def ema_with_warmup(decay: float):
+class WarmupEMA:
     """An EMA update for ``AveragedModel(multi_avg_fn=...)`` whose decay warms up as
-    ``min(decay, (1 + n) / (10 + n))`` after n updates (as timm and diffusers do).
+    ``min(decay, (1 + n) / (10 + n))`` after n optimizer steps (as timm and diffusers do).
 
     A fixed 0.999 would keep ~70% of the random initial weights after 374 steps; the warm-up makes
-    the EMA useful from the first epoch. The decay stays a device tensor: no host sync per step.
+    the EMA useful from the first epoch. Set :attr:`skip` to the step guard's ``found_inf`` before each
+    update: a skipped step then leaves the EMA exactly as it was. Everything stays on the device.
 
     Example:
-        >>> ema = AveragedModel(nn.Linear(2, 2), multi_avg_fn=ema_with_warmup(0.999))  # doctest: +SKIP
+        >>> ema = AveragedModel(nn.Linear(2, 2), multi_avg_fn=WarmupEMA(0.999))  # doctest: +SKIP
     """
 
-    def update(ema_params: List[Tensor], params: List[Tensor], num_averaged: Tensor) -> None:
-        n = num_averaged.to(ema_params[0].device, torch.float32)
-        d = torch.clamp((1.0 + n) / (10.0 + n), max=decay)
-        torch._foreach_mul_(ema_params, d)
-        torch._foreach_add_(ema_params, torch._foreach_mul(params, 1.0 - d))
+    def __init__(self, decay: float) -> None:
+        self.decay = decay
+        self.skip: Optional[Tensor] = None  # 0-dim, 1.0 when this step was skipped
 
-    return update
+    def __call__(self, ema_params: List[Tensor], params: List[Tensor], num_averaged: Tensor) -> None:
+        n = num_averaged.to(ema_params[0].device, torch.float32)
+        d = torch.clamp((1.0 + n) / (10.0 + n), max=self.decay)
+        if self.skip is not None:
+            d = torch.where(self.skip > 0, 1.0, d)  # lerp by 0: the EMA weights stay bit for bit
+        torch._foreach_lerp_(ema_params, params, 1.0 - d)
 
 
 def default_precision(requested: Optional[str]) -> Optional[str]:
@@ -122,6 +127,20 @@ class TrainState:
     batch_in_epoch: int = 0  # micro-batches of the current epoch already consumed
     images_seen: int = 0  # across all processes
     skipped_steps: int = 0  # steps skipped for both players because a value was NaN/inf
+
+
+def _step_unless(opt: torch.optim.Optimizer, found_inf: Tensor) -> None:
+    """``opt.step()`` unless ``found_inf`` (0-dim device tensor) is 1.
+
+    A fused optimizer reads ``found_inf`` in its kernel and skips the update and its step count on the
+    device (the contract GradScaler uses), so the host never waits. An optimizer without a fused kernel
+    for this device has no such input: there one host read decides.
+    """
+    if opt.defaults.get("fused"):
+        opt.found_inf = found_inf
+        opt.step()
+    elif not bool(found_inf):
+        opt.step()
 
 
 def _optimizer(params, cfg: OptimConfig, total_steps: int):
@@ -230,7 +249,8 @@ class Trainer:
         self.model: VAE = acc.unwrap_model(self.gen).net
         self.ema = None
         if tc.ema_decay is not None:
-            self.ema = AveragedModel(self.model, multi_avg_fn=ema_with_warmup(tc.ema_decay), use_buffers=True)
+            self._ema_update = WarmupEMA(tc.ema_decay)
+            self.ema = AveragedModel(self.model, multi_avg_fn=self._ema_update, use_buffers=True)
         if tc.compile:  # in place, after the EMA copy: state_dict keys and checkpoints stay as they are
             self.model.compile(backend=tc.compile)
             if self.has_disc:
@@ -239,10 +259,10 @@ class Trainer:
         self.checkpoints = CheckpointManager(self.output_dir, tc.checkpoints_total_limit)
         self.guard = StepGuard(tc.max_nonfinite_steps, acc, fp16_scaler=acc.scaler is not None)
         self.collapse = CollapseMonitor()
-        self._pending: List[Tuple[str, Tensor]] = []  # this step's metrics, recorded once it is applied
+        self._pending: List[Tuple[str, Tensor]] = []  # this step's metrics, recorded unless it is skipped
         self.history: List[Dict[str, float]] = []
-        self._sums: Dict[str, Tensor] = {}
-        self._counts: Dict[str, int] = {}
+        self._sums: Dict[str, Tensor] = {}  # key -> sum over applied steps (device)
+        self._counts: Dict[str, Tensor] = {}  # key -> applied steps recorded (device)
         self.tracking = Tracking(acc, tc.project, self.output_dir)  # W&B / TensorBoard; never stops training
         self._eval: Optional[EvalResources] = None
         self._last_eval, self._last_results = -1, {}
@@ -284,7 +304,10 @@ class Trainer:
         self.guard.watch("g loss", g_loss)
         self._record_parts("g", g_loss, g_parts)
         if self.accelerator.sync_gradients:  # the accumulation boundary
-            self._update(d_active)
+            found_inf = self._update(d_active)
+            if self.ema is not None:
+                self._ema_update.skip = found_inf
+                self.ema.update_parameters(self.model)
 
     def discriminator_backward(self, x: Tensor, out: VAEOutput) -> Tuple[Tensor, Dict[str, Tensor], TermInputs]:
         """Backward of the discriminator's loss on real ``x`` and the detached reconstructions."""
@@ -313,28 +336,27 @@ class Trainer:
                 self.disc_net.requires_grad_(True)
         return loss, parts
 
-    def _update(self, d_active: bool) -> None:
-        """Clip both players, then step both (optimizers, schedulers) or, if anything is NaN/inf, neither."""
+    def _update(self, d_active: bool) -> Tensor:
+        """Clip both players, then apply both updates or, if anything is NaN/inf, neither; returns the
+        guard's ``found_inf`` (device tensor, 1.0 for a skipped step)."""
         acc = self.accelerator
         sides = [("d", self.disc, self.d_opt, self.d_sched, self.config.optim_d)] if d_active else []
         sides.append(("g", self.gen, self.g_opt, self.g_sched, self.config.optim_g))
         acc.unscale_gradients()  # fp16: once for both optimizers (a second unscale raises); else a no-op
         norms = {f"grad_norm/{side}": self._clip(player, cfg) for side, player, _, _, cfg in sides}
-        if self.guard.check(norms, self.state.step + 1):  # the one host sync of the step
-            for key, value in [*self._pending, *norms.items()]:
-                self._record(key, value)
-            for _, _, opt, sched, _ in sides:
-                # With a scaler the gradients are already unscaled and known finite; AcceleratedOptimizer.step
-                # would update the scaler between the players and unscale the second one again.
-                (opt.optimizer if acc.scaler is not None else opt).step()
-                sched.step()
-        else:
-            self.state.skipped_steps += 1
+        found_inf = self.guard.check(norms, self.state.step + 1)  # device flag, agreed by all processes
+        keep = 1.0 - found_inf
+        for key, value in [*self._pending, *norms.items()]:
+            self._record(key, value, keep)
+        for _, _, opt, sched, _ in sides:
+            _step_unless(opt.optimizer, found_inf)  # the gradients are unscaled (fp16) and clipped already
+            sched.step()  # schedules count optimizer steps, skipped ones included (the host cannot know)
         if acc.scaler is not None:
-            acc.scaler.update()  # once per step; lowers the loss scale after an overflow
+            acc.scaler.update()  # once per step, on the device; lowers the loss scale after an overflow
         self._pending = []
         for _, _, opt, _, _ in sides:
             opt.zero_grad(set_to_none=True)
+        return found_inf
 
     def _clip(self, player: nn.Module, cfg: OptimConfig) -> Tensor:
         max_norm = float("inf") if cfg.grad_clip is None else cfg.grad_clip  # inf: still report the norm
@@ -343,13 +365,14 @@ class Trainer:
         return self.accelerator.clip_grad_norm_(player.parameters(), max_norm)
 
     # ---- metrics (device tensors; the host syncs only at log intervals) ------------------------
-    def _record(self, key: str, value: Tensor) -> None:
-        v = value.detach().float().reshape(())
+    def _record(self, key: str, value: Tensor, keep: Tensor) -> None:
+        # keep: 1.0 for an applied step, 0.0 for a skipped one, whose (maybe NaN) values are left out.
+        v = torch.where(keep > 0, value.detach().float().reshape(()), 0.0)
         self._sums[key] = self._sums[key] + v if key in self._sums else v
-        self._counts[key] = self._counts.get(key, 0) + 1
+        self._counts[key] = self._counts[key] + keep if key in self._counts else keep
 
     def _record_parts(self, side: str, total: Tensor, parts: Dict[str, Tensor], inputs: Optional[TermInputs] = None) -> None:
-        # Staged in self._pending; _update records them only if the step is applied.
+        # Staged in self._pending; _update records them masked by the guard's verdict.
         self._pending += [(f"{side}/total", total.detach()), *((f"{side}/{k}", v.detach()) for k, v in parts.items())]
         if inputs is not None:  # mean discriminator logits and accuracy (logit > 0 means "real")
             for which, out in inputs.computed().items():
@@ -361,9 +384,11 @@ class Trainer:
     def _flush_metrics(self, seconds: float, images: int) -> Dict[str, float]:
         keys = sorted(self._sums)
         sums = torch.stack([self._sums[k] for k in keys]) if keys else torch.zeros(0)
-        means = sums / torch.tensor([self._counts[k] for k in keys], dtype=sums.dtype, device=sums.device)
-        means = self.accelerator.reduce(means.to(self.accelerator.device), "mean")  # average over ranks
-        metrics = {k: float(v) for k, v in zip(keys, means.tolist())}
+        counts = torch.stack([self._counts[k] for k in keys]) if keys else torch.zeros(0)
+        # Every process applies or skips the same steps, so the counts agree and a mean of means is exact.
+        means = self.accelerator.reduce((sums / counts).to(self.accelerator.device), "mean")
+        # A key whose every step was skipped is 0/0 = NaN: left out (a NaN never reaches metrics.jsonl).
+        metrics = {k: float(v) for k, v in zip(keys, means.tolist()) if math.isfinite(v)}
         for key in self.objective.schedules:
             metrics[f"weight/{key}"] = self.objective.weight(key, self.state.step)
         metrics["lr/g"] = self.g_sched.get_last_lr()[0]
@@ -417,15 +442,14 @@ class Trainer:
                     self._micro_step(x)
                 self.state.batch_in_epoch += 1
                 self.state.images_seen += x.shape[0] * acc.num_processes
-                if not (acc.sync_gradients and self.guard.applied):  # mid-accumulation, or a skipped step
+                if not acc.sync_gradients:  # mid-accumulation
                     self._stop_if_asked(last_saved)
                     continue
-                self.state.step += 1
-                if self.ema is not None:
-                    self.ema.update_parameters(self.model)
+                self.state.step += 1  # an optimizer step, applied or (NaN/inf) skipped: only the device knows yet
                 bar.update(1)
                 step = self.state.step
                 if step % tc.log_every == 0 or step == self.total_steps:
+                    self._sync_guard()  # the host reads the guard's counters here, not at every step
                     metrics = self._flush_metrics(time.perf_counter() - t0, self.state.images_seen - images0)
                     metrics["skipped_steps"] = self.state.skipped_steps
                     if acc.is_main_process:
@@ -451,6 +475,10 @@ class Trainer:
         if last_saved != self.state.step:
             self.save_checkpoint()
         return self._finish()
+
+    def _sync_guard(self) -> None:
+        """Count the skipped steps since the last sync (raises TrainingDiverged after too many in a row)."""
+        self.state.skipped_steps += self.guard.sync(self.state.step)
 
     def _stop_if_asked(self, last_saved: int) -> None:
         if self.guard.stop_agreed:  # SIGINT/SIGTERM reached some process: checkpoint this step, then exit
@@ -498,6 +526,7 @@ class Trainer:
         ``<output_dir>/eval.jsonl``. Every process must call this (the metric states are reduced).
         """
         ec = self.config.eval
+        self._sync_guard()  # no evaluation of a diverged run
         if self._eval is None:
             self._eval = prepare_evaluation(self.config.data, self.model.config, ec, accelerator=self.accelerator)
         model = self.ema_model if ec.ema else self.model
@@ -550,8 +579,10 @@ class Trainer:
         """Save a complete, resumable checkpoint (every process must call this).
 
         Raises:
-            TrainingDiverged: the weights are not finite (the existing checkpoints are kept).
+            TrainingDiverged: too many skipped steps in a row, or the weights are not finite (the existing
+                checkpoints are kept).
         """
+        self._sync_guard()  # the saved counters include every skipped step
         if not all_finite([self.gen, self.disc if self.has_disc else None, self.ema]):
             raise TrainingDiverged(
                 f"Refusing to save step {self.state.step}: the weights contain NaN or inf. The checkpoints already "
