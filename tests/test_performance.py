@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 
 import vaegan
 from vaegan.data import TensorImages
-from vaegan.trainer import WarmupEMA, _step_unless, default_precision
+from vaegan.optim import WarmupEMA, default_precision, step_unless
 
 from conftest import tiny_config
 
@@ -60,7 +60,7 @@ def test_a_skipped_update_changes_nothing_and_an_applied_one_steps(fused):
     def step(found_inf: float):
         net(torch.randn(8, 4)).square().mean().backward()
         before = [p.detach().clone() for p in net.parameters()]
-        _step_unless(opt, torch.tensor(found_inf))
+        step_unless(opt, torch.tensor(found_inf))
         opt.zero_grad(set_to_none=True)
         return before, [int(s["step"]) for s in opt.state.values()]
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import math
 from pathlib import Path
-from typing import Optional, Sequence, Tuple, Union
+from typing import Dict, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -29,7 +29,7 @@ from .model import CONFIG_NAME, VAE
 __all__ = [
     "OUTPUT_SUFFIXES", "check_output", "resolve_model_dir", "load_model", "trained_data_config",
     "to_uint8", "sample", "reconstruct", "interpolate", "save_images", "save_reconstructions",
-    "save_interpolations", "load_dataset",
+    "save_interpolations", "load_dataset", "preview_grids",
 ]
 
 logger = logging.getLogger(__name__)
@@ -229,6 +229,39 @@ def interpolate(model: VAE, num_pairs: int = 4, steps: int = 8, seed: int = 0, d
     strips = model.interpolate(x[0::2], x[1::2], steps=steps)  # (P, steps, C, H, W)
     ends = torch.stack([x[0::2], x[1::2]], dim=1)  # (P, 2, C, H, W)
     return to_uint8(strips, model.value_range), to_uint8(ends, model.value_range)
+
+
+@torch.no_grad()
+def preview_grids(model: VAE, real: Tensor, noise: Tensor) -> Dict[str, Tensor]:
+    """The trainer's preview panels as image grids: real | reconstruction pairs, decoded ``noise`` and
+    interpolation strips between real images (whose ends are the real images).
+
+    Args:
+        model: The generator (put in eval mode while drawing, then back).
+        real: (N, C, H, W) images in the model's value range, on the model's device.
+        noise: (M, latent_dim) prior latents.
+
+    Returns:
+        ``{"reconstructions", "samples", "interpolations"}`` -> (3, H', W') float grids in [0, 1], the
+        format of ``torchvision.utils.save_image`` and the trackers (no interpolations when N < 2).
+    """
+    from torchvision.utils import make_grid
+
+    was_training = model.training
+    model.eval()
+    recon = model.reconstruct(real)
+    panels = {  # name -> (images, images per row)
+        "reconstructions": (torch.stack([real, recon], dim=1).flatten(0, 1), 16),  # (2N, C, H, W): real, recon, ...
+        "samples": (model.decode(noise), 8),  # (M, C, H, W)
+    }
+    k = min(8, real.shape[0] // 2)  # strips between real images i and k + i
+    if k:
+        strip = model.interpolate(real[:k], real[k:2 * k], steps=8)  # (k, 8, C, H, W)
+        rows = torch.cat([real[:k, None], strip, real[k:2 * k, None]], dim=1)  # (k, 10, C, H, W): ends are real
+        panels["interpolations"] = (rows.flatten(0, 1), rows.shape[1])
+    model.train(was_training)
+    return {key: make_grid(images.float(), nrow=nrow, normalize=True, value_range=model.value_range)
+            for key, (images, nrow) in panels.items()}
 
 
 def _image(item) -> Tensor:

@@ -31,7 +31,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -48,58 +47,21 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from .checkpointing import CheckpointManager, find_checkpoint, read_counters, restore
+from .commands import preview_grids
 from .config import ExperimentConfig, OptimConfig, to_dict
 from .data import TensorImages, first_batch
-from .guards import CollapseMonitor, GracefulStop, StepGuard, all_finite, stopped
 from .errors import ConfigError, DataError, TrainingDiverged
+from .guards import CollapseMonitor, GracefulStop, StepGuard, all_finite, stopped
 from .evaluation import EvalResources, evaluate, prepare_evaluation
 from .model import VAE, VAEOutput
 from .objective import Objective, TermInputs
+from .optim import WarmupEMA, build_optimizer, default_precision, step_unless
 from .plots import write_loss_curves
 from .tracking import Tracking
 
 __all__ = ["Player", "TrainState", "Trainer"]
 
 logger = logging.getLogger(__name__)
-
-
-class WarmupEMA:
-    """An EMA update for ``AveragedModel(multi_avg_fn=...)`` whose decay warms up as
-    ``min(decay, (1 + n) / (10 + n))`` after n optimizer steps (as timm and diffusers do).
-
-    A fixed 0.999 would keep ~70% of the random initial weights after 374 steps; the warm-up makes
-    the EMA useful from the first epoch. Set :attr:`skip` to the step guard's ``found_inf`` before each
-    update: a skipped step then leaves the EMA exactly as it was. Everything stays on the device.
-
-    Example:
-        >>> ema = AveragedModel(nn.Linear(2, 2), multi_avg_fn=WarmupEMA(0.999))  # doctest: +SKIP
-    """
-
-    def __init__(self, decay: float) -> None:
-        self.decay = decay
-        self.skip: Optional[Tensor] = None  # 0-dim, 1.0 when this step was skipped
-
-    def __call__(self, ema_params: List[Tensor], params: List[Tensor], num_averaged: Tensor) -> None:
-        n = num_averaged.to(ema_params[0].device, torch.float32)
-        d = torch.clamp((1.0 + n) / (10.0 + n), max=self.decay)
-        if self.skip is not None:
-            d = torch.where(self.skip > 0, 1.0, d)  # lerp by 0: the EMA weights stay bit for bit
-        torch._foreach_lerp_(ema_params, params, 1.0 - d)
-
-
-def default_precision(requested: Optional[str]) -> Optional[str]:
-    """``requested`` if set; else what ``accelerate launch``/``accelerate config`` set (None lets
-    Accelerate read it); else bf16 on a GPU that supports it, and fp32 otherwise.
-
-    Example:
-        >>> default_precision("no")
-        'no'
-    """
-    if requested is not None or os.environ.get("ACCELERATE_MIXED_PRECISION"):
-        return requested
-    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
-        return "bf16"  # same range as fp32, no loss scaling; about 2x the conv/matmul throughput
-    return None
 
 
 class Player(nn.Module):
@@ -122,44 +84,11 @@ class Player(nn.Module):
 class TrainState:
     """Counters that, with the weights, optimizers and RNG, make a resume exact."""
 
-    step: int = 0  # optimizer updates done
+    step: int = 0  # optimizer steps taken (one skipped for NaN/inf included: it changed no weight)
     epoch: int = 0
     batch_in_epoch: int = 0  # micro-batches of the current epoch already consumed
     images_seen: int = 0  # across all processes
     skipped_steps: int = 0  # steps skipped for both players because a value was NaN/inf
-
-
-def _step_unless(opt: torch.optim.Optimizer, found_inf: Tensor) -> None:
-    """``opt.step()`` unless ``found_inf`` (0-dim device tensor) is 1.
-
-    A fused optimizer reads ``found_inf`` in its kernel and skips the update and its step count on the
-    device (the contract GradScaler uses), so the host never waits. An optimizer without a fused kernel
-    for this device has no such input: there one host read decides.
-    """
-    if opt.defaults.get("fused"):
-        opt.found_inf = found_inf
-        opt.step()
-    elif not bool(found_inf):
-        opt.step()
-
-
-def _optimizer(params, cfg: OptimConfig, total_steps: int):
-    params = [p for p in params if p.requires_grad]
-    kwargs = dict(lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
-    try:  # fused: one kernel for the whole update (CPU and CUDA); measured 3x faster than foreach on CPU
-        opt = torch.optim.AdamW(params, fused=True, **kwargs)
-    except RuntimeError:  # a device without a fused kernel: one kernel per parameter group
-        opt = torch.optim.AdamW(params, foreach=True, **kwargs)
-
-    def factor(step: int) -> float:
-        if step < cfg.warmup_steps:
-            return (step + 1) / cfg.warmup_steps
-        if cfg.decay == "cosine":
-            progress = (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps)
-            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-        return 1.0
-
-    return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
 class Trainer:
@@ -227,7 +156,7 @@ class Trainer:
             if discriminator is not None:
                 discriminator = discriminator.to(memory_format=torch.channels_last)
         gen = Player(model, objective.generator_terms)
-        g_opt, g_sched = _optimizer(gen.parameters(), config.optim_g, self.total_steps)
+        g_opt, g_sched = build_optimizer(gen.parameters(), config.optim_g, self.total_steps)
         self.objective = objective
         self.has_disc = discriminator is not None
         if self.has_disc:
@@ -235,7 +164,7 @@ class Trainer:
                 # BatchNorm statistics would otherwise differ per rank (SyncBatchNorm needs a GPU).
                 discriminator = nn.SyncBatchNorm.convert_sync_batchnorm(discriminator)
             disc = Player(discriminator, objective.discriminator_terms)
-            d_opt, d_sched = _optimizer(disc.parameters(), config.optim_d, self.total_steps)
+            d_opt, d_sched = build_optimizer(disc.parameters(), config.optim_d, self.total_steps)
             (self.gen, self.disc, self.g_opt, self.d_opt, self.g_sched, self.d_sched, self.loader) = acc.prepare(
                 gen, disc, g_opt, d_opt, g_sched, d_sched, loader)
             self.disc_net: nn.Module = acc.unwrap_model(self.disc).net
@@ -349,7 +278,7 @@ class Trainer:
         for key, value in [*self._pending, *norms.items()]:
             self._record(key, value, keep)
         for _, _, opt, sched, _ in sides:
-            _step_unless(opt.optimizer, found_inf)  # the gradients are unscaled (fp16) and clipped already
+            step_unless(opt.optimizer, found_inf)  # the gradients are unscaled (fp16) and clipped already
             sched.step()  # schedules count optimizer steps, skipped ones included (the host cannot know)
         if acc.scaler is not None:
             acc.scaler.update()  # once per step, on the device; lowers the loss scale after an overflow
@@ -543,31 +472,14 @@ class Trainer:
         return results
 
     # ---- images ------------------------------------------------------------------------------------
-    @torch.no_grad()
     def write_images(self, name: str) -> None:
         """Write real | reconstruction pairs, prior samples and interpolation strips of the EMA
         generator as ``samples/<name>_<panel>.png``, and log the same panels to the trackers."""
         if not self.accelerator.is_main_process:
             return
-        from torchvision.utils import make_grid, save_image
+        from torchvision.utils import save_image
 
-        model = self.ema_model
-        was_training = model.training
-        model.eval()
-        real = self._fixed_real  # (N, C, H, W)
-        recon = model.reconstruct(real)
-        panels = {  # name -> (images, images per row)
-            "reconstructions": (torch.stack([real, recon], dim=1).flatten(0, 1), 16),  # (2N, C, H, W): real, recon, ...
-            "samples": (model.decode(self._fixed_noise), 8),  # (N, C, H, W)
-        }
-        k = min(8, real.shape[0] // 2)  # strips between fixed real images i and k + i
-        if k:
-            strip = model.interpolate(real[:k], real[k:2 * k], steps=8)  # (k, 8, C, H, W)
-            rows = torch.cat([real[:k, None], strip, real[k:2 * k, None]], dim=1)  # (k, 10, C, H, W): ends are real
-            panels["interpolations"] = (rows.flatten(0, 1), rows.shape[1])
-        model.train(was_training)
-        grids = {key: make_grid(images.float(), nrow=nrow, normalize=True, value_range=model.value_range)
-                 for key, (images, nrow) in panels.items()}  # (3, H', W') in [0, 1]
+        grids = preview_grids(self.ema_model, self._fixed_real, self._fixed_noise)
         out = self.output_dir / "samples"
         out.mkdir(parents=True, exist_ok=True)
         for key, grid in grids.items():
