@@ -210,7 +210,7 @@ class TrainConfig:
 
     output_dir: str = "outputs/vaegan_mnist"
     epochs: int = 20
-    max_steps: Optional[int] = None  # stops early when reached (optimizer updates)
+    max_steps: Optional[int] = None  # stops early when reached (optimizer steps, NaN/inf-skipped ones included)
     batch_size: int = 64  # per process
     grad_accum: int = 1  # micro-batches per optimizer update
     seed: int = 0
