@@ -51,8 +51,8 @@ from .commands import preview_grids
 from .config import ExperimentConfig, OptimConfig, to_dict
 from .data import TensorImages, first_batch
 from .errors import ConfigError, DataError, TrainingDiverged
-from .guards import CollapseMonitor, GracefulStop, StepGuard, all_finite, stopped
 from .evaluation import EvalResources, evaluate, prepare_evaluation
+from .guards import CollapseMonitor, GracefulStop, StepGuard, all_finite, stopped
 from .model import VAE, VAEOutput
 from .objective import Objective, TermInputs
 from .optim import WarmupEMA, build_optimizer, default_precision, step_unless
