@@ -122,8 +122,10 @@ def test_wandb_offline_run_records_config_every_term_and_images(tiny, monkeypatc
     records = _wandb_records(next(runs[0].glob("run-*.wandb")))
 
     config = _wandb_config(records)
+    in_run_record = _wandb_config([r for r in records if r.WhichOneof("record_type") == "run"])
     for key, value in tracker_config(cfg, environ={}).items():
         assert config[key] == value, key  # the resolved config, flattened
+        assert in_run_record[key] == value, key  # in the run record itself, not only a later config update
 
     history = _wandb_history(records)
     rows = _metrics(out)

@@ -27,7 +27,7 @@ import logging
 import os
 import re
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional, Union
+from typing import Any, Callable, Dict, List, Mapping, Union
 
 import numpy as np
 import torch
@@ -162,16 +162,13 @@ class Tracking:
         """Names of the trackers that are running (empty on processes other than the main one)."""
         return [t.name for t in self.accelerator.trackers]
 
-    def init_kwargs(self, config: Optional[Mapping[str, Any]] = None) -> Dict[str, Dict[str, Any]]:
+    def init_kwargs(self, config: Mapping[str, Any]) -> Dict[str, Dict[str, Any]]:
         """Per-tracker keyword arguments for ``init_trackers`` (Accelerate's ``init_kwargs``)."""
         # Keep the run (the input of `wandb sync`) with the outputs unless WANDB_DIR says otherwise.
         # Always explicit: wandb reads WANDB_DIR once per process, so a later run would miss a change.
-        wandb = {"dir": os.environ.get("WANDB_DIR") or str(self.output_dir)}
-        if config is not None:
-            # Also in the run record itself: Accelerate stores the config with a later config.update, which
-            # offline runs have been seen to lose (wandb/wandb#7227; our W&B test failed that way once).
-            wandb["config"] = dict(config)
-        return {"wandb": wandb}
+        # The config also goes into the run record itself: Accelerate stores it with a later config.update,
+        # which offline runs have been seen to lose (wandb/wandb#7227; our W&B test failed that way once).
+        return {"wandb": {"dir": os.environ.get("WANDB_DIR") or str(self.output_dir), "config": dict(config)}}
 
     def start(self, config: ExperimentConfig) -> None:
         """Start the configured trackers and store the resolved config in them (main process only).
