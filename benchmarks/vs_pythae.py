@@ -16,6 +16,12 @@ vaegan VAE of the same architecture: same modules, so the numbers are comparable
     python benchmarks/vs_pythae.py --data-dir ../shared/data                 # 2 pythae epochs
     python benchmarks/vs_pythae.py --data-dir ../shared/data --pythae-epochs 5 --json out.json
     python benchmarks/vs_pythae.py --data-dir ../shared/data --set train.mixed_precision=bf16 train.channels_last=true
+
+``--speed-repeats N`` measures only images/s, N times in alternation (pythae one epoch on
+``--speed-images`` digits, then vaegan for the same wall time), and reports every ratio and their
+median: on a VM whose speed drifts by 10% between runs, one pair of runs cannot settle a ratio.
+
+    python benchmarks/vs_pythae.py --data-dir ../shared/data --speed-repeats 3 --set train.mixed_precision=bf16
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import statistics
 import sys
 import tempfile
 import time
@@ -134,6 +141,23 @@ def train_vaegan(args, seconds: float, out: Path):
     return vaegan.VAE.from_pretrained(final), wall, trainer.state.images_seen / wall
 
 
+def speed_only(args, train_images: torch.Tensor) -> int:
+    """Alternate pythae and vaegan ``args.speed_repeats`` times; print each images/s ratio and the median."""
+    args.pythae_epochs = 1
+    images = train_images[: args.speed_images]
+    ratios: List[float] = []
+    for r in range(args.speed_repeats):
+        with tempfile.TemporaryDirectory() as tmp:
+            _, wall, theirs = train_pythae(args, images, Path(tmp) / "pythae")
+            _, _, ours = train_vaegan(args, wall, Path(tmp) / "vaegan")
+        ratios.append(ours / theirs)
+        sys.stdout.write(f"repeat {r + 1}: pythae {theirs:.1f} images/s, vaegan {ours:.1f} images/s, "
+                         f"ratio {ratios[-1]:.2f}\n")
+    sys.stdout.write(f"median ratio {statistics.median(ratios):.2f} over {len(ratios)} pairs "
+                     f"(min {min(ratios):.2f}, max {max(ratios):.2f}; target >= 3)\n")
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-dir", required=True)
@@ -141,6 +165,8 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num-samples", type=int, default=10000)
     p.add_argument("--json", type=Path)
+    p.add_argument("--speed-repeats", type=int, default=0, help="only images/s, this many alternating pairs")
+    p.add_argument("--speed-images", type=int, default=6400, help="digits per pythae epoch in --speed-repeats")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                    help="vaegan config overrides, e.g. train.mixed_precision=bf16 train.channels_last=true")
     args = p.parse_args(argv)
@@ -148,6 +174,8 @@ def main(argv=None) -> int:
     model_cfg = ExperimentConfig().model
     train = build_dataset(DataConfig(root=args.data_dir, download=False), model_cfg)
     train_images = train[torch.arange(len(train))]  # (N, 1, 28, 28) floats in [0, 1], as pythae takes them
+    if args.speed_repeats:
+        return speed_only(args, train_images)
     ec = EvalConfig(num_samples=args.num_samples, nll_images=1000, nll_samples=100)
     data = DataConfig(root=args.data_dir, download=False)
     rows: Dict[str, Dict[str, object]] = {}
