@@ -8,10 +8,11 @@ import math
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from vaegan.config import ModelConfig
 from vaegan.errors import CheckpointError, ConfigError, DataError
-from vaegan.model import VAE, DiagonalGaussian
+from vaegan.model import VAE, DiagonalGaussian, GroupNorm
 
 ARCHS = ("conv", "mlp")
 SHAPES = ((1, 28, 28), (3, 32, 32), (1, 17, 23), (4, 64, 48))
@@ -373,3 +374,77 @@ def test_model_config_rejects_bad_architectures():
     with pytest.raises(ConfigError, match="image_size"):
         ModelConfig(image_size=(0, 28))
     assert math.prod(tiny_cfg(shape=(4, 64, 48)).image_shape) == 4 * 64 * 48
+
+
+# ---- memory layout -----------------------------------------------------------------------------------
+class _NormInputLayouts(TorchDispatchMode):
+    """Records the memory layout of every tensor that reaches aten.native_group_norm."""
+
+    def __enter__(self):
+        self.layouts = []
+        return super().__enter__()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten.native_group_norm.default:
+            self.layouts.append("nchw" if args[0].is_contiguous() else "nhwc")
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "aot_eager"])
+def test_group_norm_normalises_channels_last_input_in_nchw_and_hands_back_both_layouts(compiled):
+    """The channels_last plan: the norm computes in NCHW, returns NHWC, and gives its input's gradient
+    back in NHWC (no layer before it sees a mixed-layout backward); values equal nn.GroupNorm's."""
+    torch.manual_seed(0)
+    ours, ref = GroupNorm(4, 16), torch.nn.GroupNorm(4, 16)
+    with torch.no_grad():
+        ref.weight.normal_(), ref.bias.normal_()
+    ours.load_state_dict(ref.state_dict())  # the same parameters under the same keys
+    ours, ref = ours.bfloat16(), ref.bfloat16()
+    fn = torch.compile(ours, backend="aot_eager") if compiled else ours
+    x = torch.randn(2, 16, 5, 7, dtype=torch.bfloat16)
+    g = torch.randn(2, 16, 5, 7, dtype=torch.bfloat16)
+    x_cl = x.clone().contiguous(memory_format=torch.channels_last).requires_grad_()
+    x_ref = x.clone().requires_grad_()
+    h = x_cl * 1.0  # a non-leaf: a leaf's .grad is re-laid-out by autograd whatever arrives
+    arrived = []
+    h.register_hook(lambda grad: arrived.append(grad.is_contiguous(memory_format=torch.channels_last)
+                                                and not grad.is_contiguous()))
+    if compiled:
+        y = fn(h)
+    else:
+        with _NormInputLayouts() as seen:
+            y = fn(h)
+        assert seen.layouts == ["nchw"]  # the kernel ran on an NCHW copy, not on the NHWC input
+    y_ref = ref(x_ref)
+    assert y.is_contiguous(memory_format=torch.channels_last) and not y.is_contiguous()
+    torch.testing.assert_close(y, y_ref)
+    y.backward(g.contiguous(memory_format=torch.channels_last))
+    y_ref.backward(g)
+    assert arrived == [True]  # the gradient reached the layer before the norm in NHWC, like its input
+    torch.testing.assert_close(x_cl.grad, x_ref.grad)
+    torch.testing.assert_close(ours.weight.grad, ref.weight.grad)
+    torch.testing.assert_close(fn(x), y_ref.detach())  # NCHW input: the plain path
+    if not compiled:  # fp32 keeps PyTorch's NHWC kernel (faster than the switch in fp32)
+        with _NormInputLayouts() as seen:
+            GroupNorm(4, 16)(x.float().contiguous(memory_format=torch.channels_last))
+        assert seen.layouts == ["nhwc"]
+
+
+@pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16-autocast"])
+def test_channels_last_model_matches_nchw_model(bf16):
+    cfg = tiny_cfg(channels=(8, 16), res_blocks=1)
+    torch.manual_seed(0)
+    vae = VAE(cfg)
+    nhwc = VAE(cfg).to(memory_format=torch.channels_last)
+    nhwc.load_state_dict(vae.state_dict())
+    x = images((1, 28, 28))
+    outs = []
+    for model, inp in ((vae, x), (nhwc, x.contiguous(memory_format=torch.channels_last))):
+        torch.manual_seed(1)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            out = model(inp, num_prior=2).recon_logits
+        out.float().square().mean().backward()
+        outs.append((out.float(), model.encoder.features[0].weight.grad))
+    tol = dict(rtol=2e-2, atol=2e-2) if bf16 else dict(rtol=1e-4, atol=1e-5)
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b, **tol)

@@ -217,7 +217,7 @@ class TrainConfig:
     # None: as `accelerate launch` says; without it, bf16 on GPUs that support it, else fp32
     mixed_precision: Optional[Literal["no", "fp16", "bf16"]] = None
     tf32: bool = True  # TF32 for fp32 matmuls/convs on Ampere+ GPUs (no effect on CPUs)
-    channels_last: bool = False  # NHWC memory format for the conv nets (faster with GPU tensor cores)
+    channels_last: bool = False  # NHWC memory format for the conv nets (GPU tensor cores; bf16 on AMX CPUs)
     compile: Optional[Literal["inductor", "aot_eager", "eager"]] = None  # torch.compile backend; None: off
     ema_decay: Optional[float] = 0.999  # EMA of the generator for sampling; None disables it
     checkpoint_every: int = 1000  # steps; 0 disables periodic checkpoints

@@ -76,14 +76,52 @@ def _spatial_sizes(size: Tuple[int, int], levels: int) -> List[Tuple[int, int]]:
     return sizes  # type: ignore[return-value]
 
 
+class _Relayout(torch.autograd.Function):
+    """``x.contiguous(memory_format=to)`` whose backward gives the gradient back in ``back``.
+
+    A plain ``.contiguous()`` passes the gradient on in whatever layout it arrives, so the layers
+    before it would run their backward on operands of two layouts (``silu_backward`` measured 7x
+    slower on this CPU that way).
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, to: torch.memory_format, back: torch.memory_format) -> Tensor:  # type: ignore[override]
+        ctx.back = back
+        return x.contiguous(memory_format=to)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        return grad.contiguous(memory_format=ctx.back), None, None
+
+
+class GroupNorm(nn.GroupNorm):
+    """``nn.GroupNorm`` (same parameters and state_dict) that normalises bf16/fp16 channels_last
+    CPU input in NCHW.
+
+    With ``train.channels_last`` the convolutions and upsampling run in NHWC, which oneDNN's bf16
+    kernels want (a (128, 32, 28, 28) 3x3 conv: 2.8 ms NHWC vs 19.6 ms NCHW on an AMX CPU), but
+    PyTorch's CPU GroupNorm kernel is slow on channels_last bf16: forward + backward 44 ms, against
+    13 ms for a switch to NCHW and back around the NCHW kernel. So in bf16/fp16 on the CPU the norm
+    alone switches layout (docs/benchmarks.md has the end-to-end numbers). fp32 keeps the NHWC kernel
+    (12 ms against 23 ms with the switch), and CUDA's kernel computes on an NCHW copy by itself.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        if (x.dim() != 4 or x.device.type != "cpu" or x.dtype not in (torch.bfloat16, torch.float16)
+                or x.is_contiguous() or not x.is_contiguous(memory_format=torch.channels_last)):
+            return super().forward(x)
+        cl, nchw = torch.channels_last, torch.contiguous_format
+        return _Relayout.apply(super().forward(_Relayout.apply(x, nchw, cl)), cl, nchw)
+
+
 class ResBlock(nn.Module):
     """GroupNorm-SiLU-conv residual block (no batch statistics: safe under DDP and tiny batches)."""
 
     def __init__(self, channels: int, groups: int) -> None:
         super().__init__()
         self.body = nn.Sequential(
-            nn.GroupNorm(groups, channels), nn.SiLU(), nn.Conv2d(channels, channels, 3, padding=1),
-            nn.GroupNorm(groups, channels), nn.SiLU(), nn.Conv2d(channels, channels, 3, padding=1),
+            GroupNorm(groups, channels), nn.SiLU(), nn.Conv2d(channels, channels, 3, padding=1),
+            GroupNorm(groups, channels), nn.SiLU(), nn.Conv2d(channels, channels, 3, padding=1),
         )
 
     def forward(self, x: Tensor) -> Tensor:
@@ -98,7 +136,7 @@ class ConvEncoder(nn.Module):
         layers: List[nn.Module] = []
         c_in = cfg.image_channels
         for c in cfg.channels:
-            layers += [nn.Conv2d(c_in, c, 3, stride=2, padding=1), nn.GroupNorm(cfg.norm_groups, c), nn.SiLU()]
+            layers += [nn.Conv2d(c_in, c, 3, stride=2, padding=1), GroupNorm(cfg.norm_groups, c), nn.SiLU()]
             layers += [ResBlock(c, cfg.norm_groups) for _ in range(cfg.res_blocks)]
             c_in = c
         self.features = nn.Sequential(*layers)
@@ -127,7 +165,7 @@ class ConvDecoder(nn.Module):
         for i, c in enumerate(widths):
             c_out = widths[i + 1] if i + 1 < len(widths) else widths[-1]
             blocks: List[nn.Module] = [ResBlock(c, cfg.norm_groups) for _ in range(cfg.res_blocks)]
-            blocks += [nn.Conv2d(c, c_out, 3, padding=1), nn.GroupNorm(cfg.norm_groups, c_out), nn.SiLU()]
+            blocks += [nn.Conv2d(c, c_out, 3, padding=1), GroupNorm(cfg.norm_groups, c_out), nn.SiLU()]
             self.stages.append(nn.Sequential(*blocks))
         # The last layer: the adaptive GAN weight (plugins) measures gradient norms here.
         self.out = nn.Conv2d(widths[-1], cfg.image_channels, 3, padding=1)
