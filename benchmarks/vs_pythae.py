@@ -88,14 +88,14 @@ def _pythae_model(model_cfg):
     return VAEGAN(config, encoder=Encoder(), decoder=Decoder(), discriminator=Discriminator())
 
 
-def train_pythae(args, train_images: torch.Tensor, out: Path):
+def train_pythae(args, train_images: torch.Tensor, out: Path, epochs: int):
     from pythae.trainers import CoupledOptimizerAdversarialTrainer, CoupledOptimizerAdversarialTrainerConfig
 
     torch.manual_seed(args.seed)
     model_cfg = ExperimentConfig().model
     model = _pythae_model(model_cfg)
     cfg = CoupledOptimizerAdversarialTrainerConfig(
-        output_dir=str(out), num_epochs=args.pythae_epochs, per_device_train_batch_size=64,
+        output_dir=str(out), num_epochs=epochs, per_device_train_batch_size=64,
         encoder_learning_rate=1e-3, decoder_learning_rate=1e-3, discriminator_learning_rate=1e-3,
         no_cuda=not torch.cuda.is_available(), steps_saving=None, seed=args.seed)
     from pythae.data.datasets import BaseDataset
@@ -111,7 +111,7 @@ def train_pythae(args, train_images: torch.Tensor, out: Path):
     vae = vaegan.VAE(model_cfg)  # the same modules: copy the trained weights over
     vae.encoder.load_state_dict(model.encoder.net.state_dict())
     vae.decoder.load_state_dict(model.decoder.net.state_dict())
-    return vae, wall, args.pythae_epochs * len(train_images) / wall
+    return vae, wall, epochs * len(train_images) / wall
 
 
 class _Budgeted(vaegan.Trainer):
@@ -143,12 +143,11 @@ def train_vaegan(args, seconds: float, out: Path):
 
 def speed_only(args, train_images: torch.Tensor) -> int:
     """Alternate pythae and vaegan ``args.speed_repeats`` times; print each images/s ratio and the median."""
-    args.pythae_epochs = 1
     images = train_images[: args.speed_images]
     ratios: List[float] = []
     for r in range(args.speed_repeats):
         with tempfile.TemporaryDirectory() as tmp:
-            _, wall, theirs = train_pythae(args, images, Path(tmp) / "pythae")
+            _, wall, theirs = train_pythae(args, images, Path(tmp) / "pythae", epochs=1)
             _, _, ours = train_vaegan(args, wall, Path(tmp) / "vaegan")
         ratios.append(ours / theirs)
         sys.stdout.write(f"repeat {r + 1}: pythae {theirs:.1f} images/s, vaegan {ours:.1f} images/s, "
@@ -180,7 +179,7 @@ def main(argv=None) -> int:
     data = DataConfig(root=args.data_dir, download=False)
     rows: Dict[str, Dict[str, object]] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        pythae_vae, pythae_wall, pythae_ips = train_pythae(args, train_images, Path(tmp) / "pythae")
+        pythae_vae, pythae_wall, pythae_ips = train_pythae(args, train_images, Path(tmp) / "pythae", args.pythae_epochs)
         logging.info("pythae: %.0f s, %.1f images/s", pythae_wall, pythae_ips)
         ours, wall, ips = train_vaegan(args, pythae_wall, Path(tmp) / "vaegan")
         logging.info("vaegan: %.0f s, %.1f images/s", wall, ips)
