@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from torch.profiler import ProfilerActivity, profile, record_function, schedule
+from torch.profiler import ProfilerActivity, profile, schedule
 
 sys.path.insert(0, str(Path(__file__).parent))
 from throughput import _data  # noqa: E402  (the same synthetic MNIST-sized data)
@@ -28,17 +28,14 @@ from vaegan.config import ExperimentConfig, apply_overrides  # noqa: E402
 from vaegan.data import TensorImages  # noqa: E402
 
 
-class _Profiled(vaegan.Trainer):
-    """The trainer, stepping the profiler after every optimizer step."""
+class _StepProfiler(vaegan.Callback):
+    """Steps the profiler after every optimizer step (TrainStep.update is the range "vaegan/update")."""
 
-    profiler = None
+    def __init__(self, profiler) -> None:
+        self.profiler = profiler
 
-    def _update(self, d_active: bool) -> torch.Tensor:
-        with record_function("vaegan/update"):
-            found_inf = super()._update(d_active)
-        if self.profiler is not None:
-            self.profiler.step()
-        return found_inf
+    def on_step_end(self, trainer, output) -> None:
+        self.profiler.step()
 
 
 def main(argv=None) -> int:
@@ -57,14 +54,10 @@ def main(argv=None) -> int:
             f"train.max_steps={args.warmup + args.steps + 2}", "train.log_every=50", "train.sample_every=0",
             "train.checkpoint_every=0", "train.plot_loss_curves=false", f"train.mixed_precision={args.precision}",
             *args.set])
-        torch.manual_seed(0)
-        trainer = _Profiled(cfg, vaegan.build_model(cfg), vaegan.Objective.from_config(cfg),
-                            TensorImages(_data(args.batch * 40)), vaegan.build_discriminator(cfg))
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
         with profile(activities=activities, schedule=schedule(wait=0, warmup=args.warmup, active=args.steps, repeat=1),
                      record_shapes=False) as prof:
-            trainer.profiler = prof
-            trainer.fit()
+            vaegan.build_trainer(cfg, callbacks=[_StepProfiler(prof)], dataset=TensorImages(_data(args.batch * 40))).fit()
     sort = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
     sys.stdout.write(prof.key_averages().table(sort_by=sort, row_limit=args.rows) + "\n")
     if args.trace:

@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "vaegan_mnist.py"
 WEIGHT_FILES = ("model.safetensors", "model_1.safetensors", "ema.safetensors")
 # The recipe's VAE-GAN at half width: the soak is about faults, not image quality, and more steps fit.
-SMALL = ["model.channels=[16, 32]", "discriminator.options={channels: [16, 32]}"]
+SMALL = ["model.options.channels=[16, 32]", "discriminator.options={channels: [16, 32]}"]
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:

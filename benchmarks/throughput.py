@@ -52,10 +52,7 @@ def run_trainer(batch: int, steps: int, warmup: int, precision: str, out_dir: Pa
         "train.epochs=1000", f"train.log_every={log_every}", "train.sample_every=0", "train.checkpoint_every=0",
         "train.plot_loss_curves=false",
         f"train.mixed_precision={precision}", f"model.image_size=[{size}, {size}]", *overrides])
-    ds = TensorImages(_data(batch * 40, size))
-    torch.manual_seed(0)
-    trainer = vaegan.Trainer(cfg, vaegan.build_model(cfg), vaegan.Objective.from_config(cfg), ds,
-                             vaegan.build_discriminator(cfg))
+    trainer = vaegan.build_trainer(cfg, dataset=TensorImages(_data(batch * 40, size)))
     trainer.fit()
     rows = [r for r in trainer.history if r["step"] > warmup]
     ips = sum(r["images_per_sec"] for r in rows) / len(rows)
@@ -68,14 +65,14 @@ def run_bare(batch: int, steps: int, warmup: int, precision: str, size: int = 28
     from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
     from torch.utils.data import DataLoader
 
-    from vaegan import VAE, ModelConfig
+    from vaegan import ModelConfig, build_generator
     from vaegan.data import TensorImages
     from vaegan.discriminators import SimpleDiscriminator
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
     torch.manual_seed(0)
-    vae = VAE(ModelConfig(image_size=(size, size))).to(device)
+    vae = build_generator(ModelConfig(image_size=(size, size))).to(device)
     disc = SimpleDiscriminator((1, size, size)).to(device)
     g_opt = torch.optim.AdamW(vae.parameters(), lr=2e-4, betas=(0.5, 0.9), weight_decay=0.0, fused=True)
     d_opt = torch.optim.AdamW(disc.parameters(), lr=2e-4, betas=(0.5, 0.9), weight_decay=0.0, fused=True)

@@ -37,7 +37,6 @@ from pathlib import Path
 from typing import Dict, List
 
 import torch
-from accelerate.utils import set_seed
 
 import vaegan
 from vaegan.config import DataConfig, EvalConfig, ExperimentConfig, apply_overrides
@@ -46,10 +45,15 @@ from vaegan.discriminators import SimpleDiscriminator
 from vaegan.evaluation import evaluate
 from vaegan.model import ConvDecoder, ConvEncoder
 
-LATENT = ExperimentConfig().model.latent_dim
 
 
-def _pythae_model(model_cfg):
+def _conv_options(model_cfg) -> dict:
+    """The conv generator's resolved options (latent size, widths, depth): the nets both libraries train."""
+    opts = vaegan.build_generator(model_cfg).config.options
+    return {k: opts[k] for k in ("latent_dim", "channels", "res_blocks", "norm_groups")}
+
+
+def _pythae_model(model_cfg, opts: dict):
     from pythae.models import VAEGAN, VAEGANConfig
     from pythae.models.base.base_utils import ModelOutput
     from pythae.models.nn import BaseDecoder, BaseDiscriminator, BaseEncoder
@@ -66,7 +70,7 @@ def _pythae_model(model_cfg):
     class Decoder(BaseDecoder):
         def __init__(self):
             BaseDecoder.__init__(self)
-            self.net = ConvDecoder(model_cfg)
+            self.net = ConvDecoder(model_cfg.image_shape, **opts)
 
         def forward(self, z):
             return ModelOutput(reconstruction=torch.sigmoid(self.net(z)))
@@ -84,16 +88,17 @@ def _pythae_model(model_cfg):
                 result[f"embedding_layer_{level}"] = out.features[level - 1] if level <= len(out.features) else out.logits
             return result
 
-    config = VAEGANConfig(input_dim=model_cfg.image_shape, latent_dim=model_cfg.latent_dim, reconstruction_layer=2)
+    config = VAEGANConfig(input_dim=model_cfg.image_shape, latent_dim=opts["latent_dim"], reconstruction_layer=2)
     return VAEGAN(config, encoder=Encoder(), decoder=Decoder(), discriminator=Discriminator())
 
 
 def train_pythae(args, train_images: torch.Tensor, out: Path, epochs: int):
     from pythae.trainers import CoupledOptimizerAdversarialTrainer, CoupledOptimizerAdversarialTrainerConfig
 
-    torch.manual_seed(args.seed)
     model_cfg = ExperimentConfig().model
-    model = _pythae_model(model_cfg)
+    opts = _conv_options(model_cfg)
+    torch.manual_seed(args.seed)
+    model = _pythae_model(model_cfg, opts)
     cfg = CoupledOptimizerAdversarialTrainerConfig(
         output_dir=str(out), num_epochs=epochs, per_device_train_batch_size=64,
         encoder_learning_rate=1e-3, decoder_learning_rate=1e-3, discriminator_learning_rate=1e-3,
@@ -108,22 +113,21 @@ def train_pythae(args, train_images: torch.Tensor, out: Path, epochs: int):
     t0 = time.perf_counter()
     trainer.train()
     wall = time.perf_counter() - t0
-    vae = vaegan.VAE(model_cfg)  # the same modules: copy the trained weights over
+    vae = vaegan.build_generator(model_cfg)  # the same modules: copy the trained weights over
     vae.encoder.load_state_dict(model.encoder.net.state_dict())
     vae.decoder.load_state_dict(model.decoder.net.state_dict())
     return vae, wall, epochs * len(train_images) / wall
 
 
-class _Budgeted(vaegan.Trainer):
-    """vaegan's trainer, ending (normally: final/ is written) once ``deadline`` has passed."""
+class _Budget(vaegan.Callback):
+    """Ends training (normally: final/ is written) after the first step that ends past ``deadline``."""
 
-    deadline = float("inf")
+    def __init__(self, deadline: float) -> None:
+        self.deadline = deadline
 
-    def _update(self, d_active: bool) -> torch.Tensor:
-        found_inf = super()._update(d_active)
+    def on_step_end(self, trainer, output) -> None:
         if time.perf_counter() > self.deadline:
-            self.total_steps = self.state.step + 1  # the loop ends after this step
-        return found_inf
+            trainer.stop()
 
 
 def train_vaegan(args, seconds: float, out: Path):
@@ -131,11 +135,10 @@ def train_vaegan(args, seconds: float, out: Path):
         f"data.root={args.data_dir}", "data.download=false", f"train.output_dir={out}", "train.epochs=1000",
         f"train.seed={args.seed}", "train.checkpoint_every=0", "train.sample_every=0", "train.log_every=100",
         "train.plot_loss_curves=false", *args.set])
-    set_seed(cfg.train.seed)  # as vaegan.build_trainer does
-    trainer = _Budgeted(cfg, vaegan.build_model(cfg), vaegan.Objective.from_config(cfg),
-                        build_dataset(cfg.data, cfg.model), vaegan.build_discriminator(cfg))
+    budget = _Budget(float("inf"))
+    trainer = vaegan.build_trainer(cfg, callbacks=[budget])
     t0 = time.perf_counter()
-    trainer.deadline = t0 + seconds
+    budget.deadline = t0 + seconds
     final = trainer.fit()
     wall = time.perf_counter() - t0
     return vaegan.VAE.from_pretrained(final), wall, trainer.state.images_seen / wall

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor
 
-from vaegan.objective import AdversarialLoss
+from vaegan.api import AdversarialLoss
 
 __all__ = ["Hinge", "LeastSquares"]
 

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from vaegan.errors import ConfigError
-from vaegan.objective import LossTerm, Player, TermInputs
+from vaegan.api import LossTerm, Player, TermInputs
 
 __all__ = ["FeatureMatching"]
 

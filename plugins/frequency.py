@@ -25,7 +25,7 @@ from einops import rearrange
 from torch import Tensor
 
 from vaegan.errors import ConfigError
-from vaegan.objective import LossTerm, Player, TermInputs
+from vaegan.api import LossTerm, Player, TermInputs
 
 __all__ = ["FocalFrequencyLoss"]
 

@@ -33,7 +33,7 @@ from einops import repeat
 from torch import Tensor, nn
 
 from vaegan.errors import ConfigError, PluginError
-from vaegan.objective import LossTerm, Player, TermInputs
+from vaegan.api import LossTerm, Player, TermInputs
 
 __all__ = ["LPIPSLoss", "BACKBONE_ENV", "backbone_file_name"]
 

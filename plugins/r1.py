@@ -18,7 +18,7 @@ import torch
 from einops import reduce
 from torch import Tensor
 
-from vaegan.objective import LossTerm, Player, TermInputs
+from vaegan.api import LossTerm, Player, TermInputs
 
 __all__ = ["R1Penalty"]
 

@@ -22,7 +22,7 @@ from torchmetrics.functional.image import (
 )
 
 from vaegan.errors import ConfigError
-from vaegan.objective import LossTerm, Player, TermInputs
+from vaegan.api import LossTerm, Player, TermInputs
 
 __all__ = ["SSIMLoss"]
 
@@ -79,7 +79,7 @@ class SSIMLoss(LossTerm):
         self.sigma = float(sigma)
         self.betas: Optional[Tuple[float, ...]] = None if betas is None else tuple(float(b) for b in betas)
         if image_shape is not None and ms:  # given by the trainer: refuse too-small images before training
-            from vaegan.model import VAEOutput
+            from vaegan.api import VAEOutput
 
             probe = torch.zeros(1, *image_shape)
             self.forward(TermInputs(real=probe, output=VAEOutput(recon=probe, posterior=None, z=None), step=0))  # type: ignore[arg-type]

@@ -1,6 +1,8 @@
-"""Shared fixtures: real MNIST digits committed under tests/fixtures, tiny configs, temp dirs.
+"""Shared fixtures: real MNIST digits committed under tests/fixtures, tiny configs and models, temp dirs.
 
-Tests never read ../shared (a fresh clone has no such folder).
+Tests never read ../shared (a fresh clone has no such folder). ``tiny_spatial``, a generator with a
+spatial latent defined in tests/spatial_generator.py, is registered for the whole session, so every
+test parametrised over the generators meets a latent that is not a vector.
 """
 
 from __future__ import annotations
@@ -10,8 +12,9 @@ import tempfile
 from pathlib import Path
 
 import pytest
+import spatial_generator
 
-from vaegan.config import ExperimentConfig, apply_overrides
+from vaegan.config import DataConfig, ExperimentConfig, ModelConfig, apply_overrides
 
 FIXTURES = Path(__file__).parent / "fixtures"
 MNIST_ROOT = FIXTURES  # torchvision layout: FIXTURES/MNIST/raw/*-ubyte (256 train, 128 test digits)
@@ -22,11 +25,11 @@ os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("VAEGAN_CACHE", tempfile.mkdtemp(prefix="vaegan-test-cache-"))
 
 
+spatial_generator.register()
+
 # A model small enough that a training step takes milliseconds on 2 CPU cores.
 TINY = [
-    "model.channels=[8, 16]",
-    "model.norm_groups=4",
-    "model.latent_dim=4",
+    "model.options={channels: [8, 16], norm_groups: 4, latent_dim: 4}",
     "discriminator.options={channels: [8, 16]}",
     "data.limit=64",
     "train.batch_size=16",
@@ -45,6 +48,32 @@ def tiny_config(output_dir: Path, *overrides: str) -> ExperimentConfig:
     base = ExperimentConfig()
     return apply_overrides(base, [*TINY, f"data.root={MNIST_ROOT}", "data.download=false",
                                   f"train.output_dir={output_dir}", *overrides])
+
+
+def tiny_generator(name: str = "conv", image_shape=(1, 28, 28), output_range: str = "unit", **options):
+    """A small generator plugin ``name`` (the test options of plugin_options.py, then ``options``)."""
+    from plugin_options import options_for
+
+    from vaegan import build_generator
+
+    c, h, w = image_shape
+    opts = {**options_for("vaegan.generators", name), **options}
+    return build_generator(ModelConfig(name=name, image_channels=c, image_size=(h, w), output_range=output_range,
+                                       options=opts))
+
+
+def load_digits(n: int = 8, split: str = "train"):
+    """The first ``n`` real MNIST digits of the committed fixtures, (n, 1, 28, 28) in [0, 1]."""
+    from vaegan.data import build_dataset, first_batch
+
+    ds = build_dataset(DataConfig(root=str(MNIST_ROOT), split=split, download=False, limit=n), ModelConfig())
+    return first_batch(ds, n)
+
+
+@pytest.fixture(scope="session")
+def digits():
+    """Eight real MNIST digits (8, 1, 28, 28) in [0, 1]: mostly exact zeros, like real data."""
+    return load_digits(8)
 
 
 @pytest.fixture(scope="module")
@@ -69,12 +98,11 @@ def seeded():
 def saved_run(tmp_path_factory) -> Path:
     """A real run of two steps: its checkpoint and its final/ model (shared by a test module)."""
     import vaegan
-    from accelerate.state import AcceleratorState, GradientState
+    from vaegan._compat import reset_accelerate_state
 
     out = tmp_path_factory.mktemp("saved") / "run"
     vaegan.build_trainer(tiny_config(out, "train.max_steps=2")).fit()
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+    reset_accelerate_state()
     return out
 
 
@@ -92,10 +120,8 @@ def tiny(tmp_path: Path):
 @pytest.fixture(autouse=True)
 def _fresh_accelerate_state():
     """Accelerate keeps process-wide state; each test builds its own Accelerator from scratch."""
-    from accelerate.state import AcceleratorState, GradientState
+    from vaegan._compat import reset_accelerate_state
 
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+    reset_accelerate_state()
     yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+    reset_accelerate_state()

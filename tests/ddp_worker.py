@@ -34,8 +34,8 @@ def main(out: Path, *overrides: str) -> None:
         "world_size": acc.num_processes,
         "rank": acc.process_index,
         "distributed_type": str(acc.distributed_type),
-        "gen": fingerprint(trainer.gen),
-        "disc": fingerprint(trainer.disc),
+        "gen": fingerprint(trainer.train_step.generator.module),
+        "disc": fingerprint(trainer.train_step.discriminator.module),
         "ranks_saw_different_data": bool(not torch.equal(gathered[0], gathered[1])) if acc.num_processes > 1 else False,
         "history": trainer.history,
     }

@@ -5,7 +5,7 @@ exist only where the defaults cannot work here or are needlessly slow on 2 CPU c
 
 - ``lpips``: the pretrained ImageNet backbone cannot be downloaded on these machines; ``backbone:
   random`` is the explicit opt-in to an untrained network that exercises the same code path.
-- discriminators: narrow widths keep a training step in milliseconds.
+- generators and discriminators: narrow widths keep a training step in milliseconds.
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ from typing import Any, Dict, Tuple
 __all__ = ["TEST_OPTIONS", "options_for"]
 
 TEST_OPTIONS: Dict[Tuple[str, str], Dict[str, Any]] = {
+    ("vaegan.generators", "conv"): {"channels": [8, 16], "norm_groups": 4, "latent_dim": 4},
+    ("vaegan.generators", "mlp"): {"hidden": [32], "latent_dim": 4},
     ("vaegan.losses", "lpips"): {"backbone": "random"},
     ("vaegan.discriminators", "simple"): {"channels": [8, 16]},
     ("vaegan.discriminators", "patchgan"): {"base_width": 8, "n_layers": 2},

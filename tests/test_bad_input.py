@@ -113,20 +113,19 @@ def test_python_api_refuses_bad_input(tmp_path, bad_pixels_plugin, name, overrid
 
 def test_non_finite_pixels_fail_fast_even_when_not_in_the_first_images(tiny):
     """The trainer checks a sample spread over the whole dataset, not just its first batch."""
-    from vaegan.model import VAE
-
     images = torch.randint(0, 256, (64, 1, 28, 28), dtype=torch.uint8)
     data = list(TensorImages(images))
     data[50] = data[50].clone()
     data[50][0, 3, 3] = float("inf")
     cfg = tiny()
     with pytest.raises(DataError, match="NaN or infinite"):
-        vaegan.Trainer(cfg, VAE(cfg.model), vaegan.Objective.from_config(cfg), data, vaegan.build_discriminator(cfg))
+        vaegan.build_trainer(cfg, dataset=data)
 
 
 @pytest.mark.parametrize("group", registry.GROUPS)
 def test_unknown_plugin_name_lists_the_installed_ones(tiny, group):
-    override = {"vaegan.losses": "losses=[{name: nope}]", "vaegan.adversarial": "adversarial.name=nope",
+    override = {"vaegan.generators": "model.name=nope",
+                "vaegan.losses": "losses=[{name: nope}]", "vaegan.adversarial": "adversarial.name=nope",
                 "vaegan.discriminators": "discriminator.name=nope", "vaegan.datasets": "data.name=nope"}[group]
     with pytest.raises(PluginError) as info:
         vaegan.build_trainer(tiny(override))
@@ -138,7 +137,7 @@ def test_unknown_plugin_name_lists_the_installed_ones(tiny, group):
 def test_every_discriminator_refuses_images_too_small_for_its_depth(name):
     """A 2x2 image: a plugin either refuses it at construction with a ConfigError, or really handles it
     (never a shape error deep inside a convolution at the first training step)."""
-    from vaegan.objective import build_plugin
+    from vaegan.registry import build_plugin
 
     try:
         disc = build_plugin("vaegan.discriminators", name, {}, image_shape=(1, 2, 2))
@@ -149,12 +148,10 @@ def test_every_discriminator_refuses_images_too_small_for_its_depth(name):
 
 
 def test_empty_dataset_given_to_the_trainer_directly(tiny):
-    from vaegan.model import VAE
-
     cfg = tiny()
     empty = TensorImages(torch.zeros(0, 1, 28, 28, dtype=torch.uint8))
     with pytest.raises(DataError, match="empty"):
-        vaegan.Trainer(cfg, VAE(cfg.model), vaegan.Objective.from_config(cfg), empty, vaegan.build_discriminator(cfg))
+        vaegan.build_trainer(cfg, dataset=empty)
 
 
 # ---- checkpoints and saved models ------------------------------------------------------------------
@@ -169,8 +166,8 @@ def _copy_run(saved_run: Path, tmp_path: Path) -> Path:
 
 
 def _snapshot(trainer) -> Dict[str, torch.Tensor]:
-    states = {"gen": trainer.gen.state_dict(), "disc": trainer.disc.state_dict(), "ema": trainer.ema.state_dict(),
-              "g_opt": trainer.g_opt.state_dict()["state"]}
+    states = {"gen": trainer.train_step.generator.module.state_dict(), "disc": trainer.train_step.discriminator.module.state_dict(), "ema": trainer.train_step.ema.state_dict(),
+              "g_opt": trainer.train_step.generator.optimizer.state_dict()["state"]}
     flat = {}
     for owner, state in states.items():
         for key, value in state.items():
@@ -222,7 +219,7 @@ def test_corrupt_checkpoint_is_refused_naming_the_file_and_nothing_is_loaded(sav
 
 def test_checkpoint_of_another_architecture_is_refused(saved_run, tmp_path):
     out = _copy_run(saved_run, tmp_path)
-    trainer = vaegan.build_trainer(tiny_config(out, "model.latent_dim=8", "train.resume=latest"))
+    trainer = vaegan.build_trainer(tiny_config(out, "model.options.latent_dim=8", "train.resume=latest"))
     before = _snapshot(trainer)
     with pytest.raises(CheckpointError, match="does not fit this run's architecture") as info:
         trainer.fit()
@@ -279,7 +276,7 @@ RECIPE_CASES = [(name, overrides, text) for name, overrides, _, text in CASES] +
 # tests/test_recipe.py runs the recipe as separate processes.
 DRIVER = """
 import contextlib, io, json, logging, runpy, sys, traceback
-from accelerate.state import AcceleratorState, GradientState
+from vaegan._compat import reset_accelerate_state
 logging.basicConfig(stream=sys.__stderr__)  # later basicConfig calls (the recipe's) are no-ops
 cases_file, results_file = sys.argv[1:3]
 cases, results = json.load(open(cases_file)), {}
@@ -294,8 +291,7 @@ for name, argv in cases.items():
         except BaseException:
             traceback.print_exc()
             code = "uncaught exception"
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+    reset_accelerate_state()
     results[name] = {"rc": code, "stderr": err.getvalue()}
 json.dump(results, open(results_file, "w"))
 """

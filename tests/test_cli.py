@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 
 import vaegan
-from conftest import MNIST_ROOT, TINY
+from conftest import MNIST_ROOT, TINY, tiny_generator
 from vaegan import commands
 from vaegan.cli import main
 
@@ -233,7 +233,7 @@ def test_unknown_output_extension_is_refused_before_any_work(command, capsys, tm
 
 
 def test_raw_weights_of_a_model_without_ema(capsys, tmp_path):
-    vaegan.VAE(vaegan.ModelConfig(channels=(8, 16), norm_groups=4, latent_dim=4)).save_pretrained(tmp_path / "m")
+    tiny_generator().save_pretrained(tmp_path / "m")
     assert main(["sample", "--model", str(tmp_path / "m"), "--num", "2", "--out", str(tmp_path / "ok.npz")]) == 0
     err = _error(capsys, ["sample", "--model", str(tmp_path / "m"), "--raw", "--out", str(tmp_path / "s.npz")])
     assert "Drop --raw" in err

@@ -54,8 +54,9 @@ def test_config_errors_are_value_errors():
 
 
 def test_to_dict_is_plain_yaml_safe_data():
-    data = ExperimentConfig().to_dict()
-    assert isinstance(data["model"]["channels"], list)
+    data = apply_overrides(ExperimentConfig(), ["model.options={channels: [32, 64]}"]).to_dict()
+    assert isinstance(data["model"]["image_size"], list) and isinstance(data["model"]["options"], dict)
+    assert isinstance(data["model"]["options"]["channels"], list)
     assert isinstance(data["losses"], list) and isinstance(data["losses"][0]["options"], dict)
     # safe_dump refuses tuples / mappingproxies / dataclasses, so this proves plain data.
     text = yaml.safe_dump(data)
@@ -65,7 +66,7 @@ def test_to_dict_is_plain_yaml_safe_data():
 def test_round_trip_through_dicts_of_a_non_default_config():
     cfg = ExperimentConfig.from_dict(
         {
-            "model": {"arch": "mlp", "image_channels": 3, "image_size": [32, 24], "mlp_hidden": [64, 32]},
+            "model": {"name": "mlp", "image_channels": 3, "image_size": [32, 24], "options": {"hidden": [64, 32]}},
             "losses": [
                 {"name": "mse", "weight": 0.5},
                 {"name": "kl", "weight": {"value": 2.0, "cycle": 100, "ramp": 0.25}, "options": {"free_bits": 0.1}},
@@ -83,14 +84,14 @@ def test_round_trip_through_dicts_of_a_non_default_config():
 
 
 def test_yaml_file_round_trip_with_load_config(tmp_path):
-    cfg = apply_overrides(ExperimentConfig(), ["model.latent_dim=8", "train.batch_size=32"])
+    cfg = apply_overrides(ExperimentConfig(), ["model.options.latent_dim=8", "train.batch_size=32"])
     path = _write_yaml(tmp_path / "exp.yaml", cfg.to_dict())
     assert load_config(path) == cfg
     # Overrides apply on top of the file.
     loaded = load_config(path, ["train.batch_size=7", "model.image_size=[32, 32]"])
     assert loaded.train.batch_size == 7
     assert loaded.model.image_size == (32, 32)
-    assert loaded.model.latent_dim == 8
+    assert loaded.model.options["latent_dim"] == 8
 
 
 def test_load_config_partial_file_and_no_file(tmp_path):
@@ -150,7 +151,9 @@ def test_unknown_key_inside_a_loss_term_and_schedule():
     [
         ({"train": {"batch_size": "64"}}, "train.batch_size", "integer"),
         ({"train": {"batch_size": 64.5}}, "train.batch_size", "integer"),
-        ({"model": {"latent_dim": True}}, "model.latent_dim", "integer"),
+        ({"model": {"image_channels": True}}, "model.image_channels", "integer"),
+        ({"model": {"options": [16]}}, "model.options", "mapping"),
+        ({"data": {"options": "fast"}}, "data.options", "mapping"),
         ({"data": {"download": "yes"}}, "data.download", "true or false"),
         ({"data": {"download": 1}}, "data.download", "true or false"),
         ({"optim_g": {"lr": "fast"}}, "optim_g.lr", "finite number"),
@@ -160,7 +163,6 @@ def test_unknown_key_inside_a_loss_term_and_schedule():
         ({"model": {"image_size": [28, 28, 28]}}, "model.image_size", "list of 2 items"),
         ({"model": {"image_size": 28}}, "model.image_size", "must be a list"),
         ({"optim_g": {"betas": [0.5]}}, "optim_g.betas", "list of 2 items"),
-        ({"model": {"channels": [8, "16"]}}, "model.channels[1]", "integer"),
         ({"data": {"root": 5}}, "data.root", "string"),
         ({"train": {"max_steps": "10"}}, "train.max_steps", "null"),
         ({"losses": [{"name": "kl", "weight": {"warmup": "soon"}}]}, "losses[0].weight.warmup", "integer"),
@@ -202,7 +204,6 @@ def test_integral_floats_are_accepted_for_ints_and_ints_for_floats():
 @pytest.mark.parametrize(
     "data, key, allowed",
     [
-        ({"model": {"arch": "resnet"}}, "model.arch", ["'conv'", "'mlp'"]),
         ({"model": {"output_range": "zero_one"}}, "model.output_range", ["'unit'", "'symmetric'"]),
         ({"data": {"split": "val"}}, "data.split", ["'train'", "'test'"]),
         ({"optim_g": {"decay": "linear"}}, "optim_g.decay", ["'constant'", "'cosine'"]),
@@ -239,10 +240,10 @@ def test_missing_required_key_and_bad_sections():
 
 
 def test_section_validation_errors():
-    with pytest.raises(ConfigError, match="norm_groups"):
-        ModelConfig(channels=(8, 12), norm_groups=8)
-    with pytest.raises(ConfigError, match="logvar_min"):
-        ModelConfig(logvar_min=5.0, logvar_max=5.0)
+    with pytest.raises(ConfigError, match="image_size"):
+        ModelConfig(image_size=(0, 28))
+    with pytest.raises(ConfigError, match="image_channels"):
+        ModelConfig(image_channels=0)
     with pytest.raises(ConfigError, match="data.limit"):
         DataConfig(limit=0)
     with pytest.raises(ConfigError, match="betas"):
@@ -267,10 +268,10 @@ def test_section_validation_errors():
 
 def test_dotted_overrides():
     base = ExperimentConfig()
-    cfg = apply_overrides(base, ["train.batch_size=128", "model.latent_dim=8", "data.root=/tmp/x",
+    cfg = apply_overrides(base, ["train.batch_size=128", "model.options.latent_dim=8", "data.root=/tmp/x",
                                  "train.max_steps=null", "train.mixed_precision=bf16"])
     assert cfg.train.batch_size == 128
-    assert cfg.model.latent_dim == 8
+    assert cfg.model.options == {"latent_dim": 8}
     assert cfg.data.root == "/tmp/x"
     assert cfg.train.max_steps is None
     assert cfg.train.mixed_precision == "bf16"
@@ -286,8 +287,8 @@ def test_override_list_index_replaces_a_loss_weight():
     cfg = apply_overrides(ExperimentConfig(), ["losses.1.weight.value=0.25"])
     assert cfg.losses[1].weight == Schedule(value=0.25, warmup=1000)
     # A list element directly.
-    cfg = apply_overrides(ExperimentConfig(), ["model.channels.0=16"])
-    assert cfg.model.channels == (16, 64)
+    cfg = apply_overrides(ExperimentConfig(), ["model.options={channels: [32, 64]}", "model.options.channels.0=16"])
+    assert cfg.model.options["channels"] == [16, 64]
 
 
 def test_override_values_are_yaml():
@@ -314,7 +315,8 @@ def test_override_into_a_null_section_creates_it():
         ("train.batch_sise=3", "batch_sise"),
         ("train.batch_size=big", "'train.batch_size' must be an integer"),
         ("train=5", "'train' must be a mapping"),
-        ("model.arch=transformer", "'model.arch'"),
+        ("model.output_range=sideways", "'model.output_range'"),
+        ("model.options=3", "'model.options'"),
     ],
 )
 def test_bad_overrides_raise_config_error(override, match):
@@ -325,7 +327,7 @@ def test_bad_overrides_raise_config_error(override, match):
 
 
 @pytest.mark.parametrize("override", ["losses.5.weight=1", "losses.x.weight=1", "losses.-1.weight=1",
-                                      "model.channels.2=8"])
+                                      "model.image_size.2=8"])
 def test_bad_list_index_overrides(override):
     with pytest.raises(ConfigError) as info:
         apply_overrides(ExperimentConfig(), [override])
@@ -335,7 +337,7 @@ def test_bad_list_index_overrides(override):
 
 @pytest.mark.parametrize("override, check", [
     ("losses.1.weight=0.5", lambda c: c.losses[1].weight == Schedule.constant(0.5)),
-    ("model.channels.0=16", lambda c: c.model.channels == (16, 64)),
+    ("model.image_size.0=32", lambda c: c.model.image_size == (32, 28)),
 ])
 def test_load_config_list_index_override_on_defaults(tmp_path, override, check):
     path = _write_yaml(tmp_path / "exp.yaml", {"train": {"epochs": 2}})
@@ -450,11 +452,11 @@ def test_duplicate_loss_keys_rejected_unless_labelled():
 def test_term_config_key_and_from_dict_helper():
     assert TermConfig("mse").key == "mse"
     assert TermConfig("mse", label="recon").key == "recon"
-    model = from_dict(ModelConfig, {"latent_dim": 3}, "model")
-    assert model == ModelConfig(latent_dim=3)
-    assert to_dict(model)["channels"] == [32, 64]
-    with pytest.raises(ConfigError, match="'model.latent_dim'"):
-        from_dict(ModelConfig, {"latent_dim": "3"}, "model")
+    model = from_dict(ModelConfig, {"options": {"latent_dim": 3}}, "model")
+    assert model == ModelConfig(options={"latent_dim": 3})
+    assert to_dict(model)["options"] == {"latent_dim": 3}
+    with pytest.raises(ConfigError, match="'model.image_channels'"):
+        from_dict(ModelConfig, {"image_channels": "3"}, "model")
     assert math.isclose(from_dict(OptimConfig, {"lr": 3}).lr, 3.0)
 
 
@@ -477,3 +479,79 @@ def test_eval_and_speed_settings_are_validated(section, data, words):
         ExperimentConfig.from_dict({section: data})
     for w in words:
         assert w in str(info.value)
+
+
+# ---- plugin choices and their options ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("section", ["model", "discriminator", "losses.0", "data"])
+def test_choosing_another_plugin_by_override_starts_its_options_afresh(section):
+    """Options belong to the plugin they were written for: a new name drops them, later overrides set new ones."""
+    base = apply_overrides(ExperimentConfig(), [f"{section}.options={{a: 1}}"])
+    switched = apply_overrides(base, [f"{section}.name=other"])
+    node = switched
+    for part in section.split("."):
+        node = node[int(part)] if part.isdigit() else getattr(node, part)
+    assert node.name == "other" and dict(node.options) == {}
+    again = apply_overrides(base, [f"{section}.name=other", f"{section}.options.b=2"])
+    node = again
+    for part in section.split("."):
+        node = node[int(part)] if part.isdigit() else getattr(node, part)
+    assert dict(node.options) == {"b": 2}
+    kept = apply_overrides(ExperimentConfig(), ["model.options={latent_dim: 3}", "model.name=conv"])
+    assert dict(kept.model.options) == {"latent_dim": 3}  # the same plugin keeps its options
+
+
+def test_the_recipe_trains_the_mlp_by_name(tmp_path):
+    """`vaegan train recipes/configs/vaegan_mnist.yaml model.name=mlp`: the conv options do not follow."""
+    cfg = load_config(Path(__file__).parents[1] / "recipes" / "configs" / "vaegan_mnist.yaml", ["model.name=mlp"])
+    assert cfg.model.name == "mlp" and dict(cfg.model.options) == {}
+
+
+# ---- vaegan 0.1's model keys ------------------------------------------------------------------------
+
+
+LEGACY = {"arch": "conv", "latent_dim": 8, "channels": [8, 16], "norm_groups": 4}
+
+
+def test_legacy_model_keys_in_a_file_load_with_a_warning_showing_the_new_form(tmp_path):
+    path = _write_yaml(tmp_path / "old.yaml", {"model": LEGACY})
+    with pytest.warns(DeprecationWarning) as record:
+        cfg = load_config(path)
+    message = str(record[0].message)
+    assert "model: {name: conv, options: {" in message and "latent_dim: 8" in message and "channels: [8, 16]" in message
+    assert cfg.model.name == "conv"
+    assert dict(cfg.model.options) == {"latent_dim": 8, "channels": [8, 16], "norm_groups": 4}
+    with pytest.warns(DeprecationWarning):  # the same through from_dict and as an override
+        assert ExperimentConfig.from_dict({"model": LEGACY}) == cfg
+    with pytest.warns(DeprecationWarning):
+        assert apply_overrides(ExperimentConfig(), ["model.arch=conv", "model.latent_dim=8", "model.channels=[8, 16]",
+                                                   "model.norm_groups=4"]) == cfg
+
+
+def test_legacy_keys_map_per_architecture_and_ignore_what_0_1_ignored():
+    with pytest.warns(DeprecationWarning):
+        mlp = ModelConfig.normalize_config({"arch": "mlp", "mlp_hidden": [64], "channels": [8], "latent_dim": 3}, "model")
+    assert mlp["name"] == "mlp" and mlp["options"] == {"hidden": [64], "latent_dim": 3}  # channels: conv only
+    with pytest.warns(DeprecationWarning):
+        conv = ModelConfig.normalize_config({"arch": "conv", "mlp_hidden": [64], "res_blocks": 1}, "model")
+    assert conv["options"] == {"res_blocks": 1}
+    with pytest.warns(DeprecationWarning):  # an override of arch switches a conv file to the mlp, keeping latent_dim
+        switched = apply_overrides(ExperimentConfig(), ["model.options={latent_dim: 3, channels: [8]}", "model.arch=mlp"])
+    assert switched.model.name == "mlp" and dict(switched.model.options) == {"latent_dim": 3}
+    with pytest.raises(ConfigError, match="keep only name"):
+        ModelConfig.normalize_config({"name": "mlp", "arch": "conv"}, "model")
+
+
+def test_legacy_model_keywords_and_attributes_in_python():
+    with pytest.warns(DeprecationWarning, match="ModelConfig"):
+        cfg = ModelConfig(latent_dim=3, channels=(8, 16), norm_groups=4)
+    assert cfg == ModelConfig(options={"latent_dim": 3, "channels": (8, 16), "norm_groups": 4})
+    with pytest.warns(DeprecationWarning, match=r"options\['latent_dim'\]"):
+        assert cfg.latent_dim == 3
+    with pytest.warns(DeprecationWarning, match="ModelConfig.name"):
+        assert cfg.arch == "conv"
+    with pytest.raises(AttributeError, match="res_blocks"), pytest.warns(DeprecationWarning):
+        cfg.res_blocks  # noqa: B018 - not set: the generator's default applies
+    with pytest.raises(AttributeError):
+        cfg.no_such_field  # noqa: B018

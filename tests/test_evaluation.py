@@ -20,10 +20,10 @@ from vaegan.config import DataConfig, EvalConfig
 from vaegan.errors import DataError, PluginError
 from vaegan.evaluation import DigitClassifier, evaluate, load_or_train_classifier, prepare_evaluation
 
-from conftest import MNIST_ROOT
+from conftest import MNIST_ROOT, tiny_generator
 
 DATA = DataConfig(root=str(MNIST_ROOT), split="test", download=False)
-TINY_MODEL = ModelConfig(channels=(8, 16), norm_groups=4, latent_dim=4)
+TINY_MODEL = ModelConfig(options={"channels": (8, 16), "norm_groups": 4, "latent_dim": 4})
 SMALL = EvalConfig(num_samples=64, nll_images=8, nll_samples=4, batch_size=32)
 SCALARS = ("mse", "psnr", "ssim", "sharpness_ratio", "high_frequency_ratio", "nll_nats", "nll_bits_per_dim",
            "neg_elbo_nats", "kl_nats", "recon_nats", "fd_classifier", "class_entropy", "precision", "recall")
@@ -63,7 +63,7 @@ def test_identical_images_give_perfect_scores(tmp_path):
 def test_evaluate_writes_every_metric(tmp_path):
     torch.manual_seed(0)
     out = tmp_path / "eval.json"
-    model = VAE(TINY_MODEL)
+    model = tiny_generator()
     r = evaluate(model, DATA, SMALL, cache_dir=tmp_path, output=out)
     assert json.loads(out.read_text()) == json.loads(json.dumps(r))
     for key in SCALARS:
@@ -78,7 +78,7 @@ def test_evaluation_is_identical_on_two_processes(tmp_path):
     """`vaegan eval` under torchrun: each rank takes every second image, latent and noise draw, and the
     states are reduced, so every metric equals a one-process run (up to float summation order)."""
     torch.manual_seed(0)
-    model_dir = VAE(TINY_MODEL).save_pretrained(tmp_path / "model")
+    model_dir = tiny_generator().save_pretrained(tmp_path / "model")
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "VAEGAN_CACHE": str(tmp_path)}
     results = {}
     for n in (1, 2):  # the first run trains and caches the classifier, the second loads it
@@ -111,7 +111,7 @@ def test_evaluate_reports_lpips_when_a_network_is_given(tmp_path):
     res = prepare_evaluation(DATA, TINY_MODEL, dataclasses.replace(SMALL, classifier=False, lpips=False))
     assert res.lpips is None and res.lpips_note.startswith("off")
     res.lpips = LPIPSLoss(backbone="random")
-    r = evaluate(VAE(TINY_MODEL), DATA, SMALL, resources=res)
+    r = evaluate(tiny_generator(), DATA, SMALL, resources=res)
     assert r["lpips"] > 0 and "LPIPS" in r["protocol"]["lpips"]
     assert "fd_classifier" not in r and r["protocol"]["fd_features"] is None  # classifier: false
 
@@ -135,7 +135,7 @@ def test_classifier_metrics_follow_the_labels(tmp_path):
     unlabelled = DataConfig(name="image_folder", root=str(folder), download=False)
     res = prepare_evaluation(unlabelled, TINY_MODEL, dataclasses.replace(SMALL, lpips=False))
     assert res.classifier is None  # auto: no labels, no classifier metrics
-    r = evaluate(VAE(TINY_MODEL), unlabelled, SMALL, resources=res)
+    r = evaluate(tiny_generator(), unlabelled, SMALL, resources=res)
     assert "fd_classifier" not in r and r["psnr"] > 0 and r["protocol"]["dataset"] == "image_folder"
     with pytest.raises(DataError, match="no class labels"):
         prepare_evaluation(unlabelled, TINY_MODEL, dataclasses.replace(SMALL, classifier=True, lpips=False))

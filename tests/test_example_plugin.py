@@ -93,13 +93,13 @@ def test_trains_with_both_selected_by_name(example, tiny):
                "losses=[{name: bce}, {name: kl}, {name: gradient_difference, weight: 0.5, options: {alpha: 1.0}}]",
                "train.max_steps=3")
     trainer = vaegan.build_trainer(cfg)
-    assert type(trainer.disc_net).__module__ == "vaegan_plugin_example.discriminators"
-    assert type(trainer.objective.generator_terms["gradient_difference"]).__module__ == "vaegan_plugin_example.losses"
-    d0 = [p.detach().clone() for p in trainer.disc_net.parameters()]
+    assert type(trainer.train_step.disc_net).__module__ == "vaegan_plugin_example.discriminators"
+    assert type(trainer.train_step.objective.generator_terms["gradient_difference"]).__module__ == "vaegan_plugin_example.losses"
+    d0 = [p.detach().clone() for p in trainer.train_step.disc_net.parameters()]
     final = trainer.fit()
     last = trainer.history[-1]
     assert "g/gradient_difference" in last and all(math.isfinite(v) for v in last.values())
-    assert any(not torch.equal(a, b) for a, b in zip(d0, trainer.disc_net.parameters()))
+    assert any(not torch.equal(a, b) for a, b in zip(d0, trainer.train_step.disc_net.parameters()))
     assert torch.isfinite(vaegan.VAE.from_pretrained(final).sample(4)).all()
 
 

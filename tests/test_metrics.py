@@ -8,18 +8,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vaegan import VAE, ModelConfig
-from vaegan.data import build_dataset, first_batch
-from vaegan.config import DataConfig
+from conftest import load_digits, tiny_generator
 from vaegan.metrics import (ClassHistogram, HighFrequencyRatio, LikelihoodBounds, PrecisionRecall, SharpnessRatio,
                             importance_sampled_log_likelihood, laplacian_energy)
 
 
 @pytest.fixture(scope="module")
-def digits():
-    from conftest import MNIST_ROOT
-
-    return first_batch(build_dataset(DataConfig(root=str(MNIST_ROOT), split="test", download=False), ModelConfig()), 128)
+def test_split():
+    """The first 128 test test_split: the metrics compare real images with real images."""
+    return load_digits(128, split="test")
 
 
 def _blur(x):
@@ -27,14 +24,14 @@ def _blur(x):
 
 
 @pytest.mark.parametrize("metric", [SharpnessRatio, HighFrequencyRatio])
-def test_detail_ratios(metric, digits):
+def test_detail_ratios(metric, test_split):
     same = metric()
-    same.update(digits, real=True)
-    same.update(digits, real=False)
+    same.update(test_split, real=True)
+    same.update(test_split, real=False)
     assert float(same.compute()) == pytest.approx(1.0)
     blurred = metric()
-    blurred.update(digits, real=True)
-    blurred.update(_blur(digits), real=False)
+    blurred.update(test_split, real=True)
+    blurred.update(_blur(test_split), real=False)
     assert float(blurred.compute()) < 0.6  # a known blur removes most of the fine detail
 
 
@@ -47,31 +44,31 @@ def test_laplacian_of_a_constant_and_of_a_known_image():
 
 def _coin_flip_vae():
     """A VAE with q(z|x) = N(0, I) = p(z) and p(x|z) = Bernoulli(0.5) per pixel: log p(x) = -D log 2."""
-    vae = VAE(ModelConfig(channels=(8, 16), norm_groups=4, latent_dim=4))
+    vae = tiny_generator()
     with torch.no_grad():
         for p in (vae.encoder.head.weight, vae.encoder.head.bias, vae.decoder.out.weight, vae.decoder.out.bias):
             p.zero_()
     return vae.eval()
 
 
-def test_nll_of_a_model_with_a_known_likelihood(digits):
+def test_nll_of_a_model_with_a_known_likelihood(test_split):
     vae = _coin_flip_vae()
-    binary = (digits > 0.5).float()
+    binary = (test_split > 0.5).float()
     r = importance_sampled_log_likelihood(vae, binary, num_samples=20)
     d = binary[0].numel()
     torch.testing.assert_close(r["log_px_iwae"], torch.full((len(binary),), -d * math.log(2)))
     torch.testing.assert_close(r["kl"], torch.zeros(len(binary)))
     metric = LikelihoodBounds(vae, num_samples=5)
-    metric.update(digits)
+    metric.update(test_split)
     out = metric.compute()
     assert float(out["nll_bits_per_dim"]) == pytest.approx(1.0)  # a fair coin per pixel: 1 bit
     assert float(out["neg_elbo_nats"]) == pytest.approx(d * math.log(2))
 
 
-def test_iwae_bound_is_tighter_than_the_elbo(digits):
+def test_iwae_bound_is_tighter_than_the_elbo(test_split):
     torch.manual_seed(0)
-    vae = VAE(ModelConfig(channels=(8, 16), norm_groups=4, latent_dim=4)).eval()
-    r = importance_sampled_log_likelihood(vae, (digits[:16] > 0.5).float(), num_samples=50)
+    vae = tiny_generator().eval()
+    r = importance_sampled_log_likelihood(vae, (test_split[:16] > 0.5).float(), num_samples=50)
     assert (r["log_px_iwae"] >= r["elbo"] - 1e-3).float().mean() > 0.9  # up to Monte Carlo noise
 
 

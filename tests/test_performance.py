@@ -46,7 +46,7 @@ def test_in_memory_batches_equal_item_by_item_batches():
 
 def test_both_players_use_fused_optimizers(tiny):
     trainer = vaegan.build_trainer(tiny())
-    for opt in (trainer.g_opt, trainer.d_opt):
+    for opt in (trainer.train_step.generator.optimizer, trainer.train_step.discriminator.optimizer):
         assert opt.optimizer.defaults["fused"] is True
 
 
@@ -121,15 +121,15 @@ def test_compiled_players_train_checkpoint_and_resume(tmp_path, backend):
     common = ("train.epochs=3", "train.checkpoint_every=3")
     vaegan.build_trainer(tiny_config(tmp_path / "eager", *common, "train.max_steps=6")).fit()
 
-    from accelerate.state import AcceleratorState
+    from vaegan._compat import reset_accelerate_state
 
-    AcceleratorState._reset_state(True)
+    reset_accelerate_state()
     compiled = (*common, f"train.compile={backend}")
     first = vaegan.build_trainer(tiny_config(tmp_path / "compiled", *compiled, "train.max_steps=3"))
-    assert first.model._compiled_call_impl is not None and first.disc_net._compiled_call_impl is not None
-    assert getattr(first.ema.module, "_compiled_call_impl", None) is None  # the EMA copy stays eager
+    assert first.model._compiled_call_impl is not None and first.train_step.disc_net._compiled_call_impl is not None
+    assert getattr(first.train_step.ema.module, "_compiled_call_impl", None) is None  # the EMA copy stays eager
     first.fit()
-    AcceleratorState._reset_state(True)
+    reset_accelerate_state()
     resumed = vaegan.build_trainer(tiny_config(tmp_path / "compiled", *compiled, "train.max_steps=6",
                                                "train.resume=latest"))
     resumed.fit()

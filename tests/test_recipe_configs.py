@@ -27,7 +27,7 @@ def test_the_expected_configs_are_shipped():
 def test_every_shipped_config_builds(path):
     """Every plugin it names resolves, its options are accepted, and the model fits the image size."""
     cfg = vaegan.load_config(path)
-    model = vaegan.build_model(cfg)
+    model = vaegan.build_generator(cfg.model)
     disc = vaegan.build_discriminator(cfg)
     objective = Objective.from_config(cfg)
     x = torch.rand(2, *cfg.model.image_shape) * (model.value_range[1] - model.value_range[0]) + model.value_range[0]

@@ -18,6 +18,7 @@ from vaegan import cli, registry
 from vaegan.errors import PluginError
 
 BUILTINS = {
+    "vaegan.generators": {"conv": "vaegan.model:ConvVAE", "mlp": "vaegan.model:MLPVAE"},
     "vaegan.losses": {
         "mse": "vaegan.losses.reconstruction:MSELoss",
         "l1": "vaegan.losses.reconstruction:L1Loss",
@@ -91,7 +92,7 @@ def test_listing_imports_no_plugin_module():
         import sys
         from vaegan import registry
         plugin_modules = ["vaegan.losses.smoothness", "vaegan.losses.reconstruction", "vaegan.losses.kl",
-                          "vaegan.losses.adversarial", "vaegan_plugins"]
+                          "vaegan.losses.adversarial", "vaegan_plugins", "vaegan.model"]
         for m in plugin_modules:
             sys.modules.pop(m, None)
         listed = {g: registry.available(g) for g in registry.GROUPS}
@@ -281,7 +282,7 @@ def test_installed_third_party_distribution_refresh_and_disable(tmp_path, monkey
     pkg = site / "tp_vaegan_plugin_xyz"
     pkg.mkdir(parents=True)
     (pkg / "__init__.py").write_text(
-        "from vaegan.objective import LossTerm\n"
+        "from vaegan.api import LossTerm\n"
         "class Zero(LossTerm):\n"
         "    def forward(self, inputs):\n"
         "        return inputs.real.sum() * 0\n"

@@ -31,7 +31,7 @@ from vaegan.checkpointing import MARKER, find_checkpoint, list_checkpoints
 from vaegan.errors import VaeganError
 from vaegan.errors import TrainingDiverged
 from vaegan.guards import CollapseMonitor
-from vaegan.objective import LossTerm
+from vaegan.api import LossTerm
 
 ROOT = Path(__file__).parents[1]
 RECIPE = ROOT / "recipes" / "vaegan_mnist.py"
@@ -84,19 +84,19 @@ def test_a_non_finite_step_is_skipped_for_both_players(tiny, nan_term, caplog, k
         trainer.fit()
     # Four optimizer steps were taken (four batches); the third changed nothing and is counted as skipped.
     assert trainer.state.step == 4 and trainer.state.skipped_steps == 1 and trainer.state.batch_in_epoch == 4
-    for opt in (trainer.g_opt, trainer.d_opt):  # the fused kernels skipped the update and its Adam step count
+    for opt in (trainer.train_step.generator.optimizer, trainer.train_step.discriminator.optimizer):  # the fused kernels skipped the update and its Adam step count
         assert {int(s["step"]) for s in opt.optimizer.state.values()} == {3}
     # Bit for bit: generator, discriminator and EMA weights after step 3 are those after step 2. (Buffers
     # such as spectral norm's power-iteration vectors move in every training forward, as in any trainer.)
     # The EMA's n_averaged counts optimizer steps taken, a skipped one included (its decay warm-up).
-    buffers = {"n_averaged", *(n for m in (trainer.gen, trainer.disc) for n, _ in m.named_buffers())}
+    buffers = {"n_averaged", *(n for m in (trainer.train_step.generator.module, trainer.train_step.discriminator.module) for n, _ in m.named_buffers())}
     ckpt = {step: Path(trainer.output_dir) / "checkpoints" / f"step_{step:08d}" for step in (2, 3, 4)}
     for name in WEIGHT_FILES:
         before, during, after = (load_file(str(ckpt[s] / name)) for s in (2, 3, 4))
         weights = [k for k in before if k not in buffers]
         assert weights and all(torch.equal(before[k], during[k]) for k in weights), f"{name} changed on the skipped step"
         assert not all(torch.equal(during[k], after[k]) for k in weights), f"{name} did not train on after it"
-    assert all(torch.isfinite(p).all() for m in (trainer.gen, trainer.disc) for p in m.parameters())
+    assert all(torch.isfinite(p).all() for m in (trainer.train_step.generator.module, trainer.train_step.discriminator.module) for p in m.parameters())
     which = {"loss": f"{side[0]} loss", "grad": f"grad_norm/{side[0]}"}[kind]
     assert any("1 optimizer step(s) skipped for both players (the last at step 3)" in r.message and which in r.message
                for r in caplog.records)
@@ -111,7 +111,8 @@ def test_skipped_steps_are_counted_at_the_log_interval_without_a_host_read_per_s
     and no tensor silently passed where torch wants a Python number (aten._local_scalar_dense, e.g.
     ``torch._foreach_lerp_(xs, ys, tensor)``). Yet every skipped step is counted."""
     from torch.overrides import TorchFunctionMode
-    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from vaegan._compat import LOCAL_SCALAR_DENSE, TorchDispatchMode
 
     ours = (str(ROOT / "vaegan"), str(ROOT / "plugins"))
     # AveragedModel keeps its n_averaged counter on the host by design (device=None): reading it is no sync.
@@ -141,29 +142,34 @@ def test_skipped_steps_are_counted_at_the_log_interval_without_a_host_read_per_s
 
     class ScalarReads(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if func is torch.ops.aten._local_scalar_dense.default:
+            if func is LOCAL_SCALAR_DENSE:
                 record("a tensor read as a Python number")
             return func(*args, **(kwargs or {}))
 
+    class WatchEachStep(vaegan.Callback):
+        """Records every host read made while the two-player step runs on a micro-batch."""
+
+        def on_batch_start(self, trainer, batch):
+            found.clear()
+            self.modes = [PythonReads(), ScalarReads()]
+            for mode in self.modes:
+                mode.__enter__()
+
+        def on_batch_end(self, trainer, output):
+            for mode in reversed(self.modes):
+                mode.__exit__(None, None, None)
+            per_step[trainer.state.step + 1] = list(found)
+
     cfg = _with_nan(tiny, [3, 5, 6], "loss", "generator", "train.epochs=3", "train.log_every=6")
-    trainer = vaegan.build_trainer(cfg)
     per_step: Dict[int, List[str]] = {}
-    micro_step = trainer._micro_step
-
-    def watched(x):
-        found.clear()
-        with PythonReads(), ScalarReads():
-            micro_step(x)
-        per_step[trainer.state.step + 1] = list(found)
-
-    trainer._micro_step = watched
+    trainer = vaegan.build_trainer(cfg, callbacks=[WatchEachStep()])
     trainer.fit()
     assert sorted(per_step) == list(range(1, 13))
     assert all(lines == [] for lines in per_step.values()), {s: lines for s, lines in per_step.items() if lines}
     assert trainer.state.skipped_steps == 3
     rows = [json.loads(line) for line in (Path(trainer.output_dir) / "metrics.jsonl").read_text().splitlines()]
     assert [(r["step"], r["skipped_steps"]) for r in rows] == [(6, 3), (12, 3)]
-    assert {int(s["step"]) for s in trainer.g_opt.optimizer.state.values()} == {9}
+    assert {int(s["step"]) for s in trainer.train_step.generator.optimizer.optimizer.state.values()} == {9}
 
 
 def test_too_many_non_finite_steps_stop_training_and_keep_the_last_good_checkpoint(tiny, nan_term):
@@ -180,7 +186,7 @@ def test_too_many_non_finite_steps_stop_training_and_keep_the_last_good_checkpoi
     assert not (out / "final").exists()
     good = load_file(str(out / "checkpoints" / "step_00000003" / "model.safetensors"))
     saved = load_file(str(find_checkpoint(out, "latest") / "model.safetensors"))
-    live = trainer.gen.state_dict()
+    live = trainer.train_step.generator.module.state_dict()
     assert all(torch.isfinite(v).all() and torch.equal(v, live[k]) and torch.equal(v, good[k]) for k, v in saved.items())
 
 
@@ -197,18 +203,17 @@ def _fp16_accelerator():
 
 
 def test_fp16_grad_scaler_unscales_once_and_a_bad_step_lowers_the_scale(tiny, nan_term):
-    from accelerate.state import AcceleratorState, GradientState
+    from vaegan._compat import reset_accelerate_state
 
     overrides = ("train.max_steps=4", "train.log_every=2", "train.checkpoint_every=0")
     fp32 = vaegan.build_trainer(_with_nan(tiny, [3], "loss", "generator", *overrides))
     fp32.fit()
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+    reset_accelerate_state()
     fp16 = vaegan.build_trainer(_with_nan(tiny, [3], "loss", "generator", *overrides), accelerator=_fp16_accelerator())
     fp16.fit()
     assert fp16.state.step == 4 and fp16.state.skipped_steps == 1
     assert fp16.accelerator.scaler.get_scale() == 2.0 ** 9  # backed off once, for the one bad step
-    for opt in (fp16.g_opt, fp16.d_opt):
+    for opt in (fp16.train_step.generator.optimizer, fp16.train_step.discriminator.optimizer):
         assert {int(s["step"]) for s in opt.optimizer.state.values()} == {3}
     for a, b in zip(fp32.history, fp16.history):  # true (unscaled once) gradient norms, as in fp32
         for key in ("grad_norm/g", "grad_norm/d"):
@@ -296,7 +301,7 @@ def test_saving_the_same_step_again_replaces_it_atomically(tiny):
     again = trainer.save_checkpoint()
     assert again == first and list_checkpoints(trainer.checkpoints.root) == [first]
     saved = load_file(str(again / "model.safetensors"))
-    assert all(torch.equal(v, trainer.gen.state_dict()[k]) for k, v in saved.items())
+    assert all(torch.equal(v, trainer.train_step.generator.module.state_dict()[k]) for k, v in saved.items())
     assert not any(p.name.startswith(".tmp") for p in trainer.checkpoints.root.iterdir())
 
 

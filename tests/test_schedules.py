@@ -92,14 +92,6 @@ def test_resolve_without_fraction_is_identity():
     assert s.resolve(123) is s
 
 
-def test_is_zero_before():
-    s = Schedule(value=1.0, start=5, warmup=2)
-    assert s.is_zero_before(0) and s.is_zero_before(4) and s.is_zero_before(5)
-    assert not s.is_zero_before(6)
-    assert Schedule(value=0.0).is_zero_before(10**6)
-    assert not Schedule().is_zero_before(0)
-
-
 @pytest.mark.parametrize(
     "kwargs, field",
     [

@@ -132,7 +132,7 @@ EVIL_PLUGIN = '''
 from pathlib import Path
 import os
 Path(os.environ["VAEGAN_TEST_PLUGIN_MARKER"]).touch()  # import-time code of a third-party plugin
-from vaegan.objective import LossTerm
+from vaegan.api import LossTerm
 
 
 class Zero(LossTerm):

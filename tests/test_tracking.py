@@ -183,7 +183,7 @@ def test_tensorboard_event_files_hold_every_scalar_and_the_images(tiny):
         decoded = np.asarray(Image.open(io.BytesIO(logged[4].encoded_image_string)).convert("RGB"))
         np.testing.assert_array_equal(decoded, _png(out / "samples" / f"step_00000004_{panel}.png"))
     hparams = next((out / cfg.train.project).glob("*/hparams.yml")).read_text()
-    assert "train.batch_size: 16" in hparams and "model.latent_dim: 4" in hparams
+    assert "train.batch_size: 16" in hparams and "model.options.latent_dim: 4" in hparams
 
 
 def _finished_with_checkpoints(cfg) -> None:

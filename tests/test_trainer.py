@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 import vaegan
 from vaegan.errors import CheckpointError, ConfigError, DataError, PluginError
-from vaegan.objective import TermInputs
+from vaegan.api import TermInputs
 
 
 def _params(module):
@@ -34,13 +34,13 @@ def test_each_player_gradient_comes_only_from_its_own_loss(tiny):
     cfg = tiny("losses=[{name: bce}, {name: kl, weight: 0.5}, {name: smoothness, weight: 0.3}]",
                "adversarial.weight=0.7")
     trainer = vaegan.build_trainer(cfg)
-    gen, disc = trainer.gen, trainer.disc
+    gen, disc = trainer.train_step.generator.module, trainer.train_step.discriminator.module
     x = _batch(trainer)
 
     torch.manual_seed(1)
-    out = gen(x, **trainer.objective.forward_kwargs(x.shape[0]))
-    d_state0 = {k: v.clone() for k, v in trainer.disc_net.state_dict().items()}
-    trainer.discriminator_backward(x, out)
+    out = gen(x, **trainer.train_step.objective.forward_kwargs(x.shape[0]))
+    d_state0 = {k: v.clone() for k, v in trainer.train_step.disc_net.state_dict().items()}
+    trainer.train_step.discriminator_backward(x, out, 0)
     assert all(p.grad is None for p in _params(gen)), "the D step left gradients in the generator"
     d_grads = [p.grad.clone() for p in _params(disc)]
     assert all(torch.isfinite(g).all() for g in d_grads) and any(g.abs().sum() > 0 for g in d_grads)
@@ -49,23 +49,23 @@ def test_each_player_gradient_comes_only_from_its_own_loss(tiny):
 
     # Spectral norm's power iteration updates D's buffers at every train-mode forward: snapshot them
     # so the analytic recomputation below sees the very same discriminator.
-    d_state = {k: v.clone() for k, v in trainer.disc_net.state_dict().items()}
-    trainer.generator_backward(x, out)
+    d_state = {k: v.clone() for k, v in trainer.train_step.disc_net.state_dict().items()}
+    trainer.train_step.generator_backward(x, out, 0)
     assert all(p.grad is None for p in _params(disc)), "the G step left gradients in the discriminator"
     assert all(p.requires_grad for p in _params(disc)), "D must be trainable again after the G step"
     g_grads = {n: p.grad.clone() for n, p in gen.named_parameters() if p.grad is not None}
 
     # The analytic combination, term by term, on an identical forward (same noise).
     torch.manual_seed(1)
-    out2 = gen(x, **trainer.objective.forward_kwargs(x.shape[0]))
-    net = trainer.disc_net.requires_grad_(False)
+    out2 = gen(x, **trainer.train_step.objective.forward_kwargs(x.shape[0]))
+    net = trainer.train_step.disc_net.requires_grad_(False)
     net.load_state_dict(d_state)
     inputs = TermInputs(real=x, output=out2, step=0, value_range=(0.0, 1.0),
-                        fake=trainer.objective.fakes(out2, for_discriminator=False), discriminator=net)
+                        fake=trainer.train_step.objective.fakes(out2, for_discriminator=False), discriminator=net)
     named = dict(gen.named_parameters())
     expected = {n: torch.zeros_like(p) for n, p in named.items()}
-    for key, term in trainer.objective.generator_terms.items():
-        w = trainer.objective.weight(key, 0)
+    for key, term in trainer.train_step.objective.generator_terms.items():
+        w = trainer.train_step.objective.weight(key, 0)
         grads = torch.autograd.grad(term(inputs), list(named.values()), retain_graph=True, allow_unused=True)
         for (n, _), g in zip(named.items(), grads):
             if g is not None:
@@ -78,8 +78,8 @@ def test_each_player_gradient_comes_only_from_its_own_loss(tiny):
     # And D's gradient is the gradient of its own loss only, on the detached reconstruction.
     net.load_state_dict(d_state0)
     d_in = TermInputs(real=x, output=out2, step=0, value_range=(0.0, 1.0),
-                      fake=trainer.objective.fakes(out2, for_discriminator=True), discriminator=disc)
-    d_loss, _ = trainer.objective.discriminator_loss(d_in)
+                      fake=trainer.train_step.objective.fakes(out2, for_discriminator=True), discriminator=disc)
+    d_loss, _ = trainer.train_step.objective.discriminator_loss(d_in)
     for g, e in zip(d_grads, torch.autograd.grad(d_loss, _params(disc), allow_unused=True)):
         torch.testing.assert_close(g, e if e is not None else torch.zeros_like(g), rtol=1e-4, atol=1e-6)
 
@@ -89,13 +89,13 @@ def test_adversarial_term_pushes_discriminator_logits_up(tiny):
     cfg = tiny("losses=[{name: mse, weight: 0.0}]", "adversarial.weight=1.0", "optim_g.lr=1e-3")
     trainer = vaegan.build_trainer(cfg)
     x = _batch(trainer)
-    net = trainer.disc_net
+    net = trainer.train_step.disc_net
     before = net(trainer.model(x).recon).logits.mean().item()
     for _ in range(5):
-        out = trainer.gen(x, **trainer.objective.forward_kwargs(x.shape[0]))
-        trainer.generator_backward(x, out)
-        trainer.g_opt.step()
-        trainer.g_opt.zero_grad()
+        out = trainer.train_step.generator.module(x, **trainer.train_step.objective.forward_kwargs(x.shape[0]))
+        trainer.train_step.generator_backward(x, out, 0)
+        trainer.train_step.generator.optimizer.step()
+        trainer.train_step.generator.optimizer.zero_grad()
     with torch.no_grad():
         torch.manual_seed(0)
         after = net(trainer.model(x).recon).logits.mean().item()
@@ -109,7 +109,8 @@ def test_gan_gradient_reaches_the_encoder_only_when_configured(tiny, train_encod
                                         "adversarial.fake=both",  # reconstructions are what reach the encoder
                                         f"adversarial.train_encoder={str(train_encoder).lower()}"))
     x = _batch(trainer)
-    trainer.generator_backward(x, trainer.gen(x, **trainer.objective.forward_kwargs(x.shape[0])))
+    step = trainer.train_step
+    step.generator_backward(x, step.generator.module(x, **step.objective.forward_kwargs(x.shape[0])), 0)
     enc = [p.grad for p in trainer.model.encoder.parameters()]
     dec = [p.grad for p in trainer.model.decoder.parameters()]
     assert all(g is not None and g.abs().sum() > 0 for g in dec)
@@ -121,10 +122,10 @@ def test_gan_gradient_reaches_the_encoder_only_when_configured(tiny, train_encod
 def test_fake_sources(tiny, fake):
     trainer = vaegan.build_trainer(tiny(f"adversarial.fake={fake}", "train.max_steps=2"))
     x = _batch(trainer)
-    out = trainer.gen(x, **trainer.objective.forward_kwargs(x.shape[0]))
-    d_fake = trainer.objective.fakes(out, for_discriminator=True)
+    out = trainer.train_step.generator.module(x, **trainer.train_step.objective.forward_kwargs(x.shape[0]))
+    d_fake = trainer.train_step.objective.fakes(out, for_discriminator=True)
     assert d_fake.shape[0] == (2 * x.shape[0] if fake == "both" else x.shape[0]) and not d_fake.requires_grad
-    assert trainer.objective.fakes(out, for_discriminator=False).requires_grad
+    assert trainer.train_step.objective.fakes(out, for_discriminator=False).requires_grad
     trainer.fit()
     assert trainer.history and all(torch.isfinite(torch.tensor(v)) for v in trainer.history[-1].values())
 
@@ -149,7 +150,7 @@ def test_accumulate_is_entered_once_per_micro_batch(tiny):
     trainer = vaegan.build_trainer(tiny("train.grad_accum=2", "train.epochs=1"))
     trainer.fit()
     assert trainer.state.step == 2
-    for opt in (trainer.g_opt, trainer.d_opt):
+    for opt in (trainer.train_step.generator.optimizer, trainer.train_step.discriminator.optimizer):
         steps = {int(s["step"]) for s in opt.optimizer.state.values()}
         assert steps == {2}, f"optimizer stepped {steps} times"
 
@@ -157,8 +158,8 @@ def test_accumulate_is_entered_once_per_micro_batch(tiny):
 def test_loss_term_parameters_are_trained_and_checkpointed(tiny):
     cfg = tiny("losses=[{name: gaussian_nll, options: {init_logvar: 0.0}}, {name: kl}]", "train.max_steps=4")
     trainer = vaegan.build_trainer(cfg)
-    logvar = trainer.objective.generator_terms["gaussian_nll"].logvar
-    assert any(logvar is p for g in trainer.g_opt.param_groups for p in g["params"]), "not in the optimizer"
+    logvar = trainer.train_step.objective.generator_terms["gaussian_nll"].logvar
+    assert any(logvar is p for g in trainer.train_step.generator.optimizer.param_groups for p in g["params"]), "not in the optimizer"
     trainer.fit()
     assert logvar.item() != 0.0, "the learned log-variance never moved"
     ckpt = sorted((Path(cfg.train.output_dir) / "checkpoints").iterdir())[-1]
@@ -171,19 +172,20 @@ def test_discriminator_trains_before_the_adversarial_term_starts(tiny):
     weight is on, the generator never calls D (no wasted forward/backward through it)."""
     cfg = tiny("adversarial.weight={value: 0.1, start: 3}", "adversarial.disc_start=1", "train.max_steps=3")
     trainer = vaegan.build_trainer(cfg)
-    assert not trainer.objective.discriminator_active(0) and trainer.objective.discriminator_active(1)
-    assert not trainer.objective.generator_uses_discriminator(2)
-    assert trainer.objective.generator_uses_discriminator(3)
-    d0 = [p.detach().clone() for p in trainer.disc_net.parameters()]
+    assert not trainer.train_step.objective.discriminator_active(0) and trainer.train_step.objective.discriminator_active(1)
+    assert not trainer.train_step.objective.generator_uses_discriminator(2)
+    assert trainer.train_step.objective.generator_uses_discriminator(3)
+    d0 = [p.detach().clone() for p in trainer.train_step.disc_net.parameters()]
     trainer.fit()
-    assert any(not torch.equal(a, b) for a, b in zip(d0, trainer.disc_net.parameters()))
+    assert any(not torch.equal(a, b) for a, b in zip(d0, trainer.train_step.disc_net.parameters()))
     history = [json.loads(l) for l in (Path(cfg.train.output_dir) / "metrics.jsonl").read_text().splitlines()]
     assert "g/adversarial" not in history[0], "the adversarial term ran before its start"
 
 
 @pytest.mark.parametrize("overrides", [
     ("discriminator=null", "adversarial=null"),  # the plain VAE baseline
-    ("model.arch=mlp", "model.mlp_hidden=[32]"),
+    ("model.name=mlp", "model.options={hidden: [32], latent_dim: 4}"),
+    ("model.name=tiny_spatial",),  # a spatial latent (B, c, h, w): tests/spatial_generator.py
     ("model.output_range=symmetric",),
 ])
 def test_variants_train(tiny, overrides):
@@ -199,7 +201,7 @@ def test_bf16_keeps_fp32_master_weights(tiny):
     trainer = vaegan.build_trainer(tiny("train.mixed_precision=bf16", "train.max_steps=3"))
     trainer.fit()
     assert trainer.accelerator.mixed_precision == "bf16"
-    for module in (trainer.gen, trainer.disc):
+    for module in (trainer.train_step.generator.module, trainer.train_step.discriminator.module):
         assert {p.dtype for p in module.parameters()} == {torch.float32}
     last = trainer.history[-1]
     assert all(torch.isfinite(torch.tensor(v)) for k, v in last.items() if "/" in k)
@@ -234,9 +236,9 @@ def test_resume_mid_epoch_equals_uninterrupted(tmp_path):
     common = ("train.epochs=3", "train.checkpoint_every=3")
     vaegan.build_trainer(tiny_config(tmp_path / "a", *common)).fit()
 
-    from accelerate.state import AcceleratorState
+    from vaegan._compat import reset_accelerate_state
     vaegan.build_trainer(tiny_config(tmp_path / "b", *common, "train.max_steps=6")).fit()
-    AcceleratorState._reset_state(True)
+    reset_accelerate_state()
     resumed = vaegan.build_trainer(tiny_config(tmp_path / "b", *common, "train.resume=latest"))
     resumed.fit()
     assert resumed.state.step == 12

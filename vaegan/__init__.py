@@ -1,4 +1,7 @@
-"""vaegan: hybrid VAE-GAN training whose losses and discriminators are entry-point plugins.
+"""vaegan: hybrid VAE-GAN training whose generators, losses and discriminators are entry-point plugins.
+
+The plugin contracts are in :mod:`vaegan.api`; a config names plugins, :func:`build_trainer` builds
+them and :meth:`Trainer.fit` trains.
 
 Example:
     >>> import vaegan
@@ -6,10 +9,24 @@ Example:
     >>> vaegan.train(cfg)  # doctest: +SKIP
 """
 
+from .api import (
+    AdversarialLoss,
+    DatasetFactory,
+    DiagonalGaussian,
+    Discriminator,
+    DiscriminatorOutput,
+    LossTerm,
+    Player,
+    TermInputs,
+    VAE,
+    VAEOutput,
+)
+from .callbacks import Callback
 from .config import (
     AdversarialConfig,
     DataConfig,
     DiscriminatorConfig,
+    EvalConfig,
     ExperimentConfig,
     ModelConfig,
     OptimConfig,
@@ -18,20 +35,21 @@ from .config import (
     apply_overrides,
     load_config,
 )
-from .discriminators import Discriminator
 from .errors import CheckpointError, ConfigError, DataError, PluginError, TrainingDiverged, VaeganError
-from .factory import build_discriminator, build_model, build_trainer, train
-from .model import VAE, VAEOutput
-from .objective import AdversarialLoss, DiscriminatorOutput, LossTerm, Objective, TermInputs
+from .factory import build_components, build_discriminator, build_generator, build_model, build_trainer, train
+from .objective import Objective
 from .schedules import Schedule
+from .step import StepOutput, TrainStep
 from .trainer import Trainer
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
-    "AdversarialConfig", "DataConfig", "DiscriminatorConfig", "ExperimentConfig", "ModelConfig",
-    "OptimConfig", "TermConfig", "TrainConfig", "apply_overrides", "load_config", "Discriminator",
-    "CheckpointError", "ConfigError", "DataError", "PluginError", "TrainingDiverged", "VaeganError", "build_discriminator",
-    "build_model", "build_trainer", "train", "VAE", "VAEOutput", "AdversarialLoss", "DiscriminatorOutput",
-    "LossTerm", "Objective", "TermInputs", "Schedule", "Trainer",
+    "AdversarialConfig", "DataConfig", "DiscriminatorConfig", "EvalConfig", "ExperimentConfig", "ModelConfig",
+    "OptimConfig", "TermConfig", "TrainConfig", "apply_overrides", "load_config",
+    "AdversarialLoss", "DatasetFactory", "DiagonalGaussian", "Discriminator", "DiscriminatorOutput", "LossTerm",
+    "Player", "TermInputs", "VAE", "VAEOutput",
+    "CheckpointError", "ConfigError", "DataError", "PluginError", "TrainingDiverged", "VaeganError",
+    "build_components", "build_discriminator", "build_generator", "build_model", "build_trainer", "train",
+    "Callback", "Objective", "Schedule", "StepOutput", "TrainStep", "Trainer",
 ]

@@ -35,6 +35,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 import numpy as np
 import torch
 
+from . import _compat
 from .errors import CheckpointError
 
 __all__ = ["MARKER", "CheckpointManager", "list_checkpoints", "find_checkpoint", "verify_checkpoint",
@@ -206,11 +207,9 @@ def safe_torch_load(path: Union[str, Path]) -> Any:
     Raises:
         CheckpointError: unreadable, truncated, or not loadable without running code.
     """
-    from accelerate.utils.other import TORCH_SAFE_GLOBALS  # numpy arrays and dtypes in RNG states
-
     path = Path(path)
     try:
-        with torch.serialization.safe_globals(TORCH_SAFE_GLOBALS):
+        with torch.serialization.safe_globals(_compat.torch_safe_globals()):  # numpy types in RNG states
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # UnpicklingError, zip errors, EOFError, RuntimeError from torch
         raise _corrupt(path, f"cannot be loaded safely ({type(exc).__name__}: {str(exc).splitlines()[0][:300]}); "

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import math
 from pathlib import Path
-from typing import Dict, Optional, Sequence, Tuple, Union
+from typing import Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -24,12 +24,13 @@ from torch.utils.data import DataLoader, Dataset
 from .config import DataConfig, from_dict, load_config
 from .data import build_dataset
 from .errors import CheckpointError, ConfigError, DataError, VaeganError
-from .model import CONFIG_NAME, VAE
+from ._deprecation import deprecated_names
+from .generator import CONFIG_NAME, VAE
 
 __all__ = [
     "OUTPUT_SUFFIXES", "check_output", "resolve_model_dir", "load_model", "trained_data_config",
     "to_uint8", "sample", "reconstruct", "interpolate", "save_images", "save_reconstructions",
-    "save_interpolations", "load_dataset", "preview_grids",
+    "save_interpolations", "load_dataset",
 ]
 
 logger = logging.getLogger(__name__)
@@ -161,7 +162,7 @@ def sample(model: VAE, num: int, seed: int = 0, batch_size: int = 256, temperatu
         >>> sample(VAE(ModelConfig()), 4).shape  # doctest: +SKIP
         torch.Size([4, 1, 28, 28])
     """
-    z = torch.randn(num, model.config.latent_dim, generator=torch.Generator().manual_seed(seed)) * temperature
+    z = model.sample_prior(num, generator=torch.Generator().manual_seed(seed)) * temperature  # (num, *latent_shape)
     out = [model.decode(chunk.to(_device_of(model))) for chunk in z.split(batch_size)]
     return to_uint8(torch.cat(out), model.value_range)
 
@@ -205,10 +206,8 @@ def interpolate(model: VAE, num_pairs: int = 4, steps: int = 8, seed: int = 0, d
     gen = torch.Generator().manual_seed(seed)
     device = _device_of(model)
     if dataset is None:
-        z0, z1 = torch.randn(2, num_pairs, model.config.latent_dim, generator=gen).to(device)
-        t = torch.linspace(0, 1, steps, device=device).view(1, steps, 1)
-        z = torch.lerp(z0.unsqueeze(1), z1.unsqueeze(1), t)  # (P, steps, D)
-        images = model.decode(z.flatten(0, 1)).unflatten(0, (num_pairs, steps))  # (P, steps, C, H, W)
+        z0, z1 = model.sample_prior(2 * num_pairs, generator=gen).to(device).chunk(2)  # (P, *latent_shape) each
+        images = model.decode_path(z0, z1, steps)  # (P, steps, C, H, W)
         return to_uint8(images, model.value_range), None
     n = len(dataset)  # type: ignore[arg-type]
     if indices is None:
@@ -229,39 +228,6 @@ def interpolate(model: VAE, num_pairs: int = 4, steps: int = 8, seed: int = 0, d
     strips = model.interpolate(x[0::2], x[1::2], steps=steps)  # (P, steps, C, H, W)
     ends = torch.stack([x[0::2], x[1::2]], dim=1)  # (P, 2, C, H, W)
     return to_uint8(strips, model.value_range), to_uint8(ends, model.value_range)
-
-
-@torch.no_grad()
-def preview_grids(model: VAE, real: Tensor, noise: Tensor) -> Dict[str, Tensor]:
-    """The trainer's preview panels as image grids: real | reconstruction pairs, decoded ``noise`` and
-    interpolation strips between real images (whose ends are the real images).
-
-    Args:
-        model: The generator (put in eval mode while drawing, then back).
-        real: (N, C, H, W) images in the model's value range, on the model's device.
-        noise: (M, latent_dim) prior latents.
-
-    Returns:
-        ``{"reconstructions", "samples", "interpolations"}`` -> (3, H', W') float grids in [0, 1], the
-        format of ``torchvision.utils.save_image`` and the trackers (no interpolations when N < 2).
-    """
-    from torchvision.utils import make_grid
-
-    was_training = model.training
-    model.eval()
-    recon = model.reconstruct(real)
-    panels = {  # name -> (images, images per row)
-        "reconstructions": (torch.stack([real, recon], dim=1).flatten(0, 1), 16),  # (2N, C, H, W): real, recon, ...
-        "samples": (model.decode(noise), 8),  # (M, C, H, W)
-    }
-    k = min(8, real.shape[0] // 2)  # strips between real images i and k + i
-    if k:
-        strip = model.interpolate(real[:k], real[k:2 * k], steps=8)  # (k, 8, C, H, W)
-        rows = torch.cat([real[:k, None], strip, real[k:2 * k, None]], dim=1)  # (k, 10, C, H, W): ends are real
-        panels["interpolations"] = (rows.flatten(0, 1), rows.shape[1])
-    model.train(was_training)
-    return {key: make_grid(images.float(), nrow=nrow, normalize=True, value_range=model.value_range)
-            for key, (images, nrow) in panels.items()}
 
 
 def _image(item) -> Tensor:
@@ -322,3 +288,7 @@ def save_interpolations(path: Union[str, Path], strips: Tensor, ends: Optional[T
         return save_images(path, strips, **({"inputs": ends} if ends is not None else {}))
     rows = strips if ends is None else torch.cat([ends[:, :1], strips, ends[:, 1:]], dim=1)  # (P, S(+2), C, H, W)
     return save_images(path, rows)
+
+
+# The trainer's preview panels moved to their own module (the trainer no longer imports this CLI-side one).
+__getattr__ = deprecated_names(__name__, {"preview_grids": "vaegan.previews:preview_grids"})

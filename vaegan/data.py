@@ -1,8 +1,9 @@
 """Datasets: MNIST through torchvision and a folder of images of any kind, as dataset plugins.
 
-A dataset plugin (group ``vaegan.datasets``) is a callable
-``factory(root, split, download, limit, image_shape, value_range) -> torch.utils.data.Dataset``
-whose items are float tensors (C, H, W) in ``value_range`` (or ``(image, label)`` pairs).
+A dataset plugin (group ``vaegan.datasets``) is a :class:`vaegan.api.DatasetFactory`: a callable
+``factory(root=, split=, download=, limit=, image_shape=, value_range=, **options)`` returning a
+map-style dataset whose items are float tensors (C, H, W) in ``value_range`` (or ``(image, label)``
+pairs); ``options`` is the config's ``data.options``, checked against its signature.
 
 Small datasets are held in memory as one uint8 tensor (:class:`TensorImages`): no per-item PIL
 decoding in the training loop.
@@ -26,7 +27,7 @@ from torch.utils.data import Dataset
 
 from . import registry
 from .config import DataConfig, ModelConfig
-from .errors import DataError
+from .errors import DataError, PluginError
 
 __all__ = ["TensorImages", "ImageFolder", "mnist", "image_folder", "build_dataset", "first_batch"]
 
@@ -169,16 +170,19 @@ def image_folder(root: str, split: str, download: bool, limit: Optional[int], im
 
 
 def build_dataset(data: DataConfig, model: ModelConfig) -> Dataset:
-    """Build the dataset plugin ``data.name`` for a model; fails fast if it is empty.
+    """Build the dataset plugin ``data.name`` (with ``data.options``) for a model; fails fast if it is empty.
 
     Raises:
         DataError: missing, unreadable or empty data.
-        PluginError: unknown dataset name.
+        PluginError: unknown dataset name, or a factory that returns no dataset.
+        ConfigError: an option the factory does not accept.
     """
-    factory = registry.load("vaegan.datasets", data.name)
-    value_range = (0.0, 1.0) if model.output_range == "unit" else (-1.0, 1.0)
-    ds = factory(root=data.root, split=data.split, download=data.download, limit=data.limit,
-                 image_shape=model.image_shape, value_range=value_range)
+    ds = registry.build_plugin("vaegan.datasets", data.name, dict(data.options), root=data.root, split=data.split,
+                               download=data.download, limit=data.limit, image_shape=model.image_shape,
+                               value_range=model.value_range)
+    if not (hasattr(ds, "__len__") and hasattr(ds, "__getitem__")):
+        raise PluginError(f"Dataset plugin '{data.name}' returned a {type(ds).__name__}, not a map-style dataset "
+                          "(it needs __len__ and __getitem__).")
     if len(ds) == 0:
         raise DataError(f"The '{data.name}' dataset at '{data.root}' ({data.split}) is empty.")
     return ds

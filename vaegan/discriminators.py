@@ -1,10 +1,6 @@
-"""The discriminator contract and vaegan's small default discriminator.
+"""vaegan's small default discriminator (``simple``); the contract is :class:`vaegan.api.Discriminator`.
 
-A discriminator plugin (group ``vaegan.discriminators``) is an ``nn.Module`` subclass of
-:class:`Discriminator`, constructed as ``cls(image_shape=(C, H, W), **options)``, whose ``forward(x)``
-returns a :class:`~vaegan.objective.DiscriminatorOutput` (logits of any shape with a leading batch
-dimension, plus intermediate features for feature matching). Richer designs (PatchGAN, DCGAN) are
-in ``vaegan_plugins``.
+Richer designs (PatchGAN, DCGAN) are first-party plugins in ``vaegan_plugins``.
 """
 
 from __future__ import annotations
@@ -15,28 +11,14 @@ from einops import rearrange
 from torch import Tensor, nn
 from torch.nn.utils.parametrizations import spectral_norm as _sn
 
+from . import api
+from ._deprecation import deprecated_names
 from .errors import ConfigError
-from .objective import DiscriminatorOutput
 
-__all__ = ["Discriminator", "SimpleDiscriminator"]
-
-
-class Discriminator(nn.Module):
-    """Base class for discriminators: ``forward(x) -> DiscriminatorOutput``.
-
-    Args:
-        image_shape: (C, H, W) of the images it judges.
-    """
-
-    def __init__(self, image_shape: Tuple[int, int, int]) -> None:
-        super().__init__()
-        self.image_shape = tuple(image_shape)
-
-    def forward(self, x: Tensor) -> DiscriminatorOutput:  # pragma: no cover - abstract
-        raise NotImplementedError
+__all__ = ["SimpleDiscriminator"]
 
 
-class SimpleDiscriminator(Discriminator):
+class SimpleDiscriminator(api.Discriminator):
     """A compact global discriminator: strided 4x4 convs with LeakyReLU, then one logit per image.
 
     No BatchNorm (no running statistics to diverge across DDP ranks, and no coupling between real
@@ -72,9 +54,14 @@ class SimpleDiscriminator(Discriminator):
             h, w = h // 2, w // 2
         self.head = wrap(nn.Linear(c * h * w, 1))
 
-    def forward(self, x: Tensor) -> DiscriminatorOutput:
+    def forward(self, x: Tensor) -> api.DiscriminatorOutput:
         features: List[Tensor] = []
         for block in self.blocks:
             x = block(x)
             features.append(x)
-        return DiscriminatorOutput(self.head(rearrange(x, "b c h w -> b (c h w)")), tuple(features))
+        return api.DiscriminatorOutput(self.head(rearrange(x, "b c h w -> b (c h w)")), tuple(features))
+
+
+# vaegan 0.1 defined the discriminator contract here; it is in vaegan.api now.
+__getattr__ = deprecated_names(__name__, {"Discriminator": "vaegan.api:Discriminator",
+                                          "DiscriminatorOutput": "vaegan.api:DiscriminatorOutput"})

@@ -44,7 +44,7 @@ from .config import DataConfig, EvalConfig, ModelConfig
 from .data import TensorImages, build_dataset
 from .errors import DataError, PluginError
 from .metrics import ClassHistogram, HighFrequencyRatio, LikelihoodBounds, PrecisionRecall, SharpnessRatio
-from .model import VAE
+from .generator import VAE
 
 __all__ = ["DigitClassifier", "load_or_train_classifier", "EvalResources", "prepare_evaluation", "evaluate",
            "default_cache_dir"]
@@ -315,9 +315,9 @@ def evaluate(model: VAE, data: DataConfig, config: EvalConfig = EvalConfig(), *,
     # Noise drawn once for all images and sharded like them: 1 and N processes see the same numbers.
     n_nll = min(config.nll_images, len(ds))
     gen = torch.Generator().manual_seed(config.seed)
-    latent = model.config.latent_dim
-    nll_noise = torch.randn(config.nll_samples, n_nll, latent, generator=gen)  # (K, N_nll, D)
-    prior_z = torch.randn(config.num_samples, latent, generator=gen)  # (S, D)
+    latent = model.latent_shape
+    nll_noise = torch.randn(config.nll_samples, n_nll, *latent, generator=gen)  # (K, N_nll, *latent_shape)
+    prior_z = model.sample_prior(config.num_samples, generator=gen)  # (S, *latent_shape)
 
     for idx, x in _batches(ds, torch.arange(rank, len(ds), world), config.batch_size):
         x = x.to(device)

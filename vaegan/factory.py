@@ -1,5 +1,11 @@
 """Factories: turn an :class:`~vaegan.config.ExperimentConfig` into components, then a trainer.
 
+Everything the training loop uses is built here, in this order, before any training starts: the
+plugins (objective, generator, discriminator, dataset; every name and option is checked), the
+Accelerator, a check of the data against the model, the data loader, both players with their
+optimizers and schedules, ``accelerator.prepare``, the EMA, compilation, and the evaluation data. Each
+piece has its own function, so a test or a benchmark can build some parts itself and inject them.
+
 Example:
     >>> cfg = load_config("recipes/configs/vaegan_mnist.yaml", ["train.max_steps=10"])  # doctest: +SKIP
     >>> build_trainer(cfg).fit()  # doctest: +SKIP
@@ -7,58 +13,214 @@ Example:
 
 from __future__ import annotations
 
-from typing import Optional
+import math
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Sequence
 
+import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import DataLoaderConfiguration, set_seed
 from torch import nn
+from torch.optim.swa_utils import AveragedModel
+from torch.utils.data import DataLoader, Dataset
 
-from .config import ExperimentConfig
-from .data import build_dataset
-from .discriminators import Discriminator
-from .errors import PluginError
-from .model import VAE
-from .objective import Objective, build_plugin
+from . import api, registry
+from .callbacks import Callback
+from .config import ExperimentConfig, TrainConfig
+from .data import TensorImages, build_dataset
+from .errors import DataError, PluginError
+from .evaluation import EvalResources, prepare_evaluation
+from .generator import build_generator
+from .guards import StepGuard
+from .objective import Objective
+from .optim import WarmupEMA, build_optimizer, default_precision
+from .step import PlayerModule, Trainable, TrainStep
 from .trainer import Trainer
 
-__all__ = ["build_model", "build_discriminator", "build_trainer", "train"]
-
-
-def build_model(config: ExperimentConfig) -> VAE:
-    """The VAE described by ``config.model``."""
-    return VAE(config.model)
+__all__ = ["build_generator", "build_discriminator", "build_accelerator", "build_loader", "check_dataset",
+           "Components", "build_components", "build_trainer", "train", "build_model"]
 
 
 def build_discriminator(config: ExperimentConfig) -> Optional[nn.Module]:
     """The discriminator plugin named in ``config.discriminator`` (None for a plain VAE).
 
     Raises:
-        PluginError: unknown or broken plugin, or one that is not a Discriminator.
+        PluginError: unknown or broken plugin, or one that is not a :class:`~vaegan.api.Discriminator`.
         ConfigError: options it does not accept (e.g. too deep for the image size).
     """
     dc = config.discriminator
     if dc is None:
         return None
-    disc = build_plugin("vaegan.discriminators", dc.name, dict(dc.options), image_shape=config.model.image_shape)
-    if not isinstance(disc, Discriminator):
-        raise PluginError(f"Discriminator plugin '{dc.name}' built a {type(disc).__name__}, not a vaegan Discriminator.")
+    disc = registry.build_plugin("vaegan.discriminators", dc.name, dict(dc.options), image_shape=config.model.image_shape)
+    if not isinstance(disc, api.Discriminator):
+        raise PluginError(f"Discriminator plugin '{dc.name}' built a {type(disc).__name__}, not a vaegan.api.Discriminator.")
     return disc
 
 
-def build_trainer(config: ExperimentConfig, accelerator: Optional[Accelerator] = None) -> Trainer:
-    """Build model, discriminator, objective and dataset from ``config`` and inject them.
+def build_model(config: ExperimentConfig) -> api.VAE:
+    """Deprecated: ``build_generator(config.model)``."""
+    warnings.warn("vaegan.build_model(config) is deprecated; use vaegan.build_generator(config.model).",
+                  DeprecationWarning, stacklevel=2)
+    return build_generator(config.model)
+
+
+def build_accelerator(train: TrainConfig) -> Accelerator:
+    """The run's Accelerator: precision, gradient accumulation, trackers, seeded data order (and TF32)."""
+    if train.tf32 and torch.cuda.is_available():  # fp32 matmuls and convs on tensor cores (Ampere+)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return Accelerator(
+        mixed_precision=default_precision(train.mixed_precision),
+        gradient_accumulation_steps=train.grad_accum,
+        log_with=None if train.report_to == "none" else train.report_to,
+        project_dir=train.output_dir,
+        step_scheduler_with_optimizer=False,  # schedules count optimizer updates, stepped by the step
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=train.seed),
+    )
+
+
+def check_dataset(model: api.VAE, dataset: Dataset, global_batch: int) -> None:
+    """Refuse data that would fail later: empty, smaller than one step, or images the model cannot take.
+
+    Raises:
+        DataError: saying what is wrong and what to change.
+    """
+    n = len(dataset)  # type: ignore[arg-type]
+    if n == 0:
+        raise DataError("The dataset is empty; point the data section at a folder or split with images.")
+    if n < global_batch:
+        raise DataError(
+            f"The dataset has {n} images but one step needs {global_batch} (batch_size x processes). "
+            "Lower train.batch_size or add data."
+        )
+    # 64 images spread over the whole dataset, not only its first batch: a bad file in the middle is
+    # refused now rather than found at step 40,000.
+    items = [dataset[i] for i in torch.linspace(0, n - 1, min(n, 64)).round().long().unique().tolist()]
+    model.check_images(torch.stack([it[0] if isinstance(it, (tuple, list)) else it for it in items]), "the dataset")
+
+
+def build_loader(dataset: Dataset, config: ExperimentConfig, accelerator: Accelerator) -> DataLoader:
+    """The (unprepared) training loader: shuffled with a private seeded generator, full batches only.
+
+    MNIST-size in-memory data moves to the GPU once (batches are then cut there); streamed data gets
+    worker processes, pinned memory and prefetching.
+    """
+    tc, workers = config.train, config.data.num_workers
+    on_gpu = accelerator.device.type == "cuda"
+    if isinstance(dataset, TensorImages) and on_gpu and workers == 0:
+        dataset = dataset.to(accelerator.device)
+    streamed = not isinstance(dataset, TensorImages)  # decoded per item
+    # A private generator: DataLoader.__iter__ otherwise draws a seed from the global RNG, which would
+    # shift the reparameterisation noise after a mid-epoch resume.
+    return DataLoader(dataset, batch_size=tc.batch_size, shuffle=True, drop_last=True, num_workers=workers,
+                      generator=torch.Generator().manual_seed(tc.seed), pin_memory=on_gpu and streamed,
+                      persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None)
+
+
+@dataclass
+class Components:
+    """What :class:`~vaegan.trainer.Trainer` is built from (see :func:`build_components`)."""
+
+    train_step: TrainStep
+    loader: Any  # the prepared DataLoader
+    total_steps: int
+    evaluation: Optional[EvalResources]
+
+
+def build_components(config: ExperimentConfig, model: api.VAE, objective: Objective, dataset: Dataset,
+                     discriminator: Optional[nn.Module] = None, accelerator: Optional[Accelerator] = None) -> Components:
+    """Assemble given plugins into a prepared step and loader: checks, optimizers, ``prepare``, EMA, compile.
+
+    Args:
+        config: The run's configuration.
+        model: The generator. objective: Both players' loss terms. dataset: Training images.
+        discriminator: Required when the objective has adversarial terms.
+        accelerator: Default: :func:`build_accelerator` of ``config.train``.
+
+    Raises:
+        DataError: the data does not fit the model, or there is too little of it.
+        ConfigError: inconsistent components.
+    """
+    from .errors import ConfigError
+
+    tc = config.train
+    accelerator = accelerator or build_accelerator(tc)
+    if objective.needs_discriminator and discriminator is None:
+        raise ConfigError("The objective has adversarial terms but no discriminator was given.")
+    check_dataset(model, dataset, tc.batch_size * accelerator.num_processes)
+    set_seed(tc.seed)
+    loader = build_loader(dataset, config, accelerator)
+    batches = len(dataset) // (tc.batch_size * accelerator.num_processes)  # full micro-batches per epoch
+    per_epoch = math.ceil(batches / tc.grad_accum)
+    total_steps = min(tc.max_steps or per_epoch * tc.epochs, per_epoch * tc.epochs)
+    objective.resolve(total_steps)  # schedules given as a fraction of training
+
+    if tc.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+        if discriminator is not None:
+            discriminator = discriminator.to(memory_format=torch.channels_last)
+    gen = PlayerModule(model, objective.generator_terms)
+    g_opt, g_sched = build_optimizer(gen.parameters(), config.optim_g, total_steps)
+    if discriminator is None:
+        gen, g_opt, g_sched, loader = accelerator.prepare(gen, g_opt, g_sched, loader)
+        d_player = None
+    else:
+        if accelerator.num_processes > 1 and accelerator.device.type == "cuda":
+            # BatchNorm statistics would otherwise differ per rank (SyncBatchNorm needs a GPU).
+            discriminator = nn.SyncBatchNorm.convert_sync_batchnorm(discriminator)
+        disc = PlayerModule(discriminator, objective.discriminator_terms)
+        d_opt, d_sched = build_optimizer(disc.parameters(), config.optim_d, total_steps)
+        gen, disc, g_opt, d_opt, g_sched, d_sched, loader = accelerator.prepare(
+            gen, disc, g_opt, d_opt, g_sched, d_sched, loader)  # generator first: the checkpoint's file order
+        d_player = Trainable(disc, d_opt, d_sched, config.optim_d)
+    raw = accelerator.unwrap_model(gen).net
+    ema = None
+    if tc.ema_decay is not None:
+        ema = AveragedModel(raw, multi_avg_fn=WarmupEMA(tc.ema_decay), use_buffers=True)
+    if tc.compile:  # in place, after the EMA copy: state_dict keys and checkpoints stay as they are
+        raw.compile(backend=tc.compile)
+        if d_player is not None:
+            accelerator.unwrap_model(d_player.module).net.compile(backend=tc.compile)
+    guard = StepGuard(tc.max_nonfinite_steps, accelerator, fp16_scaler=accelerator.scaler is not None)
+    step = TrainStep(accelerator, objective, Trainable(gen, g_opt, g_sched, config.optim_g), d_player, guard, ema,
+                     channels_last=tc.channels_last)
+    evaluation = None
+    if config.eval.every:  # load the split (and classifier) now: missing data fails before training
+        evaluation = prepare_evaluation(config.data, model.config, config.eval, accelerator=accelerator)
+    return Components(step, loader, total_steps, evaluation)
+
+
+def build_trainer(config: ExperimentConfig, accelerator: Optional[Accelerator] = None,
+                  callbacks: Sequence[Callback] = (), dataset: Optional[Dataset] = None) -> Trainer:
+    """Build every plugin named in ``config``, assemble them (:func:`build_components`) and the trainer.
 
     Every plugin is resolved and the data is checked here, before any training starts. The seed is
     set first, so the initial weights depend only on ``config.train.seed``.
+
+    Args:
+        config: The run's configuration.
+        accelerator: Default: :func:`build_accelerator` of ``config.train``.
+        callbacks: Hooks into the loop (:class:`~vaegan.callbacks.Callback`).
+        dataset: Training images to use instead of the ``data`` section's dataset plugin.
+
+    Raises:
+        PluginError, ConfigError, DataError: a name, option or dataset that cannot be used.
+
+    Example:
+        >>> trainer = build_trainer(load_config("recipes/configs/vaegan_mnist.yaml"))  # doctest: +SKIP
     """
     set_seed(config.train.seed)
     objective = Objective.from_config(config)
-    model = build_model(config)
+    model = build_generator(config.model)
     disc = build_discriminator(config)
-    dataset = build_dataset(config.data, config.model)
-    return Trainer(config, model, objective, dataset, disc, accelerator)
+    dataset = build_dataset(config.data, config.model) if dataset is None else dataset
+    parts = build_components(config, model, objective, dataset, disc, accelerator)
+    return Trainer(config, parts.train_step, parts.loader, parts.total_steps, callbacks=callbacks,
+                   evaluation=parts.evaluation)
 
 
-def train(config: ExperimentConfig):
+def train(config: ExperimentConfig, callbacks: Sequence[Callback] = ()) -> Path:
     """Build everything and train; returns the folder of the final model."""
-    return build_trainer(config).fit()
+    return build_trainer(config, callbacks=callbacks).fit()

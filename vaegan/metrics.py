@@ -103,7 +103,7 @@ class HighFrequencyRatio(_RealFakeMean):
 
 
 def _log_likelihood(model, x: Tensor, z: Tensor, likelihood: str, logvar: Optional[Tensor]) -> Tensor:
-    """log p(x | z) summed over pixels, (N,). ``x`` (N, C, H, W) repeated to match ``z`` (N, D)."""
+    """log p(x | z) summed over pixels, (N,). ``x`` (N, C, H, W) repeated to match ``z`` (N, *latent_shape)."""
     logits = model.decode_logits(z).float()
     if likelihood == "bernoulli":
         low, high = model.value_range
@@ -129,23 +129,24 @@ def importance_sampled_log_likelihood(model, x: Tensor, num_samples: int = 100, 
         num_samples: K importance samples from q(z|x).
         likelihood: ``"bernoulli"`` (pixels in {0, 1}) or ``"gaussian"`` (per-pixel log-variance ``logvar``).
         logvar: Gaussian log-variance, scalar or per channel (e.g. a trained ``gaussian_nll``'s).
-        noise: Standard-normal draws (K, B, D) to use instead of fresh ones (reproducible under sharding).
+        noise: Standard-normal draws (K, B, *latent_shape) to use instead of fresh ones (reproducible under
+            sharding).
 
     Returns:
         ``{"log_px_iwae", "elbo", "recon_ll", "kl"}``, each (B,) in nats.
     """
     q = model.encode(x)
-    kl = q.kl().sum(dim=1)  # (B,) analytic KL
+    kl = reduce(q.kl(), "b ... -> b", "sum")  # (B,) analytic KL over every latent element
     log_ws = []
     for start in range(0, num_samples, chunk):
         k = min(chunk, num_samples - start)
         eps = noise[start : start + k].to(q.mean) if noise is not None else torch.randn(k, *q.mean.shape, device=x.device)
-        z = q.mean.unsqueeze(0) + q.std.unsqueeze(0) * eps  # (k, B, D)
-        flat = rearrange(z, "k b d -> (k b) d")
+        z = q.mean.unsqueeze(0) + q.std.unsqueeze(0) * eps  # (k, B, *latent_shape)
+        flat = z.flatten(0, 1)  # (k B, *latent_shape)
         xs = x.unsqueeze(0).expand(k, *x.shape).reshape(-1, *x.shape[1:])
         ll = rearrange(_log_likelihood(model, xs, flat, likelihood, logvar), "(k b) -> k b", k=k)
-        log_pz = -0.5 * (z.pow(2) + math.log(2 * math.pi)).sum(-1)
-        log_qz = -0.5 * (eps.pow(2) + math.log(2 * math.pi) + q.logvar.unsqueeze(0)).sum(-1)
+        log_pz = reduce(-0.5 * (z.pow(2) + math.log(2 * math.pi)), "k b ... -> k b", "sum")
+        log_qz = reduce(-0.5 * (eps.pow(2) + math.log(2 * math.pi) + q.logvar.unsqueeze(0)), "k b ... -> k b", "sum")
         log_ws.append(ll + log_pz - log_qz)
         if start == 0:
             recon_ll = ll.mean(dim=0)  # (B,) Monte Carlo E_q[log p(x|z)]
@@ -178,7 +179,7 @@ class LikelihoodBounds(Metric):
         self.add_state("dims", torch.zeros((), dtype=torch.float64), dist_reduce_fx="max")
 
     def update(self, x: Tensor, noise: Optional[Tensor] = None) -> None:
-        """Add images (B, C, H, W); ``noise`` (K, B, D) fixes the importance samples."""
+        """Add images (B, C, H, W); ``noise`` (K, B, *latent_shape) fixes the importance samples."""
         if self.likelihood == "bernoulli":
             low, high = self.model.value_range
             x = torch.where(x > (low + high) / 2, high, low).to(x.dtype)  # binarise

@@ -1,70 +1,37 @@
-"""The VAE: encoders, decoders, a diagonal Gaussian posterior, and save/load without pickle.
+"""vaegan's built-in generators, ``conv`` and ``mlp``, and the layers they share with the plugins.
 
-``VAE.forward`` returns everything the objective needs (reconstruction, posterior, latent, and on
-request a perturbed decode and prior samples) in one call. Training always goes through this one
-``forward`` of the (possibly DDP-wrapped) module, so DDP all-reduces every generator gradient and
-autocast covers the whole generator; nothing calls ``.module.encode`` around the wrapper.
+Both are registered in ``setup.cfg`` (group ``vaegan.generators``) exactly like a third-party
+generator, and both have a vector latent ``(B, latent_dim)``:
+
+- ``conv`` (:class:`ConvVAE`): strided convolutions with GroupNorm + SiLU (optional residual blocks),
+  a linear head to the posterior, and a mirrored decoder that upsamples to the encoder's exact sizes
+  (any H and W round-trip). The MNIST recipe's default.
+- ``mlp`` (:class:`MLPVAE`): the seed documents' fully connected 784-400-20 VAE.
+
+:class:`GroupNorm` is ``nn.GroupNorm`` made fast for channels_last bf16 input on CPUs; the
+first-party discriminators use it too.
 
 Example:
-    >>> vae = VAE(ModelConfig(image_channels=1, image_size=(28, 28), latent_dim=8))
-    >>> out = vae(torch.rand(4, 1, 28, 28))
-    >>> out.recon.shape, out.z.shape
-    (torch.Size([4, 1, 28, 28]), torch.Size([4, 8]))
+    >>> vae = ConvVAE((1, 28, 28), latent_dim=8)
+    >>> vae(torch.rand(4, 1, 28, 28)).z.shape
+    torch.Size([4, 8])
 """
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass
-from pathlib import Path
-from typing import List, Optional, Tuple, Union
+from typing import List, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from .config import ModelConfig, from_dict, to_dict
-from .errors import CheckpointError, ConfigError, DataError
+from ._deprecation import deprecated_names
+from .errors import ConfigError
+from .generator import VAE as _VAE
+from .generator import DiagonalGaussian as _DiagonalGaussian
 
-__all__ = ["DiagonalGaussian", "VAEOutput", "VAE"]
-
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
-
-
-@dataclass
-class DiagonalGaussian:
-    """A factorised Gaussian q(z|x) with mean and (clamped) log-variance, each (B, D)."""
-
-    mean: Tensor
-    logvar: Tensor
-
-    @property
-    def std(self) -> Tensor:
-        return torch.exp(0.5 * self.logvar)
-
-    def rsample(self) -> Tensor:
-        """The reparameterisation trick: z = mean + std * eps, differentiable in both."""
-        return self.mean + self.std * torch.randn_like(self.std)
-
-    def kl(self) -> Tensor:
-        """KL(q || N(0, I)) per latent dimension, shape (B, D), in nats."""
-        return 0.5 * (self.mean.pow(2) + self.logvar.exp() - 1.0 - self.logvar)
-
-
-@dataclass
-class VAEOutput:
-    """What one generator forward produces. Image tensors are (B, C, H, W); latents (B, D)."""
-
-    recon: Tensor
-    posterior: DiagonalGaussian
-    z: Tensor
-    recon_logits: Optional[Tensor] = None  # decoder pre-activation of recon (BCE with logits)
-    recon_decoder_only: Optional[Tensor] = None  # decode(z.detach()): fakes whose gradient skips the encoder
-    perturbed: Optional[Tensor] = None  # decode(z + sigma * u), for the smoothness regulariser
-    perturbation: Optional[Tensor] = None  # sigma * u, (B, D)
-    prior_samples: Optional[Tensor] = None  # decode(z ~ N(0, I)), for a discriminator's fakes
+__all__ = ["GroupNorm", "ResBlock", "ConvEncoder", "ConvDecoder", "MLPEncoder", "MLPDecoder", "ConvVAE", "MLPVAE"]
 
 
 def _spatial_sizes(size: Tuple[int, int], levels: int) -> List[Tuple[int, int]]:
@@ -129,19 +96,20 @@ class ResBlock(nn.Module):
 
 
 class ConvEncoder(nn.Module):
-    """Strided convs halve H and W per level; a linear head gives mean and log-variance."""
+    """Strided convs halve H and W per level; a linear head gives mean and log-variance (B, 2D)."""
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, image_shape: Tuple[int, int, int], latent_dim: int, channels: Sequence[int],
+                 res_blocks: int, norm_groups: int) -> None:
         super().__init__()
         layers: List[nn.Module] = []
-        c_in = cfg.image_channels
-        for c in cfg.channels:
-            layers += [nn.Conv2d(c_in, c, 3, stride=2, padding=1), GroupNorm(cfg.norm_groups, c), nn.SiLU()]
-            layers += [ResBlock(c, cfg.norm_groups) for _ in range(cfg.res_blocks)]
+        c_in = image_shape[0]
+        for c in channels:
+            layers += [nn.Conv2d(c_in, c, 3, stride=2, padding=1), GroupNorm(norm_groups, c), nn.SiLU()]
+            layers += [ResBlock(c, norm_groups) for _ in range(res_blocks)]
             c_in = c
         self.features = nn.Sequential(*layers)
-        h, w = _spatial_sizes(cfg.image_size, len(cfg.channels))[-1]
-        self.head = nn.Linear(c_in * h * w, 2 * cfg.latent_dim)
+        h, w = _spatial_sizes(image_shape[1:], len(channels))[-1]
+        self.head = nn.Linear(c_in * h * w, 2 * latent_dim)
 
     def forward(self, x: Tensor) -> Tensor:
         h = rearrange(self.features(x), "b c h w -> b (c h w)")
@@ -155,20 +123,21 @@ class ConvDecoder(nn.Module):
     avoids the checkerboard artefacts of transposed convolutions.
     """
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, image_shape: Tuple[int, int, int], latent_dim: int, channels: Sequence[int],
+                 res_blocks: int, norm_groups: int) -> None:
         super().__init__()
-        widths = list(cfg.channels)[::-1]
-        self.sizes = _spatial_sizes(cfg.image_size, len(widths))[::-1]  # smallest first
+        widths = list(channels)[::-1]
+        self.sizes = _spatial_sizes(image_shape[1:], len(widths))[::-1]  # smallest first
         self.c0 = widths[0]
-        self.fc = nn.Linear(cfg.latent_dim, widths[0] * self.sizes[0][0] * self.sizes[0][1])
+        self.fc = nn.Linear(latent_dim, widths[0] * self.sizes[0][0] * self.sizes[0][1])
         self.stages = nn.ModuleList()
         for i, c in enumerate(widths):
             c_out = widths[i + 1] if i + 1 < len(widths) else widths[-1]
-            blocks: List[nn.Module] = [ResBlock(c, cfg.norm_groups) for _ in range(cfg.res_blocks)]
-            blocks += [nn.Conv2d(c, c_out, 3, padding=1), GroupNorm(cfg.norm_groups, c_out), nn.SiLU()]
+            blocks: List[nn.Module] = [ResBlock(c, norm_groups) for _ in range(res_blocks)]
+            blocks += [nn.Conv2d(c, c_out, 3, padding=1), GroupNorm(norm_groups, c_out), nn.SiLU()]
             self.stages.append(nn.Sequential(*blocks))
         # The last layer: the adaptive GAN weight (plugins) measures gradient norms here.
-        self.out = nn.Conv2d(widths[-1], cfg.image_channels, 3, padding=1)
+        self.out = nn.Conv2d(widths[-1], image_shape[0], 3, padding=1)
 
     def forward(self, z: Tensor) -> Tensor:
         h0, w0 = self.sizes[0]
@@ -181,14 +150,15 @@ class ConvDecoder(nn.Module):
 class MLPEncoder(nn.Module):
     """The seed documents' fully connected encoder (784-400-2x20 for MNIST)."""
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, image_shape: Tuple[int, int, int], latent_dim: int, hidden: Sequence[int]) -> None:
         super().__init__()
-        dims = [cfg.image_channels * cfg.image_size[0] * cfg.image_size[1], *cfg.mlp_hidden]
+        c, h, w = image_shape
+        dims = [c * h * w, *hidden]
         layers: List[nn.Module] = []
         for a, b in zip(dims[:-1], dims[1:]):
             layers += [nn.Linear(a, b), nn.ReLU()]
         self.body = nn.Sequential(*layers)
-        self.head = nn.Linear(dims[-1], 2 * cfg.latent_dim)
+        self.head = nn.Linear(dims[-1], 2 * latent_dim)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.head(self.body(rearrange(x, "b c h w -> b (c h w)")))
@@ -197,10 +167,10 @@ class MLPEncoder(nn.Module):
 class MLPDecoder(nn.Module):
     """The seed documents' fully connected decoder (20-400-784 for MNIST)."""
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, image_shape: Tuple[int, int, int], latent_dim: int, hidden: Sequence[int]) -> None:
         super().__init__()
-        self.shape = cfg.image_shape
-        dims = [cfg.latent_dim, *cfg.mlp_hidden[::-1]]
+        self.shape = tuple(image_shape)
+        dims = [latent_dim, *list(hidden)[::-1]]
         layers: List[nn.Module] = []
         for a, b in zip(dims[:-1], dims[1:]):
             layers += [nn.Linear(a, b), nn.ReLU()]
@@ -213,198 +183,95 @@ class MLPDecoder(nn.Module):
         return rearrange(self.out(self.body(z)), "b (c h w) -> b c h w", c=c, h=h, w=w)
 
 
-# Two built-in architectures; a new one is a new (encoder, decoder) pair here.
-_ARCHITECTURES = {"conv": (ConvEncoder, ConvDecoder), "mlp": (MLPEncoder, MLPDecoder)}
+def _check_int(value: object, name: str, owner: str, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"{owner}: {name} must be an integer >= {minimum}, got {value!r}.")
+    return value
 
 
-class VAE(nn.Module):
-    """A variational autoencoder for images of shape ``config.image_shape``.
+def _check_widths(widths: object, name: str, owner: str) -> Tuple[int, ...]:
+    if isinstance(widths, (str, bytes)) or not isinstance(widths, Sequence) or not widths:
+        raise ConfigError(f"{owner}: {name} must be a non-empty list of widths, got {widths!r}.")
+    return tuple(_check_int(c, name, owner) for c in widths)
+
+
+class ConvVAE(_VAE):
+    """The convolutional VAE (generator ``conv``): vector latent, any image size and channel count.
 
     Args:
-        config: The architecture; see :class:`~vaegan.config.ModelConfig`.
+        image_shape: (C, H, W), passed by vaegan.
+        output_range: ``unit`` or ``symmetric``, passed by vaegan.
+        latent_dim: Size of the latent vector (pythae's MNIST VAEGAN uses 16).
+        channels: Conv widths per resolution; each level halves H and W (32/64: fast on a CPU).
+        res_blocks: Residual blocks per resolution in encoder and decoder (0 keeps MNIST fast).
+        norm_groups: GroupNorm groups; every width must be divisible by it (no batch statistics:
+            safe under DDP and tiny batches).
+        logvar_min, logvar_max: Clamp of the posterior log-variance.
 
     Raises:
-        DataError: from :meth:`check_images` when an input does not fit.
+        ConfigError: widths not divisible by ``norm_groups``, or non-positive sizes.
     """
 
-    def __init__(self, config: ModelConfig) -> None:
-        super().__init__()
-        self.config = config
-        enc, dec = _ARCHITECTURES[config.arch]
-        self.encoder = enc(config)
-        self.decoder = dec(config)
-        low, high = (0.0, 1.0) if config.output_range == "unit" else (-1.0, 1.0)
-        self.value_range = (low, high)
+    def __init__(self, image_shape: Tuple[int, int, int], output_range: str = "unit", latent_dim: int = 16,
+                 channels: Sequence[int] = (32, 64), res_blocks: int = 0, norm_groups: int = 8,
+                 logvar_min: float = -30.0, logvar_max: float = 20.0) -> None:
+        super().__init__(image_shape, output_range, (logvar_min, logvar_max))
+        latent_dim = _check_int(latent_dim, "latent_dim", "conv")
+        channels = _check_widths(channels, "channels", "conv")
+        _check_int(res_blocks, "res_blocks", "conv", minimum=0)
+        _check_int(norm_groups, "norm_groups", "conv")
+        bad = [c for c in channels if c % norm_groups]
+        if bad:
+            raise ConfigError(f"conv: channels {list(channels)} must all be divisible by norm_groups ({norm_groups}) "
+                              "for GroupNorm; change model.options.channels or model.options.norm_groups.")
+        self.latent_shape = (latent_dim,)
+        self.encoder = ConvEncoder(self.image_shape, latent_dim, channels, res_blocks, norm_groups)
+        self.decoder = ConvDecoder(self.image_shape, latent_dim, channels, res_blocks, norm_groups)
 
-    # ---- building blocks -------------------------------------------------------------------
-    @property
-    def last_layer(self) -> Tensor:
-        """The decoder's last weight: where the adaptive adversarial weight compares gradients."""
-        return self.decoder.out.weight
-
-    def encode(self, x: Tensor) -> DiagonalGaussian:
-        """q(z|x) for images ``x`` of shape (B, C, H, W)."""
-        mean, logvar = self.encoder(x).float().chunk(2, dim=1)  # posterior math in fp32
-        logvar = logvar.clamp(self.config.logvar_min, self.config.logvar_max)
-        return DiagonalGaussian(mean, logvar)
+    def encode(self, x: Tensor) -> _DiagonalGaussian:
+        return self.posterior(self.encoder(x))  # (B, D) each
 
     def decode_logits(self, z: Tensor) -> Tensor:
-        """The decoder's pre-activation output (B, C, H, W): logits for BCE, for instance."""
         return self.decoder(z)
 
-    def activate(self, logits: Tensor) -> Tensor:
-        """Map decoder pre-activations into the configured output range."""
-        return torch.sigmoid(logits) if self.config.output_range == "unit" else torch.tanh(logits)
+    @property
+    def last_layer(self) -> Tensor:
+        return self.decoder.out.weight
 
-    def decode(self, z: Tensor) -> Tensor:
-        """Images (B, C, H, W) in the output range for latents ``z`` (B, D)."""
-        return self.activate(self.decode_logits(z))
 
-    # ---- training ----------------------------------------------------------------------------
-    def forward(self, x: Tensor, perturb_std: float = 0.0, num_prior: int = 0, decoder_only: bool = False) -> VAEOutput:
-        """Encode, sample, decode; optionally decode a perturbed latent, prior samples, and a copy of
-        the reconstruction whose gradient reaches only the decoder.
+class MLPVAE(_VAE):
+    """The fully connected VAE of the seed documents (generator ``mlp``): 784-400-20 on MNIST.
 
-        Args:
-            x: Images (B, C, H, W) in the output range.
-            perturb_std: When > 0, also decode ``z + perturb_std * u`` with ``u ~ N(0, I)``.
-            num_prior: When > 0, also decode that many ``z ~ N(0, I)``.
-            decoder_only: Also decode ``z.detach()`` (same values as ``recon``, no encoder gradient).
+    Args:
+        image_shape: (C, H, W), passed by vaegan.
+        output_range: ``unit`` or ``symmetric``, passed by vaegan.
+        latent_dim: Size of the latent vector.
+        hidden: Hidden widths of the encoder (the decoder mirrors them).
+        logvar_min, logvar_max: Clamp of the posterior log-variance.
+    """
 
-        Returns:
-            A :class:`VAEOutput`; ``recon`` is in the output range.
-        """
-        posterior = self.encode(x)
-        z = posterior.rsample()
-        zs = [z]
-        if decoder_only:
-            zs.append(z.detach())
-        delta = None
-        if perturb_std > 0:
-            delta = perturb_std * torch.randn_like(z)
-            zs.append(z + delta)
-        if num_prior > 0:
-            zs.append(torch.randn(num_prior, z.shape[1], device=z.device, dtype=z.dtype))
-        # One decoder call for all latents: one kernel launch per layer instead of three.
-        logits = self.decode_logits(torch.cat(zs))
-        images = self.activate(logits)
-        b = x.shape[0]
-        out = VAEOutput(recon=images[:b], posterior=posterior, z=z, recon_logits=logits[:b])
-        offset = b
-        if decoder_only:
-            out.recon_decoder_only = images[offset : offset + b]
-            offset += b
-        if delta is not None:
-            out.perturbed, out.perturbation = images[offset : offset + b], delta
-            offset += b
-        if num_prior > 0:
-            out.prior_samples = images[offset:]
-        return out
+    def __init__(self, image_shape: Tuple[int, int, int], output_range: str = "unit", latent_dim: int = 16,
+                 hidden: Sequence[int] = (400,), logvar_min: float = -30.0, logvar_max: float = 20.0) -> None:
+        super().__init__(image_shape, output_range, (logvar_min, logvar_max))
+        latent_dim = _check_int(latent_dim, "latent_dim", "mlp")
+        hidden = _check_widths(hidden, "hidden", "mlp")
+        self.latent_shape = (latent_dim,)
+        self.encoder = MLPEncoder(self.image_shape, latent_dim, hidden)
+        self.decoder = MLPDecoder(self.image_shape, latent_dim, hidden)
 
-    # ---- inference ---------------------------------------------------------------------------
-    @torch.no_grad()
-    def reconstruct(self, x: Tensor, sample: bool = False) -> Tensor:
-        """Reconstruct images; uses the posterior mean unless ``sample`` is True."""
-        q = self.encode(x)
-        return self.decode(q.rsample() if sample else q.mean)
+    def encode(self, x: Tensor) -> _DiagonalGaussian:
+        return self.posterior(self.encoder(x))
 
-    @torch.no_grad()
-    def sample(self, n: int, temperature: float = 1.0, generator: Optional[torch.Generator] = None) -> Tensor:
-        """Draw ``n`` images (n, C, H, W) from the prior, scaled by ``temperature``."""
-        p = next(self.parameters())
-        z = torch.randn(n, self.config.latent_dim, generator=generator, device=p.device) * temperature
-        return self.decode(z.to(p.dtype))
+    def decode_logits(self, z: Tensor) -> Tensor:
+        return self.decoder(z)
 
-    @torch.no_grad()
-    def interpolate(self, x0: Tensor, x1: Tensor, steps: int = 8) -> Tensor:
-        """Decode ``steps`` points on the line between the posterior means of x0 and x1.
+    @property
+    def last_layer(self) -> Tensor:
+        return self.decoder.out.weight
 
-        Args:
-            x0, x1: Images (B, C, H, W).
-        Returns:
-            (B, steps, C, H, W) images; index 0 is near x0 and index -1 near x1.
-        """
-        z0, z1 = self.encode(x0).mean, self.encode(x1).mean
-        t = torch.linspace(0, 1, steps, device=z0.device).view(1, steps, 1)
-        z = torch.lerp(z0.unsqueeze(1), z1.unsqueeze(1), t)  # (B, steps, D)
-        imgs = self.decode(rearrange(z, "b s d -> (b s) d"))
-        return rearrange(imgs, "(b s) c h w -> b s c h w", s=steps)
 
-    def check_images(self, x: Tensor, where: str = "the data") -> None:
-        """Raise :class:`DataError` unless ``x`` is a (B, C, H, W) batch this model accepts."""
-        want = self.config.image_shape
-        if x.numel() == 0:
-            raise DataError(f"{where} gave an empty batch; the dataset must contain images.")
-        if x.ndim != 4 or tuple(x.shape[1:]) != want:
-            raise DataError(
-                f"Images from {where} have shape {tuple(x.shape[1:]) if x.ndim == 4 else tuple(x.shape)}"
-                f" but the model expects (C, H, W) = {want}. Set model.image_channels and "
-                "model.image_size to match the data, or resize/convert the images."
-            )
-        if not torch.isfinite(x).all():
-            raise DataError(f"Images from {where} contain NaN or infinite pixels; clean the data.")
-        low, high = self.value_range
-        lo, hi = float(x.min()), float(x.max())
-        if lo < low - 1e-3 or hi > high + 1e-3:
-            raise DataError(
-                f"Pixels from {where} span [{lo:.3g}, {hi:.3g}] but the model's output range is "
-                f"[{low:g}, {high:g}] (model.output_range='{self.config.output_range}'). Rescale "
-                "the data or change model.output_range."
-            )
-
-    # ---- serialisation -----------------------------------------------------------------------
-    def save_pretrained(self, directory: Union[str, Path]) -> Path:
-        """Write ``config.json`` and ``model.safetensors`` (no pickle) into ``directory``."""
-        from safetensors.torch import save_file
-
-        d = Path(directory)
-        d.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        save_file(state, str(d / WEIGHTS_NAME), metadata={"format": "pt", "library": "vaegan"})
-        (d / CONFIG_NAME).write_text(json.dumps(to_dict(self.config), indent=2) + "\n")
-        return d
-
-    @classmethod
-    def from_pretrained(cls, directory: Union[str, Path], map_location: str = "cpu") -> "VAE":
-        """Load a model written by :meth:`save_pretrained`.
-
-        Raises:
-            CheckpointError: missing/corrupt files or weights that do not fit the config.
-        """
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        d = Path(directory)
-        cfg_path, w_path = d / CONFIG_NAME, d / WEIGHTS_NAME
-        for p in (cfg_path, w_path):
-            if not p.is_file():
-                raise CheckpointError(
-                    f"'{p}' is missing: '{d}' is not a saved vaegan model. Pass the folder written by "
-                    "save_pretrained (a training run's <output-dir>/final)."
-                )
-        try:
-            config = from_dict(ModelConfig, json.loads(cfg_path.read_text()), "model")
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise CheckpointError(f"'{cfg_path}' is not valid JSON ({exc}); the save is corrupt.") from None
-        except ConfigError as exc:
-            raise CheckpointError(f"'{cfg_path}' is not a vaegan model config: {exc}") from None
-        try:
-            state = load_file(str(w_path), device=map_location)
-        except (SafetensorError, OSError, ValueError) as exc:
-            raise CheckpointError(
-                f"'{w_path}' cannot be read as safetensors ({exc}); the file is corrupt or truncated. "
-                "Re-export it from a training checkpoint."
-            ) from None
-        model = cls(config)
-        expected = model.state_dict()
-        missing = sorted(set(expected) - set(state))
-        unexpected = sorted(set(state) - set(expected))
-        wrong = sorted(k for k in set(expected) & set(state) if expected[k].shape != state[k].shape)
-        if missing or unexpected or wrong:
-            raise CheckpointError(
-                f"'{w_path}' does not fit the architecture in '{cfg_path}': missing {missing[:5]}, "
-                f"unexpected {unexpected[:5]}, wrong shape {wrong[:5]}. The two files come from "
-                "different models; re-save them together."
-            )
-        model.load_state_dict(state)
-        return model.to(map_location)
+# vaegan 0.1 defined these here; they are the generator contract now (vaegan.api).
+__getattr__ = deprecated_names(__name__, {
+    "VAE": "vaegan.api:VAE", "VAEOutput": "vaegan.api:VAEOutput", "DiagonalGaussian": "vaegan.api:DiagonalGaussian",
+    "CONFIG_NAME": "vaegan.generator:CONFIG_NAME", "WEIGHTS_NAME": "vaegan.generator:WEIGHTS_NAME",
+})

@@ -1,6 +1,6 @@
 """The training objective: named, weighted loss terms, each feeding exactly one player.
 
-A *term* is a :class:`LossTerm` plugin (group ``vaegan.losses``) that maps a :class:`TermInputs` to a
+A *term* is a :class:`~vaegan.api.LossTerm` plugin (group ``vaegan.losses``) that maps a :class:`~vaegan.api.TermInputs` to a
 scalar. Its class attribute ``player`` says whose optimizer its gradient feeds: the generator (the
 VAE) or the discriminator. The :class:`Objective` sums each player's terms with their scheduled
 weights, and returns the total plus a named breakdown for logging.
@@ -19,173 +19,46 @@ Example:
 
 from __future__ import annotations
 
-import inspect
-from dataclasses import dataclass, field
-from typing import Callable, ClassVar, Dict, List, Literal, NamedTuple, Optional, Tuple
+from typing import ClassVar, Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
 
-from . import registry
+from . import api, registry
+from ._deprecation import deprecated_names
 from .config import AdversarialConfig, ExperimentConfig
 from .errors import ConfigError, PluginError
-from .model import VAEOutput
 from .schedules import Schedule
 
-__all__ = [
-    "Player",
-    "DiscriminatorOutput",
-    "TermInputs",
-    "LossTerm",
-    "AdversarialLoss",
-    "Objective",
-    "adaptive_weight",
-    "build_plugin",
-]
-
-Player = Literal["generator", "discriminator"]
+__all__ = ["Objective", "adaptive_weight"]
 
 
-class DiscriminatorOutput(NamedTuple):
-    """What a discriminator returns: logits (B, ...) and intermediate feature maps."""
-
-    logits: Tensor
-    features: Tuple[Tensor, ...] = ()
-
-
-@dataclass
-class TermInputs:
-    """Everything a loss term may read for one micro-batch.
-
-    ``discriminator`` is the module the current step may call: during the discriminator step the
-    trainable (DDP-wrapped) discriminator; during the generator step the same network frozen
-    (``requires_grad=False``), so generator terms can never change it. ``fake`` is what the
-    discriminator is shown as generated images: detached during the discriminator step.
-    """
-
-    real: Tensor  # (B, C, H, W), in value_range
-    output: VAEOutput
-    step: int
-    value_range: Tuple[float, float] = (0.0, 1.0)
-    fake: Optional[Tensor] = None  # (B', C, H, W): what the adversarial loss shows D as generated
-    discriminator: Optional[Callable[[Tensor], DiscriminatorOutput]] = None
-    last_layer: Optional[Tensor] = None  # the decoder's last weight (adaptive GAN weight)
-    _cache: Dict[str, DiscriminatorOutput] = field(default_factory=dict, repr=False)
-
-    def disc(self, which: Literal["real", "fake", "recon"]) -> DiscriminatorOutput:
-        """The discriminator's output, computed once per step, on ``real`` images, on the adversarial
-        ``fake`` images, or on ``recon`` (the reconstructions with their full gradient path, for
-        feature matching)."""
-        if self.discriminator is None:
-            raise RuntimeError("this term needs a discriminator, but none is configured")
-        images = {"real": self.real, "fake": self.fake, "recon": self.output.recon}[which]
-        if which == "recon" and images is self.fake:
-            which = "fake"  # the same tensor: one forward serves both
-        if which not in self._cache:
-            self._cache[which] = self.discriminator(images)
-        return self._cache[which]
-
-    def computed(self) -> Dict[str, DiscriminatorOutput]:
-        """The discriminator outputs computed so far (for logging mean logits)."""
-        return dict(self._cache)
-
-
-class LossTerm(nn.Module):
-    """Base class of every loss term plugin.
-
-    Subclasses set ``player`` and implement :meth:`forward`. Constructor keyword arguments are the
-    term's options (YAML ``options:``). A term may own parameters (e.g. a learned log-variance):
-    they are trained by its player's optimizer and saved in checkpoints.
-
-    Class attributes:
-        player: ``"generator"`` or ``"discriminator"``: the only optimizer its gradient reaches.
-        needs_discriminator: True when :meth:`forward` calls ``inputs.disc(...)``.
-        perturb_std: > 0 asks the generator forward for a decode of a perturbed latent.
-    """
-
-    player: ClassVar[Player] = "generator"
-    needs_discriminator: ClassVar[bool] = False
-    perturb_std: float = 0.0
-
-    def forward(self, inputs: TermInputs) -> Optional[Tensor]:  # pragma: no cover - abstract
-        """Return the unweighted scalar loss for this micro-batch, or None to skip this step
-        (a lazy regulariser that runs every k steps, for instance)."""
-        raise NotImplementedError
-
-
-class AdversarialLoss(nn.Module):
-    """Base class of GAN loss pairs (group ``vaegan.adversarial``), on raw logits."""
-
-    def generator_loss(self, fake_logits: Tensor) -> Tensor:  # pragma: no cover - abstract
-        """Loss the generator minimises, from the discriminator's logits on fakes."""
-        raise NotImplementedError
-
-    def discriminator_loss(self, real_logits: Tensor, fake_logits: Tensor) -> Tensor:  # pragma: no cover
-        """Loss the discriminator minimises."""
-        raise NotImplementedError
-
-
-class _GeneratorAdversarial(LossTerm):
+class _GeneratorAdversarial(api.LossTerm):
     """The generator's half of an :class:`AdversarialLoss` pair."""
 
-    player: ClassVar[Player] = "generator"
+    player: ClassVar[api.Player] = "generator"
     needs_discriminator: ClassVar[bool] = True
 
-    def __init__(self, pair: AdversarialLoss) -> None:
+    def __init__(self, pair: api.AdversarialLoss) -> None:
         super().__init__()
         self.pair = pair
 
-    def forward(self, inputs: TermInputs) -> Tensor:
+    def forward(self, inputs: api.TermInputs) -> Tensor:
         return self.pair.generator_loss(inputs.disc("fake").logits.float())
 
 
-class _DiscriminatorAdversarial(LossTerm):
+class _DiscriminatorAdversarial(api.LossTerm):
     """The discriminator's half of an :class:`AdversarialLoss` pair."""
 
-    player: ClassVar[Player] = "discriminator"
+    player: ClassVar[api.Player] = "discriminator"
     needs_discriminator: ClassVar[bool] = True
 
-    def __init__(self, pair: AdversarialLoss) -> None:
+    def __init__(self, pair: api.AdversarialLoss) -> None:
         super().__init__()
         self.pair = pair
 
-    def forward(self, inputs: TermInputs) -> Tensor:
+    def forward(self, inputs: api.TermInputs) -> Tensor:
         return self.pair.discriminator_loss(inputs.disc("real").logits.float(), inputs.disc("fake").logits.float())
-
-
-def build_plugin(group: str, name: str, options: dict, optional_context: Optional[Dict[str, object]] = None,
-                 **context: object) -> nn.Module:
-    """Load plugin ``name`` from ``group`` and construct it with ``context`` and ``options``.
-
-    ``optional_context`` entries (e.g. ``image_shape`` for loss terms) are passed only to plugins whose
-    constructor names them, so a term can validate itself against the images before training starts.
-
-    Raises:
-        PluginError: unknown or broken plugin.
-        ConfigError: an option the plugin's constructor does not accept, or a value it rejects.
-    """
-    cls = registry.load(group, name)
-    kwargs = {**context, **dict(options)}
-    try:
-        accepted = inspect.signature(cls).parameters
-    except ValueError:
-        accepted = {}
-    for key, value in (optional_context or {}).items():
-        if key in accepted and key not in kwargs:
-            kwargs[key] = value
-    try:
-        inspect.signature(cls).bind(**kwargs)
-    except TypeError as exc:
-        raise ConfigError(
-            f"Plugin '{name}' ({group}) cannot take options {sorted(options)}: {exc}. "
-            f"Its signature is {name}{inspect.signature(cls)}."
-        ) from None
-    except ValueError:  # no signature available (C extension): let the call decide
-        pass
-    try:
-        return cls(**kwargs)
-    except (ValueError, TypeError) as exc:
-        raise ConfigError(f"Plugin '{name}' ({group}) rejected its options {dict(options)}: {exc}") from exc
 
 
 class Objective(nn.Module):
@@ -199,7 +72,7 @@ class Objective(nn.Module):
         PluginError: a term whose ``player`` is neither side.
     """
 
-    def __init__(self, terms: List[Tuple[str, LossTerm, Schedule]], disc_start: int = 0,
+    def __init__(self, terms: List[Tuple[str, api.LossTerm, Schedule]], disc_start: int = 0,
                  adversarial: Optional[AdversarialConfig] = None) -> None:
         super().__init__()
         self.adversarial = adversarial
@@ -217,18 +90,18 @@ class Objective(nn.Module):
     @classmethod
     def from_config(cls, config: ExperimentConfig) -> "Objective":
         """Build every term named in ``config`` (``losses`` plus the adversarial pair)."""
-        terms: List[Tuple[str, LossTerm, Schedule]] = []
+        terms: List[Tuple[str, api.LossTerm, Schedule]] = []
         for tc in config.losses:
-            term = build_plugin("vaegan.losses", tc.name, dict(tc.options),
-                                optional_context={"image_shape": config.model.image_shape})
-            if not isinstance(term, LossTerm):
-                raise PluginError(f"Loss plugin '{tc.name}' built a {type(term).__name__}, not a vaegan.objective.LossTerm.")
+            term = registry.build_plugin("vaegan.losses", tc.name, dict(tc.options),
+                                         optional_context={"image_shape": config.model.image_shape})
+            if not isinstance(term, api.LossTerm):
+                raise PluginError(f"Loss plugin '{tc.name}' built a {type(term).__name__}, not a vaegan.api.LossTerm.")
             terms.append((tc.key, term, tc.weight))
         disc_start = 0
         adv: Optional[AdversarialConfig] = config.adversarial
         if adv is not None:
-            pair = build_plugin("vaegan.adversarial", adv.name, dict(adv.options))
-            if not isinstance(pair, AdversarialLoss):
+            pair = registry.build_plugin("vaegan.adversarial", adv.name, dict(adv.options))
+            if not isinstance(pair, api.AdversarialLoss):
                 raise PluginError(f"Adversarial plugin '{adv.name}' built a {type(pair).__name__}, not an AdversarialLoss.")
             terms.append(("adversarial", _GeneratorAdversarial(pair), adv.weight))
             terms.append(("discriminator", _DiscriminatorAdversarial(pair), Schedule.constant(1.0)))
@@ -257,7 +130,7 @@ class Objective(nn.Module):
             kwargs["decoder_only"] = adv.fake != "prior" and not adv.train_encoder
         return kwargs
 
-    def fakes(self, output: VAEOutput, for_discriminator: bool) -> Optional[Tensor]:
+    def fakes(self, output: api.VAEOutput, for_discriminator: bool) -> Optional[Tensor]:
         """The images the adversarial loss treats as generated, (B', C, H, W).
 
         For the discriminator they are detached (no gradient can reach the generator). For the
@@ -287,14 +160,14 @@ class Objective(nn.Module):
     def weight(self, key: str, step: int) -> float:
         return self.schedules[key](step)
 
-    def _runs(self, key: str, term: LossTerm, step: int) -> bool:
+    def _runs(self, key: str, term: api.LossTerm, step: int) -> bool:
         # A term with weight 0 is skipped (no wasted compute before the GAN starts) unless it owns
         # trainable parameters: DDP expects a gradient for every parameter at every step.
         has_params = any(p.requires_grad for p in term.parameters())
         return has_params or self.schedules[key](step) != 0.0
 
     # ---- the losses ----------------------------------------------------------------------------
-    def _values(self, terms: nn.ModuleDict, inputs: TermInputs) -> Dict[str, Tensor]:
+    def _values(self, terms: nn.ModuleDict, inputs: api.TermInputs) -> Dict[str, Tensor]:
         values: Dict[str, Tensor] = {}
         for key, term in terms.items():
             if self._runs(key, term, inputs.step):
@@ -310,7 +183,7 @@ class Objective(nn.Module):
             total = total + weight * value
         return total
 
-    def generator_loss(self, inputs: TermInputs) -> Tuple[Tensor, Dict[str, Tensor]]:
+    def generator_loss(self, inputs: api.TermInputs) -> Tuple[Tensor, Dict[str, Tensor]]:
         """Total generator loss and its unweighted parts (detached), keyed by term.
 
         With ``adversarial.adaptive``, the adversarial term's weight is multiplied by the ratio of the
@@ -330,7 +203,7 @@ class Objective(nn.Module):
             parts["adaptive_weight"] = scale["adversarial"]
         return self._total(values, inputs.step, scale), parts
 
-    def discriminator_loss(self, inputs: TermInputs) -> Tuple[Tensor, Dict[str, Tensor]]:
+    def discriminator_loss(self, inputs: api.TermInputs) -> Tuple[Tensor, Dict[str, Tensor]]:
         """Total discriminator loss and its unweighted parts (detached), keyed by term."""
         values = self._values(self.discriminator_terms, inputs)
         return self._total(values, inputs.step), {k: v.detach() for k, v in values.items()}
@@ -358,3 +231,11 @@ def adaptive_weight(rec_loss: Tensor, adv_loss: Tensor, last_layer: Tensor, eps:
     ratio = norm(rec_loss) / (norm(adv_loss) + eps)
     ratio = torch.where(torch.isfinite(ratio), ratio.clamp(0.0, max_weight), torch.zeros_like(ratio))
     return ratio.detach()
+
+
+# vaegan 0.1 defined the plugin contracts here; they live in vaegan.api now (build_plugin in the registry).
+__getattr__ = deprecated_names(__name__, {
+    "LossTerm": "vaegan.api:LossTerm", "AdversarialLoss": "vaegan.api:AdversarialLoss",
+    "TermInputs": "vaegan.api:TermInputs", "DiscriminatorOutput": "vaegan.api:DiscriminatorOutput",
+    "Player": "vaegan.api:Player", "build_plugin": "vaegan.registry:build_plugin",
+})

@@ -14,6 +14,7 @@ from typing import Iterable, List, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
+from . import _compat
 from .config import OptimConfig
 
 __all__ = ["WarmupEMA", "default_precision", "step_unless", "build_optimizer"]
@@ -42,8 +43,8 @@ class WarmupEMA:
             d = torch.where(self.skip > 0, 1.0, d)  # ema * 1 + params * 0: the EMA weights stay as they are
         # mul/add take a tensor factor (the .Tensor overloads); _foreach_lerp_ would turn d into a Python
         # scalar, a host sync per step on a GPU.
-        torch._foreach_mul_(ema_params, d)
-        torch._foreach_add_(ema_params, torch._foreach_mul(params, 1.0 - d))
+        _compat.foreach_mul_(ema_params, d)
+        _compat.foreach_add_(ema_params, _compat.foreach_mul(params, 1.0 - d))
 
 
 def default_precision(requested: Optional[str]) -> Optional[str]:
@@ -69,7 +70,7 @@ def step_unless(opt: torch.optim.Optimizer, found_inf: Tensor) -> None:
     for this device has no such input: there one host read decides.
     """
     if opt.defaults.get("fused"):
-        opt.found_inf = found_inf
+        _compat.set_found_inf(opt, found_inf)
         opt.step()
     elif not bool(found_inf):
         opt.step()

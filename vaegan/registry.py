@@ -1,14 +1,17 @@
-"""Entry-point plugin registry: losses, adversarial objectives, discriminators, datasets.
+"""Entry-point plugin registry: generators, losses, adversarial objectives, discriminators, datasets.
 
 vaegan's own parts are registered in its ``setup.cfg`` exactly like a third party's, so there is
 one path for both. Listing reads installed metadata and imports nothing; loading a name imports
 only that plugin.
 
-Groups:
-    ``vaegan.losses``          loss terms (:class:`vaegan.objective.LossTerm` subclasses)
-    ``vaegan.adversarial``     GAN loss pairs (:class:`vaegan.objective.AdversarialLoss`)
-    ``vaegan.discriminators``  discriminator networks (:class:`vaegan.discriminators.Discriminator`)
-    ``vaegan.datasets``        dataset factories (:func:`vaegan.data.mnist` is an example)
+Groups (the contracts are in :mod:`vaegan.api`):
+    ``vaegan.generators``      VAEs (:class:`vaegan.api.VAE` subclasses)
+    ``vaegan.losses``          loss terms (:class:`vaegan.api.LossTerm` subclasses)
+    ``vaegan.adversarial``     GAN loss pairs (:class:`vaegan.api.AdversarialLoss`)
+    ``vaegan.discriminators``  discriminator networks (:class:`vaegan.api.Discriminator`)
+    ``vaegan.datasets``        dataset factories (:class:`vaegan.api.DatasetFactory`)
+
+:func:`build_plugin` is the one way a plugin is constructed from a config's name and options.
 
 Set ``VAEGAN_DISABLE_THIRD_PARTY_PLUGINS=1`` to load only plugins shipped by vaegan itself
 (a plugin is code that runs in your process).
@@ -23,20 +26,22 @@ Example:
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 import os
 import warnings
 from dataclasses import dataclass
 from importlib import metadata
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Mapping, Optional
 
-from .errors import PluginError
+from .errors import ConfigError, PluginError, VaeganError
 
-__all__ = ["GROUPS", "PluginInfo", "available", "load", "load_all", "describe", "refresh", "register"]
+__all__ = ["GROUPS", "PluginInfo", "available", "load", "load_all", "describe", "refresh", "register",
+           "build_plugin", "name_of"]
 
 logger = logging.getLogger(__name__)
 
-GROUPS = ("vaegan.losses", "vaegan.adversarial", "vaegan.discriminators", "vaegan.datasets")
+GROUPS = ("vaegan.generators", "vaegan.losses", "vaegan.adversarial", "vaegan.discriminators", "vaegan.datasets")
 FIRST_PARTY = ("vaegan",)  # distributions whose plugins load even with third-party ones disabled
 DISABLE_ENV = "VAEGAN_DISABLE_THIRD_PARTY_PLUGINS"
 
@@ -153,6 +158,63 @@ def load_all(group: str) -> Dict[str, Any]:
         except PluginError as exc:
             warnings.warn(str(exc), stacklevel=2)
     return loaded
+
+
+def name_of(group: str, obj: Any) -> Optional[str]:
+    """The name under which ``obj`` (a class or function) is registered in ``group``, or None.
+
+    Compares entry-point values (``module:qualname``) with the object's own; imports nothing.
+
+    Example:
+        >>> from vaegan.losses.kl import KLDivergence
+        >>> name_of("vaegan.losses", KLDivergence)
+        'kl'
+    """
+    value = f"{obj.__module__}:{obj.__qualname__}"
+    return next((name for name, ep in sorted(_entry_points(group).items()) if ep.value == value), None)
+
+
+def build_plugin(group: str, name: str, options: Mapping[str, Any],
+                 optional_context: Optional[Mapping[str, Any]] = None, **context: Any) -> Any:
+    """Load plugin ``name`` from ``group`` and call it with ``context`` and ``options`` as keywords.
+
+    ``context`` is what vaegan always passes in this group (``image_shape`` for a discriminator, say);
+    ``optional_context`` entries go only to plugins whose signature names them, so a loss term can
+    check itself against the images before training starts. The keywords are checked against the
+    plugin's signature first, so a misspelt option fails before anything is built.
+
+    Raises:
+        PluginError: unknown, disabled or broken plugin.
+        ConfigError: an option the plugin does not accept, or a value it rejects (``ValueError`` or
+            ``TypeError`` from its constructor), naming the plugin and its signature.
+
+    Example:
+        >>> build_plugin("vaegan.losses", "kl", {"free_bits": 0.5}).free_bits
+        0.5
+    """
+    factory = load(group, name)
+    kwargs = {**context, **dict(options)}
+    try:
+        signature: Optional[inspect.Signature] = inspect.signature(factory)
+    except ValueError:  # no signature available (a C extension): let the call decide
+        signature = None
+    if signature is not None:
+        for key, value in (optional_context or {}).items():
+            if key in signature.parameters and key not in kwargs:
+                kwargs[key] = value
+        try:
+            signature.bind(**kwargs)
+        except TypeError as exc:
+            raise ConfigError(
+                f"Plugin '{name}' ({group}) cannot take options {sorted(options)}: {exc}. "
+                f"Its signature is {name}{signature}."
+            ) from None
+    try:
+        return factory(**kwargs)
+    except VaeganError:  # already one paragraph that says what to do (a DataError from a dataset, say)
+        raise
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"Plugin '{name}' ({group}) rejected its options {dict(options)}: {exc}") from exc
 
 
 def describe(groups: Optional[List[str]] = None, check: bool = True) -> List[PluginInfo]:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 from .errors import ConfigError
 
@@ -73,16 +73,19 @@ class Schedule:
         """A schedule that is ``value`` at every step."""
         return cls(value=float(value))
 
+    @classmethod
+    def normalize_config(cls, value: Any, path: str) -> Any:
+        """A config may give a weight as a plain number: ``weight: 0.5`` is ``{value: 0.5}``."""
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return {"value": value}
+        return value
+
     def resolve(self, total_steps: int) -> "Schedule":
         """Return a copy whose ``start_fraction`` is turned into a step count."""
         if self.start_fraction is None:
             return self
         start = int(round(self.start_fraction * total_steps))
         return Schedule(self.value, start, None, self.warmup, self.cycle, self.ramp)
-
-    def is_zero_before(self, step: int) -> bool:
-        """True when the weight is exactly 0 at ``step`` (the term can be skipped)."""
-        return self.value == 0.0 or step < self.start or (self(step) == 0.0)
 
     def __call__(self, step: int) -> float:
         if self.start_fraction is not None:

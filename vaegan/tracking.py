@@ -35,6 +35,7 @@ from accelerate import Accelerator
 from accelerate.tracking import GeneralTracker
 from torch import Tensor
 
+from . import _compat
 from .config import ExperimentConfig, to_dict
 
 __all__ = ["REDACTED", "Tracking", "flatten", "scrub_secrets", "tracker_config", "grid_to_uint8"]
@@ -188,7 +189,7 @@ class Tracking:
             self._warn(names, "starting", exc)
             for tracker in list(acc.trackers):
                 self._close_quietly(tracker)
-            acc.trackers.clear()
+            _compat.clear_trackers(acc)
         else:
             logger.info("Experiment tracking with %s", ", ".join(self.active))
 
@@ -222,7 +223,7 @@ class Tracking:
                 tracker.finish()
             except Exception as exc:  # noqa: BLE001 - the run's outputs are written already
                 self._warn(tracker.name, "finishing", exc)
-        self.accelerator.trackers.clear()
+        _compat.clear_trackers(self.accelerator)
 
     # ---- failures ----------------------------------------------------------------------------------
     def _guard(self, tracker: Any, action: str, call: Callable[[], Any]) -> None:
@@ -230,8 +231,7 @@ class Tracking:
             call()
         except Exception as exc:  # noqa: BLE001 - a tracker must never stop training
             self._warn(tracker.name, action, exc)
-            if tracker in self.accelerator.trackers:
-                self.accelerator.trackers.remove(tracker)
+            _compat.remove_tracker(self.accelerator, tracker)
             self._close_quietly(tracker)
 
     @staticmethod

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..objective import AdversarialLoss
+from ..api import AdversarialLoss
 
 __all__ = ["NonSaturating"]
 

@@ -8,21 +8,24 @@ from typing import ClassVar
 from einops import reduce
 from torch import Tensor
 
-from ..objective import LossTerm, Player, TermInputs
+from ..api import LossTerm, Player, TermInputs
 
 __all__ = ["KLDivergence"]
 
 
 class KLDivergence(LossTerm):
-    """KL(q(z|x) || N(0, I)), summed over latent dimensions, divided by the pixel count.
+    """KL(q(z|x) || N(0, I)), summed over the latent's elements, divided by the pixel count.
 
     Dividing by the number of pixels puts the KL on the same per-pixel scale as the reconstruction
     terms, so weight 1 is the ELBO (beta = 1) at any image size. Warm-up and cyclical annealing
     are the weight's schedule (``weight: {value: 1, warmup: 1000}``).
 
     Args:
-        free_bits: Nats per latent dimension below which the KL is not penalised (Kingma et al.
-            2016): each dimension's batch-mean KL is clamped from below at this value. 0 disables.
+        free_bits: Nats per latent element below which the KL is not penalised (Kingma et al.
+            2016), per latent channel: each channel's batch-mean KL per element is clamped from below at
+            this value. A vector latent (B, D) has D channels of one element (the paper's free bits
+            per dimension); a spatial latent (B, c, h, w) has c channels of h*w elements, whose
+            positions share one budget. 0 disables.
 
     Example:
         >>> KLDivergence(free_bits=0.1).free_bits
@@ -38,8 +41,10 @@ class KLDivergence(LossTerm):
         self.free_bits = float(free_bits)
 
     def forward(self, inputs: TermInputs) -> Tensor:
-        kl = reduce(inputs.output.posterior.kl(), "b d -> d", "mean")  # (D,) nats per dimension
+        kl = inputs.output.posterior.kl()  # (B, c, ...) nats per latent element
+        per_channel = reduce(kl, "b c ... -> c", "mean")  # (c,): mean over the batch and the positions
         if self.free_bits > 0:
-            kl = kl.clamp(min=self.free_bits)
+            per_channel = per_channel.clamp(min=self.free_bits)
+        elements = kl[0, 0].numel()  # latent elements per channel: 1 for a vector latent
         pixels = inputs.real[0].numel()
-        return kl.sum() / pixels
+        return per_channel.sum() * elements / pixels

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..objective import LossTerm, Player, TermInputs
+from ..api import LossTerm, Player, TermInputs
 
 __all__ = ["MSELoss", "L1Loss", "BCELoss", "GaussianNLLLoss"]
 

@@ -18,7 +18,7 @@ from typing import ClassVar
 
 from torch import Tensor
 
-from ..objective import LossTerm, Player, TermInputs
+from ..api import LossTerm, Player, TermInputs
 
 __all__ = ["LatentSmoothness"]
 

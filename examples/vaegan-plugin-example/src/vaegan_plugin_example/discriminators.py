@@ -7,8 +7,7 @@ from typing import Tuple
 from einops import rearrange
 from torch import Tensor, nn
 
-from vaegan.discriminators import Discriminator
-from vaegan.objective import DiscriminatorOutput
+from vaegan.api import Discriminator, DiscriminatorOutput
 
 __all__ = ["MLPDiscriminator"]
 

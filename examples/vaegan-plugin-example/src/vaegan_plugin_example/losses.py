@@ -8,7 +8,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from vaegan.objective import LossTerm, Player, TermInputs
+from vaegan.api import LossTerm, Player, TermInputs
 
 __all__ = ["GradientDifferenceLoss"]
 

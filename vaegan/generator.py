@@ -1,0 +1,395 @@
+"""The generator contract: a VAE whose latent may have any shape, and its save/load without pickle.
+
+A generator plugin (group ``vaegan.generators``) subclasses :class:`VAE` and supplies four things:
+
+- ``encode(x)``: a :class:`DiagonalGaussian` posterior over a latent of shape ``(B, *latent_shape)``
+  (``self.posterior(moments)`` turns a ``(B, 2c, ...)`` tensor into one);
+- ``decode_logits(z)``: the decoder's pre-activation images ``(B, C, H, W)``;
+- ``last_layer``: the decoder's last weight (the adaptive GAN weight compares gradient norms there);
+- ``latent_shape`` (set in ``__init__``), and optionally ``sample_prior`` (default: N(0, I)).
+
+Everything else is a template method of this class and is not overridden: above all :meth:`VAE.forward`,
+the one call that training makes through the prepared (DDP-wrapped, autocast) module and that returns
+reconstruction, posterior, latent and every extra decode the loss terms asked for, so DDP all-reduces
+every generator gradient and nothing calls ``.module.encode`` around the wrapper.
+
+A generator is constructed as ``cls(image_shape=(C, H, W), output_range=..., **options)``. Its constructor
+arguments are recorded (as diffusers' ``ConfigMixin`` does) in :attr:`VAE.config`, a
+:class:`~vaegan.config.ModelConfig`, which :meth:`VAE.save_pretrained` writes as ``config.json`` next
+to ``model.safetensors``; :meth:`VAE.from_pretrained` rebuilds the generator through the registry, so
+a saved model never runs code that is not an installed plugin.
+
+Example:
+    >>> vae = build_generator(ModelConfig(options={"latent_dim": 8}))
+    >>> out = vae(torch.rand(4, 1, 28, 28))
+    >>> out.recon.shape, out.z.shape, vae.latent_shape
+    (torch.Size([4, 1, 28, 28]), torch.Size([4, 8]), (8,))
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import json
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, Optional, Tuple, Union
+
+import torch
+from torch import Tensor, nn
+
+from .config import ModelConfig
+from .errors import CheckpointError, ConfigError, DataError, PluginError
+
+__all__ = ["DiagonalGaussian", "VAEOutput", "VAE", "build_generator", "CONFIG_NAME", "WEIGHTS_NAME"]
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+GROUP = "vaegan.generators"
+
+
+@dataclass
+class DiagonalGaussian:
+    """A factorised Gaussian q(z|x): ``mean`` and (clamped) ``logvar``, each (B, *latent_shape), fp32."""
+
+    mean: Tensor
+    logvar: Tensor
+
+    @property
+    def std(self) -> Tensor:
+        return torch.exp(0.5 * self.logvar)
+
+    def rsample(self) -> Tensor:
+        """The reparameterisation trick: z = mean + std * eps, differentiable in both."""
+        return self.mean + self.std * torch.randn_like(self.std)
+
+    def kl(self) -> Tensor:
+        """KL(q || N(0, I)) per latent element, shape (B, *latent_shape), in nats."""
+        return 0.5 * (self.mean.pow(2) + self.logvar.exp() - 1.0 - self.logvar)
+
+
+@dataclass
+class VAEOutput:
+    """What one generator forward produces. Images are (B, C, H, W); latents (B, *latent_shape)."""
+
+    recon: Tensor
+    posterior: DiagonalGaussian
+    z: Tensor
+    recon_logits: Optional[Tensor] = None  # decoder pre-activation of recon (BCE with logits)
+    recon_decoder_only: Optional[Tensor] = None  # decode(z.detach()): fakes whose gradient skips the encoder
+    perturbed: Optional[Tensor] = None  # decode(z + sigma * u), for the smoothness regulariser
+    perturbation: Optional[Tensor] = None  # sigma * u, like z
+    prior_samples: Optional[Tensor] = None  # decode(z ~ prior), for a discriminator's fakes
+
+
+class _GeneratorMeta(type):
+    """Records every generator's constructor arguments in ``config`` (so any instance can be saved and
+    rebuilt by name), and keeps vaegan 0.1's ``VAE(ModelConfig(...))`` working with a warning."""
+
+    def __call__(cls, *args: Any, **kwargs: Any) -> Any:
+        if cls is VAE:
+            if len(args) == 1 and not kwargs and isinstance(args[0], ModelConfig):
+                warnings.warn("VAE(config) is deprecated; use vaegan.build_generator(config), which builds "
+                              f"the generator plugin config.name ('{args[0].name}') through the registry.",
+                              DeprecationWarning, stacklevel=2)
+                return build_generator(args[0])
+            raise TypeError("VAE is the base class of generators; build one with vaegan.build_generator(config) "
+                            "or subclass it (see vaegan.api).")
+        obj = super().__call__(*args, **kwargs)
+        if not isinstance(getattr(obj, "latent_shape", None), tuple):
+            raise PluginError(f"Generator {cls.__module__}.{cls.__qualname__} did not set self.latent_shape to a "
+                              "tuple in __init__ (e.g. (16,) for a vector latent, (4, 8, 8) for a spatial one).")
+        options = _bound_options(cls, args, kwargs)
+        from . import registry  # a plugin module imports this one: no module-level import cycle
+
+        obj.config = ModelConfig(name=registry.name_of(GROUP, cls) or "", image_channels=obj.image_shape[0],
+                                 image_size=obj.image_shape[1:], output_range=obj.output_range, options=options)
+        return obj
+
+
+def _bound_options(cls: type, args: tuple, kwargs: dict) -> Dict[str, Any]:
+    """The constructor arguments (defaults filled in) other than the shared image fields, as plain data."""
+    from .config import to_dict
+
+    bound = inspect.signature(cls.__init__).bind(None, *args, **kwargs)
+    bound.apply_defaults()
+    options: Dict[str, Any] = {}
+    for name, value in list(bound.arguments.items())[1:]:  # [0] is self
+        kind = inspect.signature(cls.__init__).parameters[name].kind
+        if kind is inspect.Parameter.VAR_KEYWORD:
+            options.update(value)
+        elif kind is not inspect.Parameter.VAR_POSITIONAL and name not in ("image_shape", "output_range"):
+            options[name] = value
+    return to_dict(options)
+
+
+class VAE(nn.Module, metaclass=_GeneratorMeta):
+    """Base class of every generator: a VAE with a diagonal Gaussian posterior over a latent of any shape.
+
+    Args:
+        image_shape: (C, H, W) of the images it encodes and decodes.
+        output_range: ``"unit"`` (sigmoid, [0, 1]) or ``"symmetric"`` (tanh, [-1, 1]).
+        logvar_range: Clamp of the posterior log-variance (``exp(-30)`` keeps the std > 0, ``exp(20)``
+            keeps fp16/bf16 activations finite).
+
+    Attributes:
+        latent_shape: The latent's shape without the batch, set by the subclass: ``(D,)`` or ``(c, h, w)``.
+        config: A :class:`~vaegan.config.ModelConfig` with the plugin's name and constructor options.
+
+    Raises:
+        TypeError: a subclass overrides ``forward`` (the template method training relies on).
+    """
+
+    latent_shape: Tuple[int, ...]
+    config: ModelConfig
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "forward" in cls.__dict__:
+            raise TypeError(f"{cls.__qualname__} overrides VAE.forward: implement encode, decode_logits and "
+                            "last_layer instead, so the one training forward keeps returning everything.")
+
+    def __init__(self, image_shape: Tuple[int, int, int], output_range: str = "unit",
+                 logvar_range: Tuple[float, float] = (-30.0, 20.0)) -> None:
+        super().__init__()
+        if output_range not in ("unit", "symmetric"):
+            raise ConfigError(f"model.output_range must be 'unit' or 'symmetric', got {output_range!r}.")
+        if not logvar_range[0] < logvar_range[1]:
+            raise ConfigError(f"The posterior's log-variance clamp needs min < max, got {tuple(logvar_range)}.")
+        self.image_shape = tuple(int(s) for s in image_shape)
+        self.output_range = output_range
+        self.value_range = (0.0, 1.0) if output_range == "unit" else (-1.0, 1.0)
+        self.logvar_range = (float(logvar_range[0]), float(logvar_range[1]))
+
+    # ---- what a subclass supplies ------------------------------------------------------------
+    def encode(self, x: Tensor) -> DiagonalGaussian:  # pragma: no cover - abstract
+        """q(z|x) for images ``x`` of shape (B, C, H, W)."""
+        raise NotImplementedError
+
+    def decode_logits(self, z: Tensor) -> Tensor:  # pragma: no cover - abstract
+        """The decoder's pre-activation output (B, C, H, W) for latents (B, *latent_shape)."""
+        raise NotImplementedError
+
+    @property
+    def last_layer(self) -> Tensor:  # pragma: no cover - abstract
+        """The decoder's last weight: where the adaptive adversarial weight compares gradients."""
+        raise NotImplementedError
+
+    def sample_prior(self, n: int, *, generator: Optional[torch.Generator] = None,
+                     device: Optional[Union[str, torch.device]] = None, dtype: Optional[torch.dtype] = None) -> Tensor:
+        """``n`` latents (n, *latent_shape) from the prior, N(0, I) unless a subclass says otherwise."""
+        return torch.randn((n, *self.latent_shape), generator=generator, device=device, dtype=dtype)
+
+    # ---- helpers for subclasses ---------------------------------------------------------------
+    def posterior(self, moments: Tensor) -> DiagonalGaussian:
+        """Split encoder output (B, 2c, ...) along dim 1 into mean and log-variance, in fp32, clamped."""
+        mean, logvar = moments.float().chunk(2, dim=1)  # posterior math in fp32 under autocast
+        return DiagonalGaussian(mean, logvar.clamp(*self.logvar_range))
+
+    # ---- template methods --------------------------------------------------------------------
+    def activate(self, logits: Tensor) -> Tensor:
+        """Map decoder pre-activations into the output range."""
+        return torch.sigmoid(logits) if self.output_range == "unit" else torch.tanh(logits)
+
+    def decode(self, z: Tensor) -> Tensor:
+        """Images (B, C, H, W) in the output range for latents ``z`` (B, *latent_shape)."""
+        return self.activate(self.decode_logits(z))
+
+    def forward(self, x: Tensor, perturb_std: float = 0.0, num_prior: int = 0, decoder_only: bool = False) -> VAEOutput:
+        """Encode, sample, decode; optionally decode a perturbed latent, prior samples, and a copy of
+        the reconstruction whose gradient reaches only the decoder.
+
+        Args:
+            x: Images (B, C, H, W) in the output range.
+            perturb_std: When > 0, also decode ``z + perturb_std * u`` with ``u ~ N(0, I)``.
+            num_prior: When > 0, also decode that many latents from the prior.
+            decoder_only: Also decode ``z.detach()`` (same values as ``recon``, no encoder gradient).
+
+        Returns:
+            A :class:`VAEOutput`; ``recon`` is in the output range.
+        """
+        posterior = self.encode(x)
+        z = posterior.rsample()
+        zs = [z]
+        if decoder_only:
+            zs.append(z.detach())
+        delta = None
+        if perturb_std > 0:
+            delta = perturb_std * torch.randn_like(z)
+            zs.append(z + delta)
+        if num_prior > 0:
+            zs.append(self.sample_prior(num_prior, device=z.device, dtype=z.dtype))
+        # One decoder call for all latents: one kernel launch per layer instead of three.
+        logits = self.decode_logits(torch.cat(zs))
+        images = self.activate(logits)
+        b = x.shape[0]
+        out = VAEOutput(recon=images[:b], posterior=posterior, z=z, recon_logits=logits[:b])
+        offset = b
+        if decoder_only:
+            out.recon_decoder_only = images[offset : offset + b]
+            offset += b
+        if delta is not None:
+            out.perturbed, out.perturbation = images[offset : offset + b], delta
+            offset += b
+        if num_prior > 0:
+            out.prior_samples = images[offset:]
+        return out
+
+    @torch.no_grad()
+    def reconstruct(self, x: Tensor, sample: bool = False) -> Tensor:
+        """Reconstruct images; uses the posterior mean unless ``sample`` is True."""
+        q = self.encode(x)
+        return self.decode(q.rsample() if sample else q.mean)
+
+    @torch.no_grad()
+    def sample(self, n: int, temperature: float = 1.0, generator: Optional[torch.Generator] = None) -> Tensor:
+        """Draw ``n`` images (n, C, H, W) from the prior, its standard deviation scaled by ``temperature``."""
+        p = next(self.parameters())
+        z = self.sample_prior(n, generator=generator, device=p.device) * temperature
+        return self.decode(z.to(p.dtype))
+
+    @torch.no_grad()
+    def interpolate(self, x0: Tensor, x1: Tensor, steps: int = 8) -> Tensor:
+        """Decode ``steps`` points on the line between the posterior means of x0 and x1.
+
+        Args:
+            x0, x1: Images (B, C, H, W).
+        Returns:
+            (B, steps, C, H, W) images; index 0 is near x0 and index -1 near x1.
+        """
+        return self.decode_path(self.encode(x0).mean, self.encode(x1).mean, steps)
+
+    @torch.no_grad()
+    def decode_path(self, z0: Tensor, z1: Tensor, steps: int = 8) -> Tensor:
+        """Decode ``steps`` evenly spaced points from latents ``z0`` to ``z1`` (each (B, *latent_shape)).
+
+        Returns:
+            (B, steps, C, H, W) images.
+        """
+        t = torch.linspace(0, 1, steps, device=z0.device).view(1, steps, *([1] * (z0.ndim - 1)))
+        z = torch.lerp(z0.unsqueeze(1), z1.unsqueeze(1), t.to(z0.dtype))  # (B, steps, *latent_shape)
+        return self.decode(z.flatten(0, 1)).unflatten(0, (z0.shape[0], steps))
+
+    def check_images(self, x: Tensor, where: str = "the data") -> None:
+        """Raise :class:`DataError` unless ``x`` is a (B, C, H, W) batch this model accepts."""
+        want = self.image_shape
+        if x.numel() == 0:
+            raise DataError(f"{where} gave an empty batch; the dataset must contain images.")
+        if x.ndim != 4 or tuple(x.shape[1:]) != want:
+            raise DataError(
+                f"Images from {where} have shape {tuple(x.shape[1:]) if x.ndim == 4 else tuple(x.shape)}"
+                f" but the model expects (C, H, W) = {want}. Set model.image_channels and "
+                "model.image_size to match the data, or resize/convert the images."
+            )
+        if not torch.isfinite(x).all():
+            raise DataError(f"Images from {where} contain NaN or infinite pixels; clean the data.")
+        low, high = self.value_range
+        lo, hi = float(x.min()), float(x.max())
+        if lo < low - 1e-3 or hi > high + 1e-3:
+            raise DataError(
+                f"Pixels from {where} span [{lo:.3g}, {hi:.3g}] but the model's output range is "
+                f"[{low:g}, {high:g}] (model.output_range='{self.output_range}'). Rescale "
+                "the data or change model.output_range."
+            )
+
+    # ---- serialisation -----------------------------------------------------------------------
+    def save_pretrained(self, directory: Union[str, Path]) -> Path:
+        """Write ``config.json`` (the plugin name, its options, the image fields) and
+        ``model.safetensors`` (no pickle) into ``directory``.
+
+        Raises:
+            PluginError: the generator's class is not a registered plugin, so it could not be rebuilt.
+        """
+        from safetensors.torch import save_file
+
+        from .config import to_dict
+
+        if not self.config.name:
+            raise PluginError(
+                f"{type(self).__qualname__} is not registered in '{GROUP}', so a saved copy could not be rebuilt by "
+                "name. Register it with an entry point (or vaegan.registry.register for a notebook) first.")
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        save_file(state, str(d / WEIGHTS_NAME), metadata={"format": "pt", "library": "vaegan",
+                                                          "generator": self.config.name})
+        (d / CONFIG_NAME).write_text(json.dumps(to_dict(self.config), indent=2) + "\n")
+        return d
+
+    @classmethod
+    def from_pretrained(cls, directory: Union[str, Path], map_location: str = "cpu") -> "VAE":
+        """Load a model written by :meth:`save_pretrained` (by vaegan 0.1 too), built through the registry.
+
+        Raises:
+            CheckpointError: missing/corrupt files or weights that do not fit the config.
+            PluginError: the generator plugin the model was saved with is not installed.
+        """
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        from .config import from_dict
+
+        d = Path(directory)
+        cfg_path, w_path = d / CONFIG_NAME, d / WEIGHTS_NAME
+        for p in (cfg_path, w_path):
+            if not p.is_file():
+                raise CheckpointError(
+                    f"'{p}' is missing: '{d}' is not a saved vaegan model. Pass the folder written by "
+                    "save_pretrained (a training run's <output-dir>/final)."
+                )
+        try:
+            with warnings.catch_warnings():  # a 0.1 file is read as it was written: nothing for its reader to fix
+                warnings.simplefilter("ignore", DeprecationWarning)
+                config = from_dict(ModelConfig, json.loads(cfg_path.read_text()), "model")
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise CheckpointError(f"'{cfg_path}' is not valid JSON ({exc}); the save is corrupt.") from None
+        except ConfigError as exc:
+            raise CheckpointError(f"'{cfg_path}' is not a vaegan model config: {exc}") from None
+        try:
+            state = load_file(str(w_path), device=map_location)
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise CheckpointError(
+                f"'{w_path}' cannot be read as safetensors ({exc}); the file is corrupt or truncated. "
+                "Re-export it from a training checkpoint."
+            ) from None
+        try:
+            model = build_generator(config)
+        except ConfigError as exc:
+            raise CheckpointError(f"'{cfg_path}' describes a generator that cannot be built: {exc}") from None
+        if not isinstance(model, cls):
+            raise CheckpointError(f"'{d}' holds a '{config.name}' generator ({type(model).__qualname__}), "
+                                  f"not a {cls.__qualname__}; load it with vaegan.VAE.from_pretrained.")
+        expected = model.state_dict()
+        missing = sorted(set(expected) - set(state))
+        unexpected = sorted(set(state) - set(expected))
+        wrong = sorted(k for k in set(expected) & set(state) if expected[k].shape != state[k].shape)
+        if missing or unexpected or wrong:
+            raise CheckpointError(
+                f"'{w_path}' does not fit the architecture in '{cfg_path}': missing {missing[:5]}, "
+                f"unexpected {unexpected[:5]}, wrong shape {wrong[:5]}. The two files come from "
+                "different models; re-save them together."
+            )
+        model.load_state_dict(state)
+        return model.to(map_location)
+
+
+def build_generator(config: ModelConfig) -> VAE:
+    """The generator plugin ``config.name``, built with ``config.options`` for ``config``'s images.
+
+    Raises:
+        PluginError: unknown or broken plugin, or one that is not a :class:`VAE`.
+        ConfigError: an option it does not accept, or a value it rejects.
+
+    Example:
+        >>> build_generator(ModelConfig(name="mlp", options={"hidden": [64]})).latent_shape
+        (16,)
+    """
+    from . import registry
+
+    model = registry.build_plugin(GROUP, config.name, dict(config.options), image_shape=config.image_shape,
+                                  output_range=config.output_range)
+    if not isinstance(model, VAE):
+        raise PluginError(f"Generator plugin '{config.name}' built a {type(model).__name__}, not a vaegan.api.VAE.")
+    model.config = dataclasses.replace(model.config, name=config.name)
+    return model
