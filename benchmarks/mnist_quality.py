@@ -64,10 +64,9 @@ def hardware() -> str:
 
 
 def train_variant(name: str, extra: List[str], args) -> Dict[str, object]:
-    from accelerate.state import AcceleratorState, GradientState
+    from vaegan._compat import reset_accelerate_state
 
-    AcceleratorState._reset_state(True)  # one Accelerator per variant in this process
-    GradientState._reset_state()
+    reset_accelerate_state()  # one Accelerator per variant in this process
     out = Path(args.work_dir) / name
     cfg = apply_overrides(ExperimentConfig(), [
         f"data.root={args.data_dir}", "data.download=false", f"train.output_dir={out}", f"train.epochs={args.epochs}",

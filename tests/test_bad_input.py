@@ -321,6 +321,7 @@ def recipe_runs(tmp_path_factory, plugin_site, saved_run) -> Dict[str, Dict[str,
     return results
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, overrides, text", RECIPE_CASES, ids=[c[0] for c in RECIPE_CASES])
 def test_recipe_refuses_bad_input_with_one_paragraph(recipe_runs, name, overrides, text):
     run = recipe_runs[name]

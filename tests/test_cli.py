@@ -97,6 +97,7 @@ def test_top_level_help_lists_every_command(capsys):
 
 
 # ---- sample -----------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_sample_npz_and_png_hold_the_same_pixels(run_dir, tmp_path, capsys):
     assert main(["sample", "--model", str(run_dir), "--num", "10", "--seed", "3", "--out", str(tmp_path / "s.npz")]) == 0
     assert main(["sample", "--model", str(run_dir), "--num", "10", "--seed", "3", "--batch-size", "3",
@@ -113,6 +114,7 @@ def test_sample_npz_and_png_hold_the_same_pixels(run_dir, tmp_path, capsys):
         np.testing.assert_array_equal(_cell(grid, i, nrow), images[i, 0])
 
 
+@pytest.mark.slow
 def test_sample_seed_temperature_and_raw_weights(run_dir, tmp_path):
     def draw(*flags) -> np.ndarray:
         out = tmp_path / f"{len(list(tmp_path.iterdir()))}.npz"
@@ -129,6 +131,7 @@ def test_sample_seed_temperature_and_raw_weights(run_dir, tmp_path):
 
 
 # ---- reconstruct --------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_reconstruct_mnist_test_split_in_dataset_order(run_dir, tmp_path, test_digits):
     out = tmp_path / "r.npz"
     assert main(["reconstruct", "--model", str(run_dir), "--data-dir", str(MNIST_ROOT), "--split", "test",
@@ -141,6 +144,7 @@ def test_reconstruct_mnist_test_split_in_dataset_order(run_dir, tmp_path, test_d
     np.testing.assert_array_equal(data["images"], expected.numpy())
 
 
+@pytest.mark.slow
 def test_reconstruct_reads_any_dataset_plugin(run_dir, tmp_path, test_digits):
     """The same digits as PNG files through the image_folder plugin give the same reconstructions."""
     folder = tmp_path / "digits" / "test"
@@ -156,6 +160,7 @@ def test_reconstruct_reads_any_dataset_plugin(run_dir, tmp_path, test_digits):
     np.testing.assert_array_equal(folder_run["images"], mnist_run["images"])
 
 
+@pytest.mark.slow
 def test_reconstruct_png_shows_input_reconstruction_pairs(run_dir, tmp_path):
     assert main(["reconstruct", "--model", str(run_dir), "--data-dir", str(MNIST_ROOT), "--limit", "10",
                  "--out", str(tmp_path / "r.png")]) == 0
@@ -169,6 +174,7 @@ def test_reconstruct_png_shows_input_reconstruction_pairs(run_dir, tmp_path):
 
 
 # ---- interpolate -----------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_interpolate_between_random_latents(run_dir, tmp_path):
     assert main(["interpolate", "--model", str(run_dir), "--num-pairs", "3", "--steps", "5", "--seed", "2",
                  "--out", str(tmp_path / "i.npz")]) == 0
@@ -181,6 +187,7 @@ def test_interpolate_between_random_latents(run_dir, tmp_path):
     np.testing.assert_array_equal(_cell(grid, 5 + 4, 5), strips[1, 4, 0])
 
 
+@pytest.mark.slow
 def test_interpolate_between_given_dataset_images(run_dir, tmp_path, test_digits):
     argv = ["interpolate", "--model", str(run_dir), "--data-dir", str(MNIST_ROOT), "--indices", "0", "7", "3", "5",
             "--steps", "6"]
@@ -206,6 +213,7 @@ def test_plugins_still_lists_every_group(capsys):
         assert all(name in out for name in vaegan.registry.available(group))
 
 
+@pytest.mark.slow
 def test_train_wrote_a_complete_run(run_dir):
     assert vaegan.load_config(run_dir / "config.yaml").train.max_steps == 4
     assert (run_dir / "loss_curves.png").is_file() and (run_dir / "final" / "raw" / "model.safetensors").is_file()
@@ -239,6 +247,7 @@ def test_raw_weights_of_a_model_without_ema(capsys, tmp_path):
     assert "Drop --raw" in err
 
 
+@pytest.mark.slow
 def test_data_errors_are_one_paragraph(run_dir, capsys, tmp_path):
     err = _error(capsys, ["reconstruct", "--model", str(run_dir), "--data-dir", str(tmp_path / "none"),
                           "--out", str(tmp_path / "r.npz")])

@@ -28,6 +28,7 @@ def _torchrun(out: Path, *overrides: str) -> list:
     return [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("overrides", [
     (),
     # a loss term with its own parameter (learned log-variance) and gradient accumulation

@@ -74,6 +74,7 @@ def test_evaluate_writes_every_metric(tmp_path):
     assert {k: again[k] for k in SCALARS} == {k: r[k] for k in SCALARS}  # seeded: the same numbers twice
 
 
+@pytest.mark.slow
 def test_evaluation_is_identical_on_two_processes(tmp_path):
     """`vaegan eval` under torchrun: each rank takes every second image, latent and noise draw, and the
     states are reduced, so every metric equals a one-process run (up to float summation order)."""

@@ -114,6 +114,7 @@ def test_channels_last_trains_to_the_same_weights(tmp_path):
             torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["aot_eager"])
 def test_compiled_players_train_checkpoint_and_resume(tmp_path, backend):
     """Two compiled players, the EMA, a checkpoint and a mid-run resume: the same weights as eager

@@ -21,6 +21,7 @@ def _run(cmd, **kw):
     return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=ENV, cwd=kw.pop("cwd", ROOT), **kw)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("launcher", [
     [sys.executable],
     [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "1", "--num_machines", "1",
@@ -40,6 +41,7 @@ def test_recipe_trains_and_writes_a_loadable_model(tmp_path, launcher):
         assert "mixed precision bf16 on 1 process" in proc.stderr
 
 
+@pytest.mark.slow
 def test_recipe_refuses_missing_data_with_one_paragraph(tmp_path):
     proc = _run([sys.executable, str(RECIPE), "--data-dir", str(tmp_path / "nowhere"), "--output-dir",
                  str(tmp_path / "out"), "data.download=false"])
@@ -49,6 +51,7 @@ def test_recipe_refuses_missing_data_with_one_paragraph(tmp_path):
     assert not (tmp_path / "out").exists(), "nothing may be written before the data is known to be good"
 
 
+@pytest.mark.slow
 def test_recipe_rejects_unknown_keys(tmp_path):
     proc = _run([sys.executable, str(RECIPE), "--output-dir", str(tmp_path), "train.epoch=3"])
     assert proc.returncode == 2 and "Unknown key(s) ['epoch']" in proc.stderr and "epochs" in proc.stderr

@@ -86,6 +86,7 @@ def test_available_unknown_group():
         assert g in str(info.value)
 
 
+@pytest.mark.slow
 def test_listing_imports_no_plugin_module():
     code = textwrap.dedent(
         """
@@ -373,6 +374,7 @@ def test_cli_plugins_rejects_unknown_group(capsys):
     assert "invalid choice" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_console_script_runs():
     exe = Path(sys.executable).with_name("vaegan")
     script = str(exe) if exe.exists() else shutil.which("vaegan")

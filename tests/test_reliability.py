@@ -454,11 +454,13 @@ def _assert_same_final_weights(chains, name: str) -> None:
             assert torch.equal(ref[file][key], got[file][key]), f"{name}: {file}:{key} differs from the reference"
 
 
+@pytest.mark.slow
 def test_reference_run(chains):
     run = chains["reference"]["run"]
     assert run["rc"] == 0, run["stderr"][-3000:]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("index, name, status", [(0, "SIGTERM", 143), (1, "SIGINT", 130)])
 def test_a_signal_writes_a_checkpoint_and_exits_cleanly(chains, index, name, status):
     chain = chains["signals"]
@@ -474,6 +476,7 @@ def test_a_signal_writes_a_checkpoint_and_exits_cleanly(chains, index, name, sta
         assert f"at step {chain['stops'][0]['complete'][-1]}" in stop["stderr"]
 
 
+@pytest.mark.slow
 def test_resume_after_signals_continues_exactly(chains):
     chain = chains["signals"]
     assert "error" not in chain, chain
@@ -482,6 +485,7 @@ def test_resume_after_signals_continues_exactly(chains):
     _assert_same_final_weights(chains, "signals")
 
 
+@pytest.mark.slow
 def test_kill_9_during_training_and_during_a_save_then_resume_equals_an_uninterrupted_run(chains):
     chain = chains["kill_9"]
     assert "error" not in chain, chain
@@ -499,6 +503,7 @@ def test_kill_9_during_training_and_during_a_save_then_resume_equals_an_uninterr
     _assert_same_final_weights(chains, "kill_9")
 
 
+@pytest.mark.slow
 def test_ddp_ranks_agree_to_stop_when_only_one_receives_sigterm(chains):
     run = chains["ddp"]
     assert "error" not in run, run

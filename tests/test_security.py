@@ -178,6 +178,7 @@ def test_disabling_third_party_plugins_keeps_their_code_from_running(tiny, tmp_p
 # ---- tracker credentials ----------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_wandb_api_key_reaches_no_file_and_no_log(tiny, tmp_path, monkeypatch, capfd, caplog):
     key = os.urandom(20).hex()  # 40 hex characters, the shape of a W&B key
     monkeypatch.setenv("WANDB_API_KEY", key)

@@ -262,3 +262,73 @@ def test_bad_input_is_refused_before_training(tiny, tmp_path):
     with pytest.raises(CheckpointError, match="no complete checkpoint"):
         vaegan.build_trainer(tiny("train.resume=latest")).fit()
     assert not (tmp_path / "run" / "final").exists()
+
+
+# ---- the step, the loop's hooks, injected components --------------------------------------------------
+
+
+def test_the_step_returns_device_metrics_at_the_accumulation_boundary_only(tiny):
+    trainer = vaegan.build_trainer(tiny("train.grad_accum=2"))
+    step = trainer.train_step
+    x = _batch(trainer)
+    assert step(x, 0) is None  # mid-accumulation: gradients add up, nothing is updated
+    out = step(x, 0)
+    assert isinstance(out, vaegan.StepOutput) and out.found_inf.ndim == 0 and float(out.found_inf) == 0.0
+    assert {"g/total", "g/bce", "d/total", "grad_norm/g", "grad_norm/d", "d/logits_real"} <= set(out.metrics)
+    assert all(isinstance(v, torch.Tensor) and v.ndim == 0 and v.device == x.device for v in out.metrics.values())
+    for player in (step.generator, step.discriminator):
+        assert {int(s["step"]) for s in player.optimizer.optimizer.state.values()} == {1}
+
+
+def test_callbacks_see_every_point_of_the_loop_and_can_stop_it(tiny):
+    class Recorder(vaegan.Callback):
+        def __init__(self):
+            self.calls = []
+
+        def on_train_start(self, trainer):
+            self.calls.append(("start", trainer.state.step))
+
+        def on_batch_start(self, trainer, batch):
+            self.calls.append(("batch", tuple(batch.shape)))
+
+        def on_batch_end(self, trainer, output):
+            self.calls.append(("batch_end", output is None))
+
+        def on_step_end(self, trainer, output):
+            self.calls.append(("step", trainer.state.step))
+            if trainer.state.step == 3:
+                trainer.stop()
+
+        def on_log(self, trainer, metrics):
+            self.calls.append(("log", trainer.state.step, "g/total" in metrics))
+
+        def on_train_end(self, trainer, final_dir):
+            self.calls.append(("end", final_dir.name))
+
+    recorder = Recorder()
+    trainer = vaegan.build_trainer(tiny("train.max_steps=8", "train.log_every=2", "train.grad_accum=2"),
+                                   callbacks=[recorder])
+    final = trainer.fit()
+    assert trainer.state.step == 3 and (final / "model.safetensors").is_file()  # stop() ends like max_steps
+    assert recorder.calls[0] == ("start", 0) and recorder.calls[-1] == ("end", "final")
+    assert [c for c in recorder.calls if c[0] == "batch"] == [("batch", (16, 1, 28, 28))] * 6  # 2 per step
+    assert [c[1] for c in recorder.calls if c[0] == "batch_end"] == [True, False] * 3
+    assert [c for c in recorder.calls if c[0] in ("step", "log")] == [
+        ("step", 1), ("log", 2, True), ("step", 2), ("step", 3), ("log", 3, True)]  # the tail is logged too
+    with pytest.raises(TypeError, match="Callback"):
+        vaegan.build_trainer(tiny(), callbacks=[object()])
+
+
+def test_every_component_can_be_built_apart_and_injected(tiny):
+    """The factory's pieces, assembled by hand with a dataset that is not a plugin: the trainer is the loop."""
+    from vaegan.data import TensorImages
+    from vaegan.factory import build_accelerator, build_components
+
+    cfg = tiny("train.max_steps=2")
+    images = TensorImages(torch.randint(0, 256, (32, 1, 28, 28), dtype=torch.uint8))
+    accelerator = build_accelerator(cfg.train)
+    parts = build_components(cfg, vaegan.build_generator(cfg.model), vaegan.Objective.from_config(cfg), images,
+                             vaegan.build_discriminator(cfg), accelerator)
+    assert parts.train_step.accelerator is accelerator and parts.loader.dataset is images
+    trainer = vaegan.Trainer(cfg, parts.train_step, parts.loader, parts.total_steps)
+    assert trainer.total_steps == 2 and trainer.fit().is_dir()

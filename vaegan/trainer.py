@@ -28,6 +28,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from ._deprecation import deprecated_names
 from .callbacks import Callback, CallbackList
 from .checkpointing import CheckpointManager, find_checkpoint, read_counters, restore
 from .config import ExperimentConfig, to_dict
@@ -195,6 +196,8 @@ class Trainer:
                     state.epoch, state.batch_in_epoch = state.epoch + 1, 0
                     continue
                 break
+            if self._logged != state.step:  # stopped by a callback between log intervals: log the tail
+                self._log(bar)
             bar.close()
             if last_saved != state.step:
                 self.save_checkpoint()
@@ -214,7 +217,7 @@ class Trainer:
                     self.total_steps, acc.mixed_precision, acc.num_processes, acc.device,
                     tc.batch_size * acc.num_processes * tc.grad_accum)
         self.tracking.start(self.config)
-        self._t0, self._images0 = time.perf_counter(), self.state.images_seen
+        self._t0, self._images0, self._logged = time.perf_counter(), self.state.images_seen, self.state.step
         self.callbacks.on_train_start(self)
 
     def _after_step(self, out: StepOutput, bar: tqdm, last_saved: int) -> int:
@@ -260,7 +263,7 @@ class Trainer:
         metrics["images_per_sec"] = (self.state.images_seen - self._images0) / max(now - self._t0, 1e-9)
         metrics["epoch"] = self.state.epoch
         metrics["skipped_steps"] = self.state.skipped_steps
-        self._t0, self._images0 = now, self.state.images_seen
+        self._t0, self._images0, self._logged = now, self.state.images_seen, step
         if acc.is_main_process:
             self.collapse.update(step, metrics)  # warns on discriminator domination
             record = {"step": step, **metrics}
@@ -402,3 +405,6 @@ _MOVED_TO_STEP = {  # old Trainer attribute -> (its new spelling, how to get it)
     "generator_backward": ("generator_backward(x, out, step)",
                            lambda t: lambda x, out: t.train_step.generator_backward(x, out, t.state.step)),
 }
+
+# vaegan 0.1 called the player wrapper vaegan.trainer.Player, a name the plugin API also uses (a Literal).
+__getattr__ = deprecated_names(__name__, {"Player": "vaegan.step:PlayerModule"})
