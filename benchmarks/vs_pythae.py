@@ -46,7 +46,6 @@ from vaegan.evaluation import evaluate
 from vaegan.model import ConvDecoder, ConvEncoder
 
 
-
 def _conv_options(model_cfg) -> dict:
     """The conv generator's resolved options (latent size, widths, depth): the nets both libraries train."""
     opts = vaegan.build_generator(model_cfg).config.options

@@ -2,7 +2,7 @@
 optional spectral normalisation, and the spatial-size arithmetic used to reject images that are too
 small for a network's depth before any tensor is allocated.
 
-Private: plugin authors should depend on :mod:`vaegan.discriminators`, not on this module.
+Private: plugin authors should depend on :mod:`vaegan.api`, not on this module.
 """
 
 from __future__ import annotations

@@ -16,8 +16,8 @@ from typing import List, Tuple
 from einops import rearrange
 from torch import Tensor, nn
 
-from vaegan.errors import ConfigError
 from vaegan.api import Discriminator, DiscriminatorOutput
+from vaegan.errors import ConfigError
 
 from ._layers import check_norm, check_positive_int, make_norm, maybe_spectral, min_side, spatial_sizes
 

@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from vaegan.errors import ConfigError
 from vaegan.api import LossTerm, Player, TermInputs
+from vaegan.errors import ConfigError
 
 __all__ = ["FeatureMatching"]
 

@@ -24,8 +24,8 @@ import torch
 from einops import rearrange
 from torch import Tensor
 
-from vaegan.errors import ConfigError
 from vaegan.api import LossTerm, Player, TermInputs
+from vaegan.errors import ConfigError
 
 __all__ = ["FocalFrequencyLoss"]
 

@@ -32,8 +32,8 @@ import torchvision.models as tvm
 from einops import repeat
 from torch import Tensor, nn
 
-from vaegan.errors import ConfigError, PluginError
 from vaegan.api import LossTerm, Player, TermInputs
+from vaegan.errors import ConfigError, PluginError
 
 __all__ = ["LPIPSLoss", "BACKBONE_ENV", "backbone_file_name"]
 

@@ -41,11 +41,10 @@ class R1Penalty(LossTerm):
     the pixel count (StyleGAN2-ADA's heuristic is gamma = 0.0002 * H * W / batch). For a PatchGAN, the
     per-image critic is the sum of its patch logits.
 
-    Precision: the input and the squared norm are fp32 and the term disables autocast around its own
-    arithmetic. Note that a trainer-prepared discriminator may autocast *inside* its forward
-    (Accelerate wraps the prepared ``forward``), so under mixed precision the convolutions of this
-    forward still run in bf16/fp16. bf16 is safe; with fp16 the input gradient is not loss-scaled and
-    small values can underflow, so prefer bf16 for R1.
+    Precision: the term disables autocast around its own forward and arithmetic, so the discriminator
+    forward, the input gradient and the squared norm are all fp32 even in a bf16/fp16 run (the trainer
+    removes Accelerate's autocast wrapper from the prepared discriminator's ``forward``, so the
+    ``autocast(enabled=False)`` here is obeyed).
 
     Args:
         gamma: Penalty strength (multiplies the usual ``/ 2``).

@@ -18,11 +18,13 @@ import torch
 from torch import Tensor
 from torchmetrics.functional.image import (
     multiscale_structural_similarity_index_measure as _ms_ssim,
+)
+from torchmetrics.functional.image import (
     structural_similarity_index_measure as _ssim,
 )
 
-from vaegan.errors import ConfigError
 from vaegan.api import LossTerm, Player, TermInputs
+from vaegan.errors import ConfigError
 
 __all__ = ["SSIMLoss"]
 

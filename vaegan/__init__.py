@@ -10,6 +10,7 @@ Example:
 """
 
 from .api import (
+    VAE,
     AdversarialLoss,
     DatasetFactory,
     DiagonalGaussian,
@@ -18,7 +19,6 @@ from .api import (
     LossTerm,
     Player,
     TermInputs,
-    VAE,
     VAEOutput,
 )
 from .callbacks import Callback

@@ -8,6 +8,7 @@ tensors: reading one on the host waits for the device, so read them in :meth:`Ca
 the trainer has already read them, unless you mean to.
 
 Example:
+    >>> import time
     >>> class StopAfter(Callback):
     ...     def __init__(self, seconds: float) -> None:
     ...         self.deadline = time.perf_counter() + seconds
@@ -18,7 +19,6 @@ Example:
 
 from __future__ import annotations
 
-import time  # noqa: F401  (used by the docstring example)
 from typing import TYPE_CHECKING, Any, Dict, Iterable, Optional
 
 from torch import Tensor

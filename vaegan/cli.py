@@ -63,7 +63,7 @@ def add_train_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compile", action="store_const", const="inductor", dest="compile",
                         help="torch.compile both players (train.compile=inductor); the first steps are slower")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                        help="dotted config overrides, e.g. model.latent_dim=32 losses.1.weight.value=0.5")
+                        help="dotted config overrides, e.g. model.options.latent_dim=32 losses.1.weight.value=0.5")
 
 
 def config_from_flags(args: argparse.Namespace, default_config: Optional[Path] = None) -> ExperimentConfig:
@@ -94,7 +94,7 @@ def run_recipe(argv: Optional[Sequence[str]] = None, default_config: Optional[Pa
     parser = argparse.ArgumentParser(prog=prog, description=description,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_train_flags(parser)
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # KEY=VALUE overrides may sit before and after flags
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("accelerate").setLevel(logging.WARNING)  # one line per saved file otherwise
 
@@ -368,7 +368,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 _TRAIN_HELP = """Train from a YAML config; flags and KEY=VALUE override it.
 
 Example:
-  vaegan train recipes/configs/vaegan_mnist.yaml --data-dir data --epochs 5 model.latent_dim=32
+  vaegan train recipes/configs/vaegan_mnist.yaml --data-dir data --epochs 5 model.options.latent_dim=32
   vaegan train recipes/configs/rgb_folder_32.yaml --data-dir path/to/images --report-to wandb
 """
 

@@ -21,10 +21,10 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from ._deprecation import deprecated_names
 from .config import DataConfig, from_dict, load_config
 from .data import build_dataset
 from .errors import CheckpointError, ConfigError, DataError, VaeganError
-from ._deprecation import deprecated_names
 from .generator import CONFIG_NAME, VAE
 
 __all__ = [

@@ -30,7 +30,7 @@ from . import api, registry
 from .callbacks import Callback
 from .config import ExperimentConfig, TrainConfig
 from .data import TensorImages, build_dataset
-from .errors import DataError, PluginError
+from .errors import ConfigError, DataError, PluginError
 from .evaluation import EvalResources, prepare_evaluation
 from .generator import build_generator
 from .guards import StepGuard
@@ -143,8 +143,6 @@ def build_components(config: ExperimentConfig, model: api.VAE, objective: Object
         DataError: the data does not fit the model, or there is too little of it.
         ConfigError: inconsistent components.
     """
-    from .errors import ConfigError
-
     tc = config.train
     accelerator = accelerator or build_accelerator(tc)
     if objective.needs_discriminator and discriminator is None:

@@ -112,11 +112,12 @@ def _bound_options(cls: type, args: tuple, kwargs: dict) -> Dict[str, Any]:
     """The constructor arguments (defaults filled in) other than the shared image fields, as plain data."""
     from .config import to_dict
 
-    bound = inspect.signature(cls.__init__).bind(None, *args, **kwargs)
+    signature = inspect.signature(cls.__init__)
+    bound = signature.bind(None, *args, **kwargs)
     bound.apply_defaults()
     options: Dict[str, Any] = {}
     for name, value in list(bound.arguments.items())[1:]:  # [0] is self
-        kind = inspect.signature(cls.__init__).parameters[name].kind
+        kind = signature.parameters[name].kind
         if kind is inspect.Parameter.VAR_KEYWORD:
             options.update(value)
         elif kind is not inspect.Parameter.VAR_POSITIONAL and name not in ("image_shape", "output_range"):
@@ -149,6 +150,10 @@ class VAE(nn.Module, metaclass=_GeneratorMeta):
         if "forward" in cls.__dict__:
             raise TypeError(f"{cls.__qualname__} overrides VAE.forward: implement encode, decode_logits and "
                             "last_layer instead, so the one training forward keeps returning everything.")
+        # inspect.signature(cls) would otherwise show the metaclass's (*args, **kwargs): the registry checks
+        # a config's options against this signature before building anything.
+        init = inspect.signature(cls.__init__)
+        cls.__signature__ = init.replace(parameters=list(init.parameters.values())[1:])
 
     def __init__(self, image_shape: Tuple[int, int, int], output_range: str = "unit",
                  logvar_range: Tuple[float, float] = (-30.0, 20.0)) -> None:
@@ -246,8 +251,9 @@ class VAE(nn.Module, metaclass=_GeneratorMeta):
     def sample(self, n: int, temperature: float = 1.0, generator: Optional[torch.Generator] = None) -> Tensor:
         """Draw ``n`` images (n, C, H, W) from the prior, its standard deviation scaled by ``temperature``."""
         p = next(self.parameters())
-        z = self.sample_prior(n, generator=generator, device=p.device) * temperature
-        return self.decode(z.to(p.dtype))
+        # Drawn where the generator lives (a CPU generator cannot fill a CUDA tensor), then moved.
+        z = self.sample_prior(n, generator=generator, device=generator.device if generator is not None else p.device)
+        return self.decode((z * temperature).to(p.device, p.dtype))
 
     @torch.no_grad()
     def interpolate(self, x0: Tensor, x1: Tensor, steps: int = 8) -> Tensor:

@@ -38,7 +38,7 @@ from torch.optim.swa_utils import AveragedModel
 from torch.profiler import record_function
 
 from . import _compat
-from .api import TermInputs, VAE, VAEOutput
+from .api import VAE, TermInputs, VAEOutput
 from .config import OptimConfig
 from .guards import StepGuard
 from .objective import Objective
