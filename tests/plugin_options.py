@@ -6,13 +6,23 @@ exist only where the defaults cannot work here or are needlessly slow on 2 CPU c
 - ``lpips``: the pretrained ImageNet backbone cannot be downloaded on these machines; ``backbone:
   random`` is the explicit opt-in to an untrained network that exercises the same code path.
 - generators and discriminators: narrow widths keep a training step in milliseconds.
+
+Dataset plugins also need data to read: :func:`dataset_setup` says, per plugin, which image shapes it
+is tested at and how its test data is put in place (the committed MNIST digits; a folder of PNGs
+written to a temporary folder). A dataset plugin not listed gets an empty temporary folder as
+``data.root`` (so one that needs no files, a synthetic dataset say, is tested as it is).
 """
 
 from __future__ import annotations
 
-from typing import Any, Dict, Tuple
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Dict, Tuple
 
-__all__ = ["TEST_OPTIONS", "options_for"]
+__all__ = ["TEST_OPTIONS", "options_for", "DatasetSetup", "DATASET_SETUP", "dataset_setup", "pattern",
+           "write_image_folder"]
+
+FIXTURES = Path(__file__).parent / "fixtures"
 
 TEST_OPTIONS: Dict[Tuple[str, str], Dict[str, Any]] = {
     ("vaegan.generators", "conv"): {"channels": [8, 16], "norm_groups": 4, "latent_dim": 4},
@@ -27,3 +37,57 @@ TEST_OPTIONS: Dict[Tuple[str, str], Dict[str, Any]] = {
 def options_for(group: str, name: str) -> Dict[str, Any]:
     """A fresh copy of the test options of plugin ``name`` in ``group`` ({} when none are needed)."""
     return dict(TEST_OPTIONS.get((group, name), {}))
+
+
+# ---- dataset plugins ---------------------------------------------------------------------------------
+
+
+def pattern(size: Tuple[int, int], mode: str):
+    """A PIL image (W, H) = ``size`` with structure (a gradient plus a bright square), not a constant."""
+    from PIL import Image
+
+    w, h = size
+    img = Image.linear_gradient("L").resize((w, h)).convert(mode)
+    box = Image.new(mode, (max(1, w // 4), max(1, h // 4)), 255 if mode == "L" else (255, 64, 0))
+    img.paste(box, (w // 3, h // 3))
+    return img
+
+
+def write_image_folder(root: Path) -> str:
+    """Five images of every kind under ``root/imgs``: RGB, grayscale, RGBA, a JPEG, one in a subfolder with
+    an upper-case extension; plus a text file that is not an image. Returns the folder."""
+    from PIL import Image
+
+    folder = Path(root) / "imgs"
+    (folder / "sub").mkdir(parents=True)
+    pattern((40, 30), "RGB").save(folder / "a_rgb.png")
+    pattern((17, 50), "L").save(folder / "b_gray.png")
+    pattern((64, 64), "RGB").save(folder / "sub" / "c_rgb.PNG")
+    pattern((33, 33), "RGBA").save(folder / "d_rgba.png")
+    Image.new("RGB", (20, 20), (0, 0, 255)).save(folder / "e_blue.jpg", quality=95)
+    (folder / "notes.txt").write_text("not an image")
+    return str(folder)
+
+
+@dataclass(frozen=True)
+class DatasetSetup:
+    """How the dataset contract runs one dataset plugin.
+
+    Attributes:
+        image_shapes: The (C, H, W) shapes it is built for (a plugin with a fixed shape lists only that).
+        prepare: Puts the plugin's test data under an empty temporary folder; returns ``data.root``.
+    """
+
+    image_shapes: Tuple[Tuple[int, int, int], ...] = ((1, 28, 28), (3, 16, 24))
+    prepare: Callable[[Path], str] = str
+
+
+DATASET_SETUP: Dict[str, DatasetSetup] = {
+    "mnist": DatasetSetup(image_shapes=((1, 28, 28),), prepare=lambda tmp: str(FIXTURES)),  # committed digits
+    "image_folder": DatasetSetup(image_shapes=((1, 28, 28), (3, 16, 24), (4, 32, 20)), prepare=write_image_folder),
+}
+
+
+def dataset_setup(name: str) -> DatasetSetup:
+    """The test setup of dataset plugin ``name`` (an empty folder and two shapes when none is listed)."""
+    return DATASET_SETUP.get(name, DatasetSetup())

@@ -19,9 +19,9 @@ from typing import Dict, List
 
 import pytest
 import torch
+from conftest import MNIST_ROOT, TINY, tiny_config
 
 import vaegan
-from conftest import MNIST_ROOT, TINY, tiny_config
 from vaegan import registry
 from vaegan.checkpointing import find_checkpoint
 from vaegan.data import TensorImages

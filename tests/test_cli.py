@@ -16,10 +16,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import MNIST_ROOT, TINY, tiny_generator
 from PIL import Image
 
 import vaegan
-from conftest import MNIST_ROOT, TINY, tiny_generator
 from vaegan import commands
 from vaegan.cli import main
 

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import FIXTURES, tiny_config
 from safetensors.torch import load_file
 
 import vaegan
-from conftest import FIXTURES, tiny_config
 
 # old module -> old name -> (new module, new name). Written out, so removing a shim fails here.
 OLD_PATHS = {

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import MNIST_ROOT, tiny_generator
 
 import vaegan
 from vaegan import VAE, ModelConfig
@@ -19,8 +20,6 @@ from vaegan.cli import main as cli
 from vaegan.config import DataConfig, EvalConfig
 from vaegan.errors import DataError, PluginError
 from vaegan.evaluation import DigitClassifier, evaluate, load_or_train_classifier, prepare_evaluation
-
-from conftest import MNIST_ROOT, tiny_generator
 
 DATA = DataConfig(root=str(MNIST_ROOT), split="test", download=False)
 TINY_MODEL = ModelConfig(options={"channels": (8, 16), "norm_groups": 4, "latent_dim": 4})

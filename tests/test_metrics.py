@@ -7,10 +7,17 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import load_digits, tiny_generator
-from vaegan.metrics import (ClassHistogram, HighFrequencyRatio, LikelihoodBounds, PrecisionRecall, SharpnessRatio,
-                            importance_sampled_log_likelihood, laplacian_energy)
+
+from vaegan.metrics import (
+    ClassHistogram,
+    HighFrequencyRatio,
+    LikelihoodBounds,
+    PrecisionRecall,
+    SharpnessRatio,
+    importance_sampled_log_likelihood,
+    laplacian_energy,
+)
 
 
 @pytest.fixture(scope="module")

@@ -9,14 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_config
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 
 import vaegan
 from vaegan.data import TensorImages
 from vaegan.optim import WarmupEMA, default_precision, step_unless
-
-from conftest import tiny_config
 
 
 def _final_weights(run: Path):

@@ -1,9 +1,9 @@
-"""First-party plugins (vaegan_plugins) and the contract every registered plugin must meet.
+"""First-party plugins (vaegan_plugins): what is specific to each of them.
 
-The contract tests are parametrised over the registry (``registry.available(group)``), so a newly
-installed plugin is tested for free; ``plugin_options.options_for`` supplies the few options a
-plugin needs to run here (an untrained LPIPS backbone, narrow discriminators). Everything is real:
-real torch, real Accelerate, the real ``lpips`` and ``torchmetrics`` packages, real MNIST digits.
+The contracts every registered plugin meets (loss terms, GAN pairs, discriminators), parametrised over
+the registry, are in the test_contract_*.py files; this file holds what only LPIPS, SSIM, the focal
+frequency loss, R1, feature matching, PatchGAN and DCGAN do. Everything is real: real torch, real
+Accelerate, the real ``lpips`` and ``torchmetrics`` packages, real MNIST digits (conftest's ``digits``).
 """
 
 from __future__ import annotations
@@ -19,35 +19,29 @@ import pytest
 import torch
 import torch.nn.functional as F
 from einops import repeat
+from plugin_options import options_for
 from safetensors.torch import load_file
 
 import vaegan
-from plugin_options import options_for
 from vaegan import registry
-from vaegan.config import DataConfig, ModelConfig
-from vaegan.data import build_dataset, first_batch
-from vaegan.discriminators import Discriminator
+from vaegan.api import (
+    DiagonalGaussian,
+    Discriminator,
+    DiscriminatorOutput,
+    LossTerm,
+    TermInputs,
+    VAEOutput,
+)
+from vaegan.data import first_batch
 from vaegan.errors import ConfigError, PluginError
-from vaegan.model import VAE, DiagonalGaussian, VAEOutput
-from vaegan.objective import AdversarialLoss, DiscriminatorOutput, LossTerm, TermInputs, build_plugin
+from vaegan.registry import build_plugin
 
-LOSSES = registry.available("vaegan.losses")
-PAIRS = registry.available("vaegan.adversarial")
-DISCRIMINATORS = registry.available("vaegan.discriminators")
-FIXTURES = Path(__file__).parent / "fixtures"
+pytestmark = pytest.mark.usefixtures("one_torch_thread", "seeded")
 
 
 @pytest.fixture(autouse=True)
 def _clean_environment(monkeypatch):
     monkeypatch.delenv(registry.DISABLE_ENV, raising=False)
-    torch.manual_seed(0)
-
-
-@pytest.fixture(scope="module")
-def digits() -> torch.Tensor:
-    """Eight real MNIST digits (8, 1, 28, 28) in [0, 1]: mostly exact zeros, like real data."""
-    ds = build_dataset(DataConfig(root=str(FIXTURES), download=False, limit=8), ModelConfig())
-    return first_batch(ds, 8)
 
 
 def _term(name: str, **extra) -> LossTerm:
@@ -61,11 +55,6 @@ def _disc(name: str, image_shape, **extra) -> Discriminator:
                         image_shape=tuple(image_shape))
     assert isinstance(disc, Discriminator)
     return disc
-
-
-def _vae(channels: int, size: int) -> VAE:
-    return VAE(ModelConfig(image_channels=channels, image_size=(size, size), channels=(8, 16), norm_groups=4,
-                           latent_dim=4))
 
 
 def _output(recon: torch.Tensor) -> VAEOutput:
@@ -92,161 +81,7 @@ def _batch(trainer, n: int = 16) -> torch.Tensor:
     return first_batch(trainer.loader.dataset, n).to(trainer.accelerator.device)
 
 
-def _finite_history(trainer) -> None:
-    assert trainer.history
-    for row in trainer.history:
-        bad = {k: v for k, v in row.items() if not math.isfinite(v)}
-        assert not bad, f"non-finite metrics {bad}"
-
-
-# ---- every loss term ------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
-@pytest.mark.parametrize("channels", [1, 3])
-@pytest.mark.parametrize("name", LOSSES)
-def test_loss_term_forward_backward(name, channels, precision, digits):
-    """Construct, forward, backward, with 1-channel 28x28 digits and 3-channel 32x32 images, in fp32
-    and under bf16 autocast on CPU: a finite scalar whose gradient reaches its own player only."""
-    term = _term(name)
-    real = digits if channels == 1 else torch.rand(4, 3, 32, 32)
-    shape = tuple(real.shape[1:])
-    vae = _vae(*shape[:2])
-    disc = _disc("patchgan", shape)
-    is_d = term.player == "discriminator"
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
-        out = vae(real, perturb_std=term.perturb_std)
-        disc.requires_grad_(is_d)  # as the trainer: D is frozen in the generator step
-        inputs = TermInputs(real=real, output=out, step=0, value_range=vae.value_range,
-                            fake=out.recon.detach() if is_d else out.recon,
-                            discriminator=disc if term.needs_discriminator else None, last_layer=vae.last_layer)
-        value = term(inputs)
-    disc.requires_grad_(True)
-    assert value is not None, f"{name} skipped step 0"
-    assert value.ndim == 0 and value.dtype.is_floating_point and torch.isfinite(value.float())
-    value.float().backward()
-    mine = _grads(disc) if is_d else _grads(vae) + _grads(term)
-    other = _grads(vae) if is_d else _grads(disc)
-    assert mine and all(torch.isfinite(g).all() for g in mine), f"{name}: no finite gradient for its player"
-    assert any(g.abs().sum() > 0 for g in mine)
-    assert not other, f"{name} ({term.player}) sent a gradient to the other player"
-
-
-@pytest.mark.parametrize("name", LOSSES)
-def test_loss_term_in_the_trainer_touches_only_its_player(tiny, name):
-    """Through the real trainer under bf16: the D step leaves no gradient in the generator, the G step
-    none in the discriminator; then a few real steps give finite metrics with the term logged."""
-    trainer = vaegan.build_trainer(tiny(_losses_override(name), "train.mixed_precision=bf16", "train.max_steps=2"))
-    side = "d" if "under_test" in trainer.objective.discriminator_terms else "g"
-    x = _batch(trainer)
-    out = trainer.gen(x, **trainer.objective.forward_kwargs(x.shape[0]))
-    trainer.discriminator_backward(x, out)
-    assert not _grads(trainer.gen), "the discriminator step left gradients in the generator"
-    assert all(torch.isfinite(g).all() for g in _grads(trainer.disc))
-    trainer.d_opt.zero_grad(set_to_none=True)
-    d_params = [p.detach().clone() for p in trainer.disc.parameters()]
-    trainer.generator_backward(x, out)
-    assert not _grads(trainer.disc), "the generator step left gradients in the discriminator"
-    assert all(torch.isfinite(g).all() for g in _grads(trainer.gen))
-    assert all(torch.equal(a, b) for a, b in zip(d_params, trainer.disc.parameters()))
-    trainer.g_opt.zero_grad(set_to_none=True)
-    trainer.fit()
-    _finite_history(trainer)
-    assert f"{side}/under_test" in trainer.history[-1]
-
-
-# ---- adversarial pairs ----------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("name", PAIRS)
-def test_adversarial_pair_finite_and_correctly_signed(name, dtype):
-    pair = build_plugin("vaegan.adversarial", name, options_for("vaegan.adversarial", name))
-    assert isinstance(pair, AdversarialLoss)
-    for shape in [(4, 1), (4, 1, 3, 3)]:  # one logit per image, or a PatchGAN map
-        extreme = torch.tensor([1e4, -1e4, 0.0, 3.0]).view(4, *([1] * (len(shape) - 1))).expand(shape)
-        fake = extreme.to(dtype).clone().requires_grad_(True)
-        real = (-extreme).to(dtype).clone().requires_grad_(True)
-        g, d = pair.generator_loss(fake), pair.discriminator_loss(real, fake)
-        assert g.ndim == 0 and d.ndim == 0 and torch.isfinite(g) and torch.isfinite(d)
-        (g + d).backward()
-        assert torch.isfinite(fake.grad.float()).all() and torch.isfinite(real.grad.float()).all()
-    # The signs: the generator wants D(fake) high, the discriminator wants D(real) high, D(fake) low.
-    ones = torch.ones(4, 1, dtype=dtype)
-    assert pair.generator_loss(ones) < pair.generator_loss(-ones)
-    assert pair.discriminator_loss(ones, -ones) < pair.discriminator_loss(-ones, ones)
-
-
-@pytest.mark.parametrize("name", PAIRS)
-def test_adversarial_generator_loss_never_changes_the_discriminator(tiny, name):
-    trainer = vaegan.build_trainer(tiny(f"adversarial.name={name}", "adversarial.weight=1.0",
-                                        "losses=[{name: mse, weight: 0.0}]"))
-    x = _batch(trainer)
-    d_params = [p.detach().clone() for p in trainer.disc.parameters()]
-    g_params = [p.detach().clone() for p in trainer.gen.parameters()]
-    loss, parts = trainer.generator_backward(x, trainer.gen(x, **trainer.objective.forward_kwargs(x.shape[0])))
-    assert "adversarial" in parts and torch.isfinite(loss)
-    assert not _grads(trainer.disc)
-    assert any(g.abs().sum() > 0 for g in _grads(trainer.model.decoder)), "the adversarial term trained nothing"
-    trainer.g_opt.step()
-    assert all(torch.equal(a, b) for a, b in zip(d_params, trainer.disc.parameters()))
-    assert any(not torch.equal(a, b) for a, b in zip(g_params, trainer.gen.parameters()))
-
-
-@pytest.mark.parametrize("name", PAIRS)
-def test_adversarial_pair_trains(tiny, name):
-    trainer = vaegan.build_trainer(tiny(f"adversarial.name={name}", *_disc_overrides("patchgan"), "train.max_steps=3"))
-    d0 = [p.detach().clone() for p in trainer.disc.parameters()]
-    trainer.fit()
-    _finite_history(trainer)
-    assert {"g/adversarial", "d/discriminator"} <= set(trainer.history[-1])
-    assert any(not torch.equal(a, b) for a, b in zip(d0, trainer.disc.parameters()))
-
-
-@pytest.mark.parametrize("name", PAIRS)
-def test_adaptive_weight_finite_when_the_adversarial_gradient_is_zero(tiny, name):
-    """A discriminator whose weights are all zero outputs a constant: the adversarial gradient at the
-    decoder's last layer is exactly 0, and the adaptive weight must still be finite."""
-    cfg = tiny(f"adversarial.name={name}", "adversarial.adaptive=true",
-               *_disc_overrides("patchgan", spectral_norm=False))
-    trainer = vaegan.build_trainer(cfg)
-    with torch.no_grad():
-        for p in trainer.disc_net.parameters():
-            p.zero_()
-    x = _batch(trainer)
-    loss, parts = trainer.generator_backward(x, trainer.gen(x, **trainer.objective.forward_kwargs(x.shape[0])))
-    weight = parts["adaptive_weight"]
-    assert torch.isfinite(weight) and 0 < float(weight) <= cfg.adversarial.adaptive_max
-    assert torch.isfinite(loss) and all(torch.isfinite(g).all() for g in _grads(trainer.gen))
-
-
-# ---- discriminators -------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
-@pytest.mark.parametrize("shape", [(1, 28, 28), (3, 32, 32), (2, 40, 48)], ids=["mnist", "rgb32", "2ch-40x48"])
-@pytest.mark.parametrize("name", DISCRIMINATORS)
-def test_discriminator_contract(name, shape, precision):
-    disc = _disc(name, shape)
-    x = torch.rand(3, *shape)
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
-        out = disc(x)
-    assert isinstance(out, DiscriminatorOutput)
-    assert out.logits.shape[0] == 3 and out.features, f"{name} exposes no features for feature matching"
-    assert all(f.shape[0] == 3 for f in out.features)
-    out.logits.float().mean().backward()
-    grads = _grads(disc)
-    assert grads and all(torch.isfinite(g).all() for g in grads)
-
-
-@pytest.mark.parametrize("name", DISCRIMINATORS)
-def test_discriminator_on_a_one_pixel_image_works_or_raises_config_error(name):
-    """Never a cryptic conv RuntimeError: a size a discriminator cannot take is a ConfigError."""
-    try:
-        disc = _disc(name, (1, 1, 1))
-    except ConfigError:
-        return
-    assert disc(torch.rand(2, 1, 1, 1)).logits.shape[0] == 2
+# ---- PatchGAN and DCGAN ---------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("n_layers", [1, 2, 3, 4])
@@ -288,15 +123,6 @@ def test_patchgan_returns_a_map_that_grows_with_the_image():
     assert _disc("patchgan", (1, 64, 64))(torch.rand(2, 1, 64, 64)).logits.shape == (2, 1, *large)
 
 
-@pytest.mark.parametrize("name", DISCRIMINATORS)
-def test_discriminator_trains_end_to_end(tiny, name):
-    trainer = vaegan.build_trainer(tiny(*_disc_overrides(name), "train.max_steps=2"))
-    d0 = [p.detach().clone() for p in trainer.disc_net.parameters()]
-    trainer.fit()
-    _finite_history(trainer)
-    assert any(not torch.equal(a, b) for a, b in zip(d0, trainer.disc_net.parameters()))
-
-
 # ---- feature matching -----------------------------------------------------------------------------
 
 
@@ -304,10 +130,11 @@ def test_feature_matching_trains_encoder_and_decoder_never_the_discriminator(tin
     """Larsen et al.: the learned-similarity loss trains the whole VAE; D is not trained by it."""
     trainer = vaegan.build_trainer(tiny("losses=[{name: feature_matching}]", "adversarial.weight=0.0",
                                         *_disc_overrides("patchgan")))
+    step = trainer.train_step
     x = _batch(trainer)
-    _, parts = trainer.generator_backward(x, trainer.gen(x, **trainer.objective.forward_kwargs(x.shape[0])))
+    _, parts = step.generator_backward(x, step.generator.module(x, **step.objective.forward_kwargs(x.shape[0])), 0)
     assert set(parts) == {"feature_matching"}
-    assert not _grads(trainer.disc)
+    assert not _grads(step.discriminator.module)
     for part in (trainer.model.encoder, trainer.model.decoder):
         assert any(g.abs().sum() > 0 for g in _grads(part))
 
@@ -430,9 +257,10 @@ def test_lpips_is_fp32_under_autocast_and_maps_channels_and_range(digits):
 def test_lpips_is_pinned_in_eval_and_kept_out_of_optimizers_and_checkpoints(tiny):
     cfg = tiny(_losses_override("lpips", weight=0.1), "train.max_steps=2", "train.checkpoint_every=2")
     trainer = vaegan.build_trainer(cfg)
-    term = trainer.objective.generator_terms["under_test"]
+    step = trainer.train_step
+    term = step.objective.generator_terms["under_test"]
     net = term.network
-    trainer.gen.train()  # what the trainer's parent modules do
+    step.generator.module.train()  # what the trainer's parent modules do
     term.train()
     assert not any(m.training for m in net.modules()), "LPIPS left eval mode (dropout would be active)"
     x = _batch(trainer)
@@ -441,7 +269,7 @@ def test_lpips_is_pinned_in_eval_and_kept_out_of_optimizers_and_checkpoints(tiny
     assert torch.equal(term(inputs), term(inputs)), "LPIPS is not deterministic in train mode"
     frozen = {id(p) for p in net.parameters()}
     assert all(not p.requires_grad for p in net.parameters())
-    for opt in (trainer.g_opt, trainer.d_opt):
+    for opt in (step.generator.optimizer, step.discriminator.optimizer):
         assert not frozen & {id(p) for g in opt.param_groups for p in g["params"]}
     assert not term.state_dict() and not list(term.parameters())
     trainer.fit()

@@ -8,9 +8,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import MNIST_ROOT, TINY
 
 import vaegan
-from conftest import MNIST_ROOT, TINY
 
 ROOT = Path(__file__).parents[1]
 RECIPE = ROOT / "recipes" / "vaegan_mnist.py"

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import MNIST_ROOT
 from PIL import Image
 
 import vaegan
-from conftest import MNIST_ROOT
 from vaegan.cli import main
 from vaegan.objective import Objective
 

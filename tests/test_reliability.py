@@ -22,16 +22,15 @@ from typing import Dict, List
 
 import pytest
 import torch
+from conftest import MNIST_ROOT, TINY
 from safetensors.torch import load_file
 
 import vaegan
-from conftest import MNIST_ROOT, TINY
 from vaegan import registry
-from vaegan.checkpointing import MARKER, find_checkpoint, list_checkpoints
-from vaegan.errors import VaeganError
-from vaegan.errors import TrainingDiverged
-from vaegan.guards import CollapseMonitor
 from vaegan.api import LossTerm
+from vaegan.checkpointing import MARKER, find_checkpoint, list_checkpoints
+from vaegan.errors import TrainingDiverged, VaeganError
+from vaegan.guards import CollapseMonitor
 
 ROOT = Path(__file__).parents[1]
 RECIPE = ROOT / "recipes" / "vaegan_mnist.py"

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_config
 
 import vaegan
-from conftest import tiny_config
 from vaegan import registry
 from vaegan.checkpointing import find_checkpoint, safe_torch_load
 from vaegan.errors import CheckpointError, PluginError

@@ -12,11 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import MNIST_ROOT, tiny_config
 from safetensors.torch import load_file
+from spatial_generator import NAME
 
 import vaegan
-from conftest import MNIST_ROOT, tiny_config
-from spatial_generator import NAME
 from vaegan.cli import main as cli
 
 SPATIAL = (f"model.name={NAME}", "model.options={latent_channels: 2, width: 8}")

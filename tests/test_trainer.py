@@ -13,8 +13,8 @@ import torch
 from safetensors.torch import load_file
 
 import vaegan
-from vaegan.errors import CheckpointError, ConfigError, DataError, PluginError
 from vaegan.api import TermInputs
+from vaegan.errors import CheckpointError, ConfigError, DataError, PluginError
 
 
 def _params(module):
