@@ -87,11 +87,18 @@ def one_torch_thread():
     torch.set_num_threads(n)
 
 
-@pytest.fixture
+@pytest.fixture(autouse=True)
 def seeded():
+    """Every test starts from the same global random state (torch, numpy, random), so its result cannot
+    depend on which tests ran before it or in which order."""
+    import random
+
+    import numpy as np
     import torch
 
     torch.manual_seed(0)
+    np.random.seed(0)
+    random.seed(0)
 
 
 @pytest.fixture(scope="module")

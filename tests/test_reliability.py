@@ -367,26 +367,38 @@ def _signals(out: Path) -> Dict[str, object]:
     return {"stops": stops, "resumed": _finish(_start(out, "--resume", "latest"))}
 
 
+def _stop_inside_a_save(proc: subprocess.Popen, out: Path, tries: int = 200) -> bool:
+    """Freeze the process (SIGSTOP) as soon as a save's temporary folder appears; keep it frozen if the
+    folder is still there (the save is half-written), else let it go on (SIGCONT) and wait for the next
+    save. Deterministic where a bare kill on sight is a race: every step saves, so a save that ended
+    before the freeze only costs a retry, and the kill that follows lands inside a save for sure."""
+    for _ in range(tries):
+        seen = set(_tmp_dirs(out))
+        if not _wait_for(proc, lambda: any(n not in seen for n in _tmp_dirs(out)), every=0.001):
+            return False  # the run ended first
+        proc.send_signal(signal.SIGSTOP)
+        if any(n not in seen for n in _tmp_dirs(out)):
+            return True
+        proc.send_signal(signal.SIGCONT)
+    return False
+
+
 def _kill_9(out: Path) -> Dict[str, object]:
-    """kill -9 at a random moment of training, then, in the resumed run, as soon as a save's temporary
-    folder appears (retried while a kill misses the save, which is rare); then a resume to the end."""
+    """kill -9 at a random moment of training, then, in the resumed run, inside a save (frozen there
+    first, see _stop_inside_a_save); then a resume to the end."""
     rng = random.Random(0)
     kills: List[Dict[str, object]] = []
-    extra: List[str] = []
-    for attempt in range(5):
-        proc = _start(out, "train.checkpoint_every=1", *extra)
-        seen = set(_tmp_dirs(out))
-        if attempt == 0:  # anywhere after the third checkpoint
-            started = _wait_for(proc, lambda: any(n >= "step_00000003" for n in _names(out) if n.startswith("step_")))
-            time.sleep(rng.uniform(0.0, 0.3))
-        else:  # inside a save
-            started = _wait_for(proc, lambda: any(n not in seen for n in _tmp_dirs(out)), every=0.002)
-        proc.kill()
-        kills.append({"started": started, **_finish(proc), "tmp_left": _tmp_dirs(out), "complete": _complete(out)})
-        extra = ["--resume", "latest"]
-        if attempt > 0 and kills[-1]["tmp_left"]:
-            break
-    resumed = _finish(_start(out, "train.checkpoint_every=1", *extra))
+    proc = _start(out, "train.checkpoint_every=1")
+    # anywhere after the third checkpoint
+    started = _wait_for(proc, lambda: any(n >= "step_00000003" for n in _names(out) if n.startswith("step_")))
+    time.sleep(rng.uniform(0.0, 0.3))
+    proc.kill()
+    kills.append({"started": started, **_finish(proc), "tmp_left": _tmp_dirs(out), "complete": _complete(out)})
+    proc = _start(out, "train.checkpoint_every=1", "--resume", "latest")
+    started = _stop_inside_a_save(proc, out)
+    proc.kill()  # a frozen process dies of SIGKILL too
+    kills.append({"started": started, **_finish(proc), "tmp_left": _tmp_dirs(out), "complete": _complete(out)})
+    resumed = _finish(_start(out, "train.checkpoint_every=1", "--resume", "latest"))
     return {"kills": kills, "resumed": resumed, "tmp_after_resume": _tmp_dirs(out)}
 
 
@@ -492,7 +504,7 @@ def test_kill_9_during_training_and_during_a_save_then_resume_equals_an_uninterr
     assert all(k["started"] and k["rc"] == -signal.SIGKILL for k in kills), kills
     assert 3 <= kills[0]["complete"][-1] < TOTAL
     last = kills[-1]
-    assert len(kills) > 1 and last["tmp_left"], kills  # the last kill landed inside a save
+    assert len(kills) == 2 and last["tmp_left"], kills  # the second kill landed inside a save
     # The interrupted save is ignored, and rotation (limit 3) had kept the complete ones before it.
     tmp_step = int(last["tmp_left"][0].rsplit("_", 1)[1])
     assert len(last["complete"]) >= 2 and max(last["complete"]) < tmp_step

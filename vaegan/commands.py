@@ -159,7 +159,7 @@ def sample(model: VAE, num: int, seed: int = 0, batch_size: int = 256, temperatu
         uint8 (num, C, H, W).
 
     Example:
-        >>> sample(VAE(ModelConfig()), 4).shape  # doctest: +SKIP
+        >>> sample(build_generator(ModelConfig()), 4).shape  # doctest: +SKIP
         torch.Size([4, 1, 28, 28])
     """
     z = model.sample_prior(num, generator=torch.Generator().manual_seed(seed)) * temperature  # (num, *latent_shape)

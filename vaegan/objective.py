@@ -1,7 +1,7 @@
 """The training objective: named, weighted loss terms, each feeding exactly one player.
 
-A *term* is a :class:`~vaegan.api.LossTerm` plugin (group ``vaegan.losses``) that maps a :class:`~vaegan.api.TermInputs` to a
-scalar. Its class attribute ``player`` says whose optimizer its gradient feeds: the generator (the
+A *term* is a :class:`~vaegan.api.LossTerm` plugin (group ``vaegan.losses``) that maps a
+:class:`~vaegan.api.TermInputs` to a scalar. Its class attribute ``player`` says whose optimizer its gradient feeds: the generator (the
 VAE) or the discriminator. The :class:`Objective` sums each player's terms with their scheduled
 weights, and returns the total plus a named breakdown for logging.
 

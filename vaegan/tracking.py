@@ -65,8 +65,8 @@ def flatten(data: Mapping[str, Any], prefix: str = "") -> Dict[str, Any]:
     Trackers accept only scalars as hyper-parameters (TensorBoard's ``add_hparams`` rejects lists).
 
     Example:
-        >>> flatten({"model": {"latent_dim": 16, "channels": [32, 64]}})
-        {'model.latent_dim': 16, 'model.channels': '[32, 64]'}
+        >>> flatten({"model": {"name": "conv", "options": {"channels": [32, 64]}}})
+        {'model.name': 'conv', 'model.options.channels': '[32, 64]'}
     """
     flat: Dict[str, Any] = {}
     for key, value in data.items():

@@ -175,30 +175,32 @@ class Trainer:
             state = self.state
             last_saved = state.step if tc.resume else -1  # a resumed run starts from a saved state
             bar = tqdm(total=self.total_steps, initial=state.step, disable=not acc.is_local_main_process, desc="train")
-            while state.step < self.total_steps and state.epoch < tc.epochs and not self._stop_requested:
-                self.loader.set_epoch(state.epoch)
-                batches = acc.skip_first_batches(self.loader, state.batch_in_epoch) if state.batch_in_epoch else self.loader
-                for batch in batches:
-                    x = batch[0] if isinstance(batch, (list, tuple)) else batch
-                    self.callbacks.on_batch_start(self, x)
-                    out = self.train_step(x, state.step)
-                    state.batch_in_epoch += 1
-                    state.images_seen += x.shape[0] * acc.num_processes
-                    self.callbacks.on_batch_end(self, out)
-                    if out is not None:  # an optimizer step of both players (applied, or skipped on the device)
-                        state.step += 1
-                        bar.update(1)
-                        last_saved = self._after_step(out, bar, last_saved)
-                    self._stop_if_asked(last_saved)
-                    if state.step >= self.total_steps or self._stop_requested:
-                        break
-                else:
-                    state.epoch, state.batch_in_epoch = state.epoch + 1, 0
-                    continue
-                break
-            if self._logged != state.step:  # stopped by a callback between log intervals: log the tail
-                self._log(bar)
-            bar.close()
+            with bar:  # closed on any exit, a signal's SystemExit included
+                while state.step < self.total_steps and state.epoch < tc.epochs and not self._stop_requested:
+                    self.loader.set_epoch(state.epoch)
+                    batches = self.loader  # mid-epoch after a resume: the batches this epoch has not seen yet
+                    if state.batch_in_epoch:
+                        batches = acc.skip_first_batches(self.loader, state.batch_in_epoch)
+                    for batch in batches:
+                        x = batch[0] if isinstance(batch, (list, tuple)) else batch
+                        self.callbacks.on_batch_start(self, x)
+                        out = self.train_step(x, state.step)
+                        state.batch_in_epoch += 1
+                        state.images_seen += x.shape[0] * acc.num_processes
+                        self.callbacks.on_batch_end(self, out)
+                        if out is not None:  # an optimizer step of both players (applied, or skipped on the device)
+                            state.step += 1
+                            bar.update(1)
+                            last_saved = self._after_step(out, bar, last_saved)
+                        self._stop_if_asked(last_saved)
+                        if state.step >= self.total_steps or self._stop_requested:
+                            break
+                    else:
+                        state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+                        continue
+                    break
+                if self._logged != state.step:  # stopped by a callback between log intervals: log the tail
+                    self._log(bar)
             if last_saved != state.step:
                 self.save_checkpoint()
             return self._finish()
