@@ -70,6 +70,43 @@ def load_digits(n: int = 8, split: str = "train"):
     return first_batch(ds, n)
 
 
+def assert_resume_is_exact(tmp_path: Path, common, stop_at: int) -> None:
+    """Train uninterrupted (``a``); train to ``stop_at`` and resume with ``--resume latest`` (``b``):
+    the last checkpoints of both hold identical generator, discriminator and EMA weights."""
+    import torch
+    from safetensors.torch import load_file
+
+    import vaegan
+    from vaegan._compat import reset_accelerate_state
+    from vaegan.checkpointing import find_checkpoint
+
+    vaegan.build_trainer(tiny_config(tmp_path / "a", *common)).fit()
+    reset_accelerate_state()
+    vaegan.build_trainer(tiny_config(tmp_path / "b", *common, f"train.max_steps={stop_at}")).fit()
+    reset_accelerate_state()
+    resumed = vaegan.build_trainer(tiny_config(tmp_path / "b", *common, "train.resume=latest"))
+    resumed.fit()
+    a, b = (find_checkpoint(tmp_path / run, "latest") for run in ("a", "b"))
+    assert a.name == b.name and resumed.state.step > stop_at
+    for name in ("model.safetensors", "model_1.safetensors", "ema.safetensors"):
+        wa, wb = load_file(str(a / name)), load_file(str(b / name))
+        for key in wa:
+            assert torch.equal(wa[key], wb[key]), f"{name}:{key} differs after resume"
+
+
+def assert_foreign_weights_refused(model_dir: Path, other, tmp_path: Path) -> None:
+    """``model_dir``'s weights replaced by ``other``'s: from_pretrained names both files and refuses."""
+    from vaegan import VAE
+    from vaegan.errors import CheckpointError
+
+    other.save_pretrained(tmp_path / "other")
+    (model_dir / "model.safetensors").write_bytes((tmp_path / "other" / "model.safetensors").read_bytes())
+    with pytest.raises(CheckpointError) as info:
+        VAE.from_pretrained(model_dir)
+    msg = str(info.value)
+    assert str(model_dir / "model.safetensors") in msg and "config.json" in msg and "does not fit" in msg
+
+
 @pytest.fixture(scope="session")
 def digits():
     """Eight real MNIST digits (8, 1, 28, 28) in [0, 1]: mostly exact zeros, like real data."""

@@ -262,3 +262,17 @@ def test_data_errors_are_one_paragraph(run_dir, capsys, tmp_path):
 def test_train_errors_are_one_paragraph(capsys, tmp_path):
     assert "needs a config file" in _error(capsys, ["train"])
     assert "does not exist" in _error(capsys, ["train", str(tmp_path / "missing.yaml")])
+
+
+def test_train_the_mlp_generator_of_the_mnist_recipe_by_name(tmp_path, capsys):
+    """`vaegan train recipes/configs/vaegan_mnist.yaml model.name=mlp`: the recipe's conv options do not
+    follow the name, and KEY=VALUE overrides may sit on both sides of the flags."""
+    out = tmp_path / "mlp"
+    assert main(["train", str(ROOT / "recipes" / "configs" / "vaegan_mnist.yaml"), "model.name=mlp",
+                 "model.options.hidden=[32]", "--data-dir", str(MNIST_ROOT), "--output-dir", str(out),
+                 "--max-steps", "2", "data.limit=64", "data.download=false", "train.sample_every=0",
+                 "train.plot_loss_curves=false", "discriminator.options={channels: [8, 16]}"]) == 0
+    model = vaegan.VAE.from_pretrained(out / "final")
+    assert type(model).__name__ == "MLPVAE" and model.config.name == "mlp"
+    assert model.config.options["hidden"] == [32] and model.latent_shape == (16,)
+    assert main(["sample", "--model", str(out), "--num", "4", "--out", str(tmp_path / "s.npz")]) == 0

@@ -12,8 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import MNIST_ROOT, tiny_config
-from safetensors.torch import load_file
+from conftest import MNIST_ROOT, assert_resume_is_exact, tiny_config
 from spatial_generator import NAME
 
 import vaegan
@@ -102,27 +101,9 @@ def test_interpolation_of_latent_maps_is_elementwise():
     torch.testing.assert_close(path[:, 0], model.decode(z0))
 
 
-def _weights(run: Path, step: int):
-    ckpt = run / "checkpoints" / f"step_{step:08d}"
-    return {f: load_file(str(ckpt / f)) for f in ("model.safetensors", "model_1.safetensors", "ema.safetensors")}
-
-
 @pytest.mark.slow
 def test_checkpoint_and_exact_resume(tmp_path):
-    from vaegan._compat import reset_accelerate_state
-
-    common = (*SPATIAL, *TERMS, "train.epochs=2", "train.checkpoint_every=3")
-    vaegan.build_trainer(tiny_config(tmp_path / "a", *common)).fit()
-    reset_accelerate_state()
-    vaegan.build_trainer(tiny_config(tmp_path / "b", *common, "train.max_steps=3")).fit()  # stops mid-epoch
-    reset_accelerate_state()
-    resumed = vaegan.build_trainer(tiny_config(tmp_path / "b", *common, "train.resume=latest"))
-    resumed.fit()
-    assert resumed.state.step == 8
-    a, b = _weights(tmp_path / "a", 8), _weights(tmp_path / "b", 8)
-    for name in a:
-        for key in a[name]:
-            assert torch.equal(a[name][key], b[name][key]), f"{name}:{key} differs after resume"
+    assert_resume_is_exact(tmp_path, (*SPATIAL, *TERMS, "train.epochs=2", "train.checkpoint_every=3"), stop_at=3)
 
 
 @pytest.mark.slow

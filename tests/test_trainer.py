@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import assert_resume_is_exact
 from safetensors.torch import load_file
 
 import vaegan
@@ -223,29 +224,10 @@ def test_outputs_of_a_run(tiny):
     assert any(not torch.equal(a, b) for a, b in zip(ema.parameters(), raw.parameters()))
 
 
-def _weights(run: Path, step: int):
-    ckpt = run / "checkpoints" / f"step_{step:08d}"
-    return {f: load_file(str(ckpt / f)) for f in ("model.safetensors", "model_1.safetensors", "ema.safetensors")}
-
-
 def test_resume_mid_epoch_equals_uninterrupted(tmp_path):
     """Stop at step 6 (mid-epoch: 4 batches per epoch), resume with --resume latest, and end with
     exactly the weights of an uninterrupted run (both players, the EMA)."""
-    from conftest import tiny_config
-
-    common = ("train.epochs=3", "train.checkpoint_every=3")
-    vaegan.build_trainer(tiny_config(tmp_path / "a", *common)).fit()
-
-    from vaegan._compat import reset_accelerate_state
-    vaegan.build_trainer(tiny_config(tmp_path / "b", *common, "train.max_steps=6")).fit()
-    reset_accelerate_state()
-    resumed = vaegan.build_trainer(tiny_config(tmp_path / "b", *common, "train.resume=latest"))
-    resumed.fit()
-    assert resumed.state.step == 12
-    a, b = _weights(tmp_path / "a", 12), _weights(tmp_path / "b", 12)
-    for name in a:
-        for key in a[name]:
-            assert torch.equal(a[name][key], b[name][key]), f"{name}:{key} differs after resume"
+    assert_resume_is_exact(tmp_path, ("train.epochs=3", "train.checkpoint_every=3"), stop_at=6)
 
 
 def test_bad_input_is_refused_before_training(tiny, tmp_path):

@@ -13,6 +13,7 @@ Example:
     >>> cfg = apply_overrides(cfg, ["optim_g.lr=1e-3", "model.options.latent_dim=8"])
 """
 
+from . import io, schema
 from .io import apply_overrides, from_dict, load_config, parse_yaml, to_dict
 from .schema import (
     AdversarialConfig,
@@ -26,19 +27,4 @@ from .schema import (
     TrainConfig,
 )
 
-__all__ = [
-    "ModelConfig",
-    "TermConfig",
-    "DiscriminatorConfig",
-    "AdversarialConfig",
-    "DataConfig",
-    "OptimConfig",
-    "TrainConfig",
-    "EvalConfig",
-    "ExperimentConfig",
-    "load_config",
-    "apply_overrides",
-    "from_dict",
-    "to_dict",
-    "parse_yaml",
-]
+__all__ = [*schema.__all__, *io.__all__]
