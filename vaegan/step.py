@@ -39,7 +39,8 @@ from torch.profiler import record_function
 
 from . import _compat
 from .api import VAE, TermInputs, VAEOutput
-from .config import OptimConfig
+from .config import OptimConfig, TrainConfig
+from .errors import ConfigError
 from .guards import StepGuard
 from .objective import Objective
 from .optim import step_unless
@@ -99,7 +100,7 @@ class TrainStep:
         channels_last: Feed the players NHWC batches.
 
     Raises:
-        ValueError: the objective has discriminator terms but no discriminator was given.
+        ConfigError: the objective has discriminator terms but no discriminator was given.
 
     Example:
         >>> out = None
@@ -111,12 +112,13 @@ class TrainStep:
                  discriminator: Optional[Trainable] = None, guard: Optional[StepGuard] = None,
                  ema: Optional[AveragedModel] = None, channels_last: bool = False) -> None:
         if objective.needs_discriminator and discriminator is None:
-            raise ValueError("The objective has adversarial terms but no discriminator was given.")
+            raise ConfigError("The objective has adversarial terms but no discriminator was given.")
         self.accelerator = accelerator
         self.objective = objective
         self.generator = generator
         self.discriminator = discriminator
-        self.guard = guard or StepGuard(20, accelerator, fp16_scaler=accelerator.scaler is not None)
+        self.guard = guard or StepGuard(TrainConfig.max_nonfinite_steps, accelerator,  # the config's default
+                                        fp16_scaler=accelerator.scaler is not None)
         self.ema = ema
         self.channels_last = channels_last
         self.model: VAE = accelerator.unwrap_model(generator.module).net

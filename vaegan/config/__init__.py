@@ -13,7 +13,6 @@ Example:
     >>> cfg = apply_overrides(cfg, ["optim_g.lr=1e-3", "model.options.latent_dim=8"])
 """
 
-from . import io, schema
 from .io import apply_overrides, from_dict, load_config, parse_yaml, to_dict
 from .schema import (
     AdversarialConfig,
@@ -27,4 +26,19 @@ from .schema import (
     TrainConfig,
 )
 
-__all__ = [*schema.__all__, *io.__all__]
+__all__ = [
+    "ModelConfig",
+    "TermConfig",
+    "DiscriminatorConfig",
+    "AdversarialConfig",
+    "DataConfig",
+    "OptimConfig",
+    "TrainConfig",
+    "EvalConfig",
+    "ExperimentConfig",
+    "load_config",
+    "apply_overrides",
+    "from_dict",
+    "to_dict",
+    "parse_yaml",
+]
