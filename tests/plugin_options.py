@@ -6,6 +6,9 @@ exist only where the defaults cannot work here or are needlessly slow on 2 CPU c
 - ``lpips``: the pretrained ImageNet backbone cannot be downloaded on these machines; ``backbone:
   random`` is the explicit opt-in to an untrained network that exercises the same code path.
 - generators and discriminators: narrow widths keep a training step in milliseconds.
+- ``diffusers_vae`` starts from a diffusers AutoencoderKL folder: a tiny one (1 channel, f = 2, built
+  from a config dict with the real diffusers package, as diffusers' own tests do) is written once per
+  test session; it is trained fully (``trainable: all``) so the contract's gradient checks apply.
 
 Dataset plugins also need data to read: :func:`dataset_setup` says, per plugin, which image shapes it
 is tested at and how its test data is put in place (the committed MNIST digits; a folder of PNGs
@@ -15,18 +18,42 @@ written to a temporary folder). A dataset plugin not listed gets an empty tempor
 
 from __future__ import annotations
 
+import functools
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, Tuple
+from typing import Any, Callable, Dict, Tuple, Union
 
 __all__ = ["TEST_OPTIONS", "options_for", "DatasetSetup", "DATASET_SETUP", "dataset_setup", "pattern",
            "write_image_folder"]
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
-TEST_OPTIONS: Dict[Tuple[str, str], Dict[str, Any]] = {
+# The tiny diffusers AutoencoderKL of the session: 1-channel images, widths 8/16 (f = 2), a 3-channel latent
+# (unlike the autoencoder_kl test options below, so the two never take each other's weights).
+TINY_DIFFUSERS = {"in_channels": 1, "out_channels": 1, "block_out_channels": [8, 16], "layers_per_block": 1,
+                  "latent_channels": 3, "norm_num_groups": 4, "sample_size": 28,
+                  "down_block_types": ["DownEncoderBlock2D"] * 2, "up_block_types": ["UpDecoderBlock2D"] * 2}
+
+
+@functools.lru_cache(maxsize=None)
+def tiny_diffusers_folder() -> str:
+    """A diffusers AutoencoderKL folder (config.json + diffusion_pytorch_model.safetensors), written once."""
+    import torch
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    folder = Path(tempfile.mkdtemp(prefix="vaegan-test-diffusers-")) / "tiny-vae"
+    AutoencoderKL(**TINY_DIFFUSERS).save_pretrained(str(folder), safe_serialization=True)
+    return str(folder)
+
+
+TEST_OPTIONS: Dict[Tuple[str, str], Union[Dict[str, Any], Callable[[], Dict[str, Any]]]] = {
     ("vaegan.generators", "conv"): {"channels": [8, 16], "norm_groups": 4, "latent_dim": 4},
     ("vaegan.generators", "mlp"): {"hidden": [32], "latent_dim": 4},
+    ("vaegan.generators", "autoencoder_kl"): {"block_out_channels": [8, 16], "layers_per_block": 1,
+                                              "latent_channels": 2, "norm_num_groups": 4},
+    ("vaegan.generators", "diffusers_vae"): lambda: {"pretrained": tiny_diffusers_folder(), "trainable": "all"},
     ("vaegan.losses", "lpips"): {"backbone": "random"},
     ("vaegan.discriminators", "simple"): {"channels": [8, 16]},
     ("vaegan.discriminators", "patchgan"): {"base_width": 8, "n_layers": 2},
@@ -36,7 +63,8 @@ TEST_OPTIONS: Dict[Tuple[str, str], Dict[str, Any]] = {
 
 def options_for(group: str, name: str) -> Dict[str, Any]:
     """A fresh copy of the test options of plugin ``name`` in ``group`` ({} when none are needed)."""
-    return dict(TEST_OPTIONS.get((group, name), {}))
+    options = TEST_OPTIONS.get((group, name), {})
+    return dict(options() if callable(options) else options)
 
 
 # ---- dataset plugins ---------------------------------------------------------------------------------

@@ -6,7 +6,9 @@ A generator plugin (group ``vaegan.generators``) subclasses :class:`VAE` and sup
   (``self.posterior(moments)`` turns a ``(B, 2c, ...)`` tensor into one);
 - ``decode_logits(z)``: the decoder's pre-activation images ``(B, C, H, W)``;
 - ``last_layer``: the decoder's last weight (the adaptive GAN weight compares gradient norms there);
-- ``latent_shape`` (set in ``__init__``), and optionally ``sample_prior`` (default: N(0, I)).
+- ``latent_shape`` (set in ``__init__``), and optionally ``sample_prior`` (default: N(0, I)), ``activate``
+  (default: sigmoid or tanh by the output range) and ``save_extra_formats`` (another library's copy of
+  the saved model).
 
 Everything else is a template method of this class and is not overridden: above all :meth:`VAE.forward`,
 the one call that training makes through the prepared (DDP-wrapped, autocast) module and that returns
@@ -192,11 +194,16 @@ class VAE(nn.Module, metaclass=_GeneratorMeta):
         mean, logvar = moments.float().chunk(2, dim=1)  # posterior math in fp32 under autocast
         return DiagonalGaussian(mean, logvar.clamp(*self.logvar_range))
 
-    # ---- template methods --------------------------------------------------------------------
     def activate(self, logits: Tensor) -> Tensor:
-        """Map decoder pre-activations into the output range."""
+        """Map decoder pre-activations into the output range (sigmoid or tanh; a subclass may decide
+        otherwise, e.g. the identity of diffusers' VAEs)."""
         return torch.sigmoid(logits) if self.output_range == "unit" else torch.tanh(logits)
 
+    def save_extra_formats(self, directory: Path) -> None:
+        """Called by :meth:`save_pretrained` after vaegan's own files are written: a subclass may write
+        the same model in another library's format there (``autoencoder_kl`` writes a diffusers folder)."""
+
+    # ---- template methods --------------------------------------------------------------------
     def decode(self, z: Tensor) -> Tensor:
         """Images (B, C, H, W) in the output range for latents ``z`` (B, *latent_shape)."""
         return self.activate(self.decode_logits(z))
@@ -321,6 +328,7 @@ class VAE(nn.Module, metaclass=_GeneratorMeta):
         save_file(state, str(d / WEIGHTS_NAME), metadata={"format": "pt", "library": "vaegan",
                                                           "generator": self.config.name})
         (d / CONFIG_NAME).write_text(json.dumps(to_dict(self.config), indent=2) + "\n")
+        self.save_extra_formats(d)
         return d
 
     @classmethod
@@ -397,5 +405,6 @@ def build_generator(config: ModelConfig) -> VAE:
                                   output_range=config.output_range)
     if not isinstance(model, VAE):
         raise PluginError(f"Generator plugin '{config.name}' built a {type(model).__name__}, not a vaegan.api.VAE.")
-    model.config = dataclasses.replace(model.config, name=config.name)
+    if not model.config.name:  # a class registered under its own name keeps it (a factory plugin may build one)
+        model.config = dataclasses.replace(model.config, name=config.name)
     return model

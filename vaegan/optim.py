@@ -37,6 +37,13 @@ class WarmupEMA:
         self.skip: Optional[Tensor] = None  # 0-dim, 1.0 when this step was skipped
 
     def __call__(self, ema_params: List[Tensor], params: List[Tensor], num_averaged: Tensor) -> None:
+        if any(isinstance(p, nn.Parameter) and not p.requires_grad for p in params):
+            # Frozen parameters (a decoder-only fine-tune's encoder) stay exactly as they are: an average of
+            # equal values can still move by a rounding error.
+            pairs = [(e, p) for e, p in zip(ema_params, params) if not (isinstance(p, nn.Parameter) and not p.requires_grad)]
+            if not pairs:
+                return
+            ema_params, params = [e for e, _ in pairs], [p for _, p in pairs]
         n = num_averaged.to(ema_params[0].device, torch.float32)
         d = torch.clamp((1.0 + n) / (10.0 + n), max=self.decay)
         if self.skip is not None:
