@@ -9,6 +9,7 @@ test_contract_datasets.py; this file holds what only ``mnist``, ``image_folder``
 from __future__ import annotations
 
 import gzip
+import math
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ import torch
 from conftest import tiny_generator
 from PIL import Image
 from plugin_options import pattern, write_image_folder
+from torch.utils.data import DataLoader
 
 from vaegan.config import DataConfig, ModelConfig
 from vaegan.data import (
@@ -26,7 +28,7 @@ from vaegan.data import (
     image_folder,
     mnist,
 )
-from vaegan.errors import DataError, PluginError
+from vaegan.errors import ConfigError, DataError, PluginError
 
 
 def _mnist(root, **kw) -> DataConfig:
@@ -238,3 +240,178 @@ def test_tensor_images_validates_and_first_batch_drops_labels():
     pairs = [(ds[i], i) for i in range(3)]
     assert first_batch(pairs, 2).shape == (2, 1, 2, 2)
     assert first_batch(ds, 10).shape == (3, 1, 2, 2)
+
+
+# ---- image folder augmentation (data.options: random_flip, crop, resize) ----------------------------------
+
+
+def _noise(path: Path, size, seed: int = 0) -> torch.Tensor:
+    """Write an RGB PNG of (W, H) = ``size`` uniform noise (no symmetry, every window unique); returns it
+    as uint8 (3, H, W)."""
+    w, h = size
+    pixels = torch.randint(0, 256, (h, w, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
+    Image.fromarray(pixels.numpy()).save(path)
+    return pixels.permute(2, 0, 1).contiguous()
+
+
+def _folder(root, hw, split="train", output_range="unit", **options):
+    return build_dataset(DataConfig(name="image_folder", root=str(root), split=split, options=options),
+                         ModelConfig(image_channels=3, image_size=hw, output_range=output_range))
+
+
+def _as_uint8(x: torch.Tensor) -> torch.Tensor:
+    return (x * 255).round().to(torch.uint8)
+
+
+AUGMENTATIONS = [{}, {"random_flip": True}, {"crop": "random"}, {"random_flip": True, "crop": "random"},
+                 {"resize": False}, {"resize": False, "crop": "random", "random_flip": True}]
+
+
+@pytest.mark.parametrize("output_range, low, high", [("unit", 0.0, 1.0), ("symmetric", -1.0, 1.0)])
+@pytest.mark.parametrize("options", AUGMENTATIONS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "default")
+def test_image_folder_options_keep_shape_and_value_range(png_folder, options, output_range, low, high):
+    """Every kind of file (RGB, grayscale, RGBA, JPEG; some smaller than the target, which resize: false
+    scales up just enough) comes out (3, 16, 24) in the value range, also batched by a DataLoader."""
+    ds = _folder(png_folder, (16, 24), output_range=output_range, **options)
+    assert (ds.random_flip, ds.crop, ds.resize) == (options.get("random_flip", False),
+                                                    options.get("crop", "center"), options.get("resize", True))
+    batch = next(iter(DataLoader(ds, batch_size=5)))
+    assert batch.shape == (5, 3, 16, 24) and batch.dtype == torch.float32
+    assert batch.min() >= low and batch.max() <= high and batch.max() > batch.min()
+
+
+def test_image_folder_default_png_output_is_resize_then_center_crop_bit_for_bit(tmp_path):
+    """The defaults are what image_folder always did: an antialiased resize of the short side, then
+    torchvision's CenterCrop; the JPEG draft never touches a PNG."""
+    from torchvision.transforms import v2
+    from torchvision.transforms.v2 import functional as TF
+
+    full = _noise(tmp_path / "a.png", (61, 37))
+    ds = _folder(tmp_path, (16, 24))
+    scale = max(16 / 37, 24 / 61)
+    expected = v2.CenterCrop((16, 24))(TF.resize(full, [max(16, math.ceil(37 * scale)), max(24, math.ceil(61 * scale))],
+                                                 antialias=True))
+    assert torch.equal(_as_uint8(ds[0]), expected)
+
+
+def test_image_folder_random_flip_flips_about_half_the_time(tmp_path):
+    _noise(tmp_path / "a.png", (40, 30))
+    plain = _folder(tmp_path, (16, 16))[0]
+    ds = _folder(tmp_path, (16, 16), random_flip=True)
+    torch.manual_seed(0)
+    flips = 0
+    for _ in range(200):
+        x = ds[0]
+        if torch.equal(x, torch.flip(plain, [-1])):
+            flips += 1
+        else:
+            assert torch.equal(x, plain)  # flipped or untouched, nothing else
+    assert 70 < flips < 130
+
+
+def test_image_folder_random_crops_lie_inside_the_resized_image(tmp_path):
+    """A 96x48 image scales to 32x16 for a 16x16 target: each random crop is one of its 17 windows (the
+    resized image is checked against the full-resolution one), and the windows vary between draws."""
+    from torchvision.transforms.v2 import functional as TF
+
+    full = _noise(tmp_path / "wide.png", (96, 48))
+    resized = TF.resize(full, [16, 32], antialias=True)
+    assert torch.equal(_as_uint8(_folder(tmp_path, (16, 32))[0]), resized)  # the scale image_folder uses
+    ds = _folder(tmp_path, (16, 16), crop="random")
+    torch.manual_seed(0)
+    lefts = []
+    for _ in range(50):
+        crop = _as_uint8(ds[0])
+        matches = [left for left in range(17) if torch.equal(crop, resized[:, :, left:left + 16])]
+        assert len(matches) == 1, "a crop that is no window of the resized image"
+        lefts.append(matches[0])
+    assert len(set(lefts)) >= 8
+
+
+def test_image_folder_without_resize_crops_the_full_resolution_image(tmp_path):
+    full = _noise(tmp_path / "a.png", (60, 40))
+    ds = _folder(tmp_path, (16, 16), crop="random", resize=False)
+    torch.manual_seed(0)
+    corners = set()
+    for _ in range(30):
+        crop = _as_uint8(ds[0])
+        found = [(t, l) for t in range(40 - 16 + 1) for l in range(60 - 16 + 1)
+                 if torch.equal(crop, full[:, t:t + 16, l:l + 16])]
+        assert len(found) == 1, "a crop that is no window of the full-resolution image"
+        corners.add(found[0])
+    assert len({t for t, _ in corners}) > 3 and len({l for _, l in corners}) > 3
+    centre = _as_uint8(_folder(tmp_path, (16, 16), resize=False)[0])
+    assert torch.equal(centre, full[:, 12:28, 22:38])  # CenterCrop's rounding
+    # An image smaller than the target is scaled up just enough to cover it, as with resize: true.
+    assert torch.equal(_folder(tmp_path, (48, 48), resize=False)[0], _folder(tmp_path, (48, 48))[0])
+
+
+@pytest.mark.parametrize("resize", [True, False])
+def test_image_folder_test_split_is_never_augmented(tmp_path, resize):
+    for i in range(3):
+        _noise(tmp_path / f"{i}.png", (50, 30), seed=i)
+    test = _folder(tmp_path, (16, 16), split="test", random_flip=True, crop="random", resize=resize)
+    assert (test.random_flip, test.crop, test.resize) == (False, "center", resize)
+    reference = first_batch(_folder(tmp_path, (16, 16), resize=resize), 3)  # train split, no augmentation
+    for _ in range(5):
+        assert torch.equal(first_batch(test, 3), reference)
+
+
+def _epoch(ds, seed: int) -> torch.Tensor:
+    loader = DataLoader(ds, batch_size=2, shuffle=False, num_workers=2, generator=torch.Generator().manual_seed(seed))
+    return torch.cat(list(loader))
+
+
+def test_image_folder_augmentation_is_reproducible_across_dataloader_workers(tmp_path):
+    """Crops and flips are drawn from torch's RNG, which the DataLoader seeds in every worker from its
+    generator: the same seed gives the same augmented batches, another seed other ones (no shuffling
+    here, so any difference is the augmentation)."""
+    for i in range(8):
+        _noise(tmp_path / f"{i}.png", (40, 40), seed=i)
+    ds = _folder(tmp_path, (16, 16), random_flip=True, crop="random")
+    a, b, c = _epoch(ds, 0), _epoch(ds, 0), _epoch(ds, 1)
+    assert a.shape == (8, 3, 16, 16)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+    assert not torch.equal(a, first_batch(_folder(tmp_path, (16, 16)), 8))  # it did augment
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+@pytest.mark.parametrize("options, words", [
+    ({"crop": "middle"}, ["crop", "'center'", "'random'", "'middle'"]),
+    ({"crop": "centre"}, ["crop", "'center'", "'random'"]),
+    ({"random_flip": "yes"}, ["random_flip", "true or false", "'yes'"]),
+    ({"resize": 1}, ["resize", "true or false"]),
+])
+def test_image_folder_bad_option_values_are_config_errors(png_folder, split, options, words):
+    """Checked on both splits (the test split ignores augmentation, but a typo is still a typo)."""
+    with pytest.raises(ConfigError) as info:
+        _folder(png_folder, (16, 16), split=split, **options)
+    msg = str(info.value)
+    assert "Plugin 'image_folder'" in msg
+    for word in words:
+        assert word in msg
+
+
+def test_image_folder_decodes_large_jpegs_at_reduced_scale(tmp_path, monkeypatch):
+    """A JPEG far larger than needed is decoded at 1/s scale (PIL's draft, never below twice the resized
+    size); the result is the full decode's up to resampling differences."""
+    from PIL import JpegImagePlugin
+
+    pattern((512, 384), "RGB").save(tmp_path / "big.jpg", quality=95)
+    scales = []
+    draft = JpegImagePlugin.JpegImageFile.draft
+
+    def spy(self, mode, size):
+        result = draft(self, mode, size)
+        scales.append(self.decoderconfig[0])
+        return result
+
+    monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "draft", spy)
+    ds = _folder(tmp_path, (32, 32))
+    fast = ds[0]
+    assert scales == [4]  # 512x384 -> 128x96, resized to 43x32
+    ds.jpeg_draft = False
+    full = ds[0]
+    assert scales == [4] and fast.shape == full.shape == (3, 32, 32)
+    assert (fast - full).abs().mean() < 2 / 255

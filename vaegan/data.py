@@ -8,6 +8,10 @@ pairs); ``options`` is the config's ``data.options``, checked against its signat
 Small datasets are held in memory as one uint8 tensor (:class:`TensorImages`): no per-item PIL
 decoding in the training loop.
 
+``image_folder`` takes augmentation options (``data.options``): ``random_flip``, ``crop: random`` and
+``resize: false`` (crop at full resolution). They apply to the training split only; the test split is
+always centre-cropped and never flipped. Random draws use torch's RNG, seeded per DataLoader worker.
+
 Example:
     >>> ds = build_dataset(DataConfig(root="data"), ModelConfig())  # doctest: +SKIP
 """
@@ -73,14 +77,39 @@ class TensorImages(Dataset):
         return TensorImages(self.images.to(device), self.value_range, labels)
 
 
-class ImageFolder(Dataset):
-    """Every image file under a folder (recursively), converted to C channels and resized to (H, W).
+CROPS = ("center", "random")
 
-    Images are decoded on access (use ``data.num_workers`` to parallelise); their aspect ratio is
-    kept by resizing the short side and centre-cropping.
+
+class ImageFolder(Dataset):
+    """Every image file under a folder (recursively), converted to C channels and cut to (H, W).
+
+    Images are decoded on access (use ``data.num_workers`` to parallelise). With ``resize`` (the
+    default) an image is scaled, keeping its aspect ratio, so that its short side covers the target,
+    then cropped; without it the crop is cut from the full-resolution image (an image smaller than the
+    target is scaled up just enough to cover it). Nothing is ever padded.
+
+    Random augmentation (``crop="random"``, ``random_flip``) draws from torch's global RNG, which the
+    DataLoader seeds per worker from its own generator, so a seeded run sees the same crops and flips
+    every time. :func:`image_folder` turns it off for the test split.
+
+    A JPEG much larger than needed is decoded at 1/2, 1/4 or 1/8 scale by the JPEG decoder itself
+    (``PIL.Image.draft``; never below twice the size it is resized to, so the antialiased resize still
+    does the final filtering); every other format is decoded in full, so its output is exactly that of
+    a full-resolution resize. ``jpeg_draft=False`` turns this off.
+
+    Args:
+        files: The image files, in item order.
+        image_shape: (C, H, W) of the items; C is 1 (L), 3 (RGB) or 4 (RGBA).
+        value_range: (low, high) that uint8 0 and 255 map to.
+        random_flip: Flip each item horizontally with probability 1/2.
+        crop: ``"center"`` or ``"random"``: where the (H, W) window is cut from the (resized) image.
+        resize: Scale the short side to cover (H, W) before cropping; False crops at full resolution.
+        jpeg_draft: Let the JPEG decoder downscale large JPEGs while decoding (see above).
     """
 
-    def __init__(self, files: Sequence[Path], image_shape: Tuple[int, int, int], value_range: Tuple[float, float]) -> None:
+    def __init__(self, files: Sequence[Path], image_shape: Tuple[int, int, int], value_range: Tuple[float, float],
+                 random_flip: bool = False, crop: str = "center", resize: bool = True,
+                 jpeg_draft: bool = True) -> None:
         from torchvision.transforms import v2
 
         self.files = list(files)
@@ -88,31 +117,66 @@ class ImageFolder(Dataset):
         modes = {1: "L", 3: "RGB", 4: "RGBA"}
         if c not in modes:
             raise DataError(f"Image folders can be read as 1, 3 or 4 channels, but the model wants {c}.")
+        if crop not in CROPS:
+            raise ValueError(f"crop must be one of {', '.join(repr(c) for c in CROPS)}, got {crop!r}.")
         self.mode = modes[c]
         self.value_range = value_range
         self.size = (h, w)
+        self.random_flip = bool(random_flip)
+        self.crop = crop
+        self.resize = bool(resize)
+        self.jpeg_draft = bool(jpeg_draft)
         self.to_tensor = v2.PILToTensor()
-        self.crop = v2.CenterCrop((h, w))
 
     def __len__(self) -> int:
         return len(self.files)
 
+    def _cover(self, h0: int, w0: int) -> Tuple[int, int]:
+        """The size (H1, W1) that ``(h0, w0)`` is scaled to: its aspect ratio, covering (H, W) exactly."""
+        h, w = self.size
+        if not self.resize and h0 >= h and w0 >= w:
+            return h0, w0
+        scale = max(h / h0, w / w0)
+        return max(h, math.ceil(h0 * scale)), max(w, math.ceil(w0 * scale))
+
+    def _offsets(self, h1: int, w1: int) -> Tuple[int, int]:
+        """Top-left corner of the (H, W) window in an (h1, w1) image: centred, or drawn with torch."""
+        h, w = self.size
+        if self.crop == "random":
+            top = int(torch.randint(h1 - h + 1, ()).item())
+            left = int(torch.randint(w1 - w + 1, ()).item())
+            return top, left
+        # The same rounding as torchvision's CenterCrop.
+        return int(round((h1 - h) / 2.0)), int(round((w1 - w) / 2.0))
+
     def __getitem__(self, index: int) -> Tensor:
         from PIL import Image, UnidentifiedImageError
-
-        path = self.files[index]
         from torchvision.transforms.v2 import functional as TF
 
+        path = self.files[index]
+        (h, w) = self.size
         try:
             with Image.open(path) as img:
-                pixels = self.to_tensor(img.convert(self.mode))  # uint8 (C, H0, W0)
+                w0, h0 = img.size
+                h1, w1 = self._cover(h0, w0)
+                if (h1, w1) == (h0, w0):  # no resize: crop first, so only the window is converted
+                    top, left = self._offsets(h1, w1)
+                    pixels = self.to_tensor(img.crop((left, top, left + w, top + h)).convert(self.mode))
+                    resized = None
+                else:
+                    if self.jpeg_draft and img.format == "JPEG":
+                        # Decode at 1/s scale (s = 2, 4, 8), never below twice the size it is resized to.
+                        img.draft(None, (2 * w1, 2 * h1))
+                    pixels = self.to_tensor(img.convert(self.mode))  # uint8 (C, H0', W0')
+                    resized = TF.resize(pixels, [h1, w1], antialias=True)
         except (UnidentifiedImageError, OSError) as exc:
             raise DataError(f"Image '{path}' cannot be read ({exc}); delete or replace the file.") from None
-        # Scale so the image covers the target (keeping its aspect ratio), then centre-crop: no padding.
-        (h, w), (h0, w0) = self.size, pixels.shape[-2:]
-        scale = max(h / h0, w / w0)
-        resized = TF.resize(pixels, [max(h, math.ceil(h0 * scale)), max(w, math.ceil(w0 * scale))], antialias=True)
-        return _to_range(self.crop(resized), self.value_range)
+        if resized is not None:
+            top, left = self._offsets(h1, w1)
+            pixels = resized[:, top:top + h, left:left + w]
+        if self.random_flip and torch.rand(()).item() < 0.5:
+            pixels = pixels.flip(-1)
+        return _to_range(pixels, self.value_range)
 
 
 def mnist(root: str, split: str, download: bool, limit: Optional[int], image_shape: Tuple[int, int, int],
@@ -153,8 +217,25 @@ def mnist(root: str, split: str, download: bool, limit: Optional[int], image_sha
 
 
 def image_folder(root: str, split: str, download: bool, limit: Optional[int], image_shape: Tuple[int, int, int],
-                 value_range: Tuple[float, float]) -> ImageFolder:
-    """All images under ``root/split`` if that folder exists, else under ``root``."""
+                 value_range: Tuple[float, float], random_flip: bool = False, crop: str = "center",
+                 resize: bool = True) -> ImageFolder:
+    """All images under ``root/split`` if that folder exists, else under ``root``.
+
+    Options (``data.options``): ``random_flip`` (flip horizontally with probability 1/2), ``crop``
+    (``"center"`` or ``"random"``: where the (H, W) window is cut), ``resize`` (false: crop from the
+    full-resolution image, as LDM trains on patches of large photos). The test split is never
+    augmented, whatever the options say: it is centre-cropped and not flipped, so evaluation sees the
+    same images every time (``resize`` still applies: it sets the scale, not a random draw).
+
+    Raises:
+        ValueError: an option value that is not allowed (the registry reports it as a ConfigError).
+        DataError: the folder is missing or holds no images.
+    """
+    for option, value in (("random_flip", random_flip), ("resize", resize)):
+        if not isinstance(value, bool):
+            raise ValueError(f"{option} must be true or false, got {value!r}.")
+    if crop not in CROPS:
+        raise ValueError(f"crop must be one of {', '.join(repr(c) for c in CROPS)}, got {crop!r}.")
     base = Path(root)
     if (base / split).is_dir():
         base = base / split
@@ -166,7 +247,9 @@ def image_folder(root: str, split: str, download: bool, limit: Optional[int], im
             f"No images ({', '.join(IMAGE_EXTENSIONS)}) were found under '{base}'. Point data.root at a folder "
             "that contains image files (subfolders are searched)."
         )
-    return ImageFolder(files[:limit], image_shape, value_range)
+    if split == "test":  # evaluation: the same images every time
+        random_flip, crop = False, "center"
+    return ImageFolder(files[:limit], image_shape, value_range, random_flip=random_flip, crop=crop, resize=resize)
 
 
 def build_dataset(data: DataConfig, model: ModelConfig) -> Dataset:
