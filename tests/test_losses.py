@@ -319,3 +319,24 @@ def test_objective_sums_weighted_terms(digits):
     total, parts = objective.generator_loss(inputs)
     assert set(parts) == {"mse", "kl"}
     torch.testing.assert_close(total, 2.0 * parts["mse"] + 0.25 * parts["kl"])
+
+
+def test_l1_with_a_learned_log_variance_is_trained_by_the_generator(tiny):
+    """LDM's nll_loss = |x - x'| / exp(s) + s, whose s sat in no optimizer there: here it is trained."""
+    import vaegan
+    from vaegan.api import DiagonalGaussian, TermInputs, VAEOutput
+    from vaegan.losses.reconstruction import L1Loss
+
+    term = L1Loss(learned_logvar=True)
+    real = torch.zeros(2, 1, 4, 4)
+    recon = torch.full_like(real, 0.5)
+    with torch.no_grad():
+        term.logvar.fill_(math.log(0.5))
+    out = VAEOutput(recon=recon, posterior=DiagonalGaussian(torch.zeros(2, 2), torch.zeros(2, 2)), z=torch.zeros(2, 2))
+    assert float(term(TermInputs(real=real, output=out, step=0)).detach()) == pytest.approx(0.5 / 0.5 + math.log(0.5))
+    trainer = vaegan.build_trainer(tiny("losses=[{name: l1, options: {learned_logvar: true}}, {name: kl}]",
+                                        "train.max_steps=3"))
+    logvar = trainer.train_step.objective.generator_terms["l1"].logvar
+    assert any(logvar is p for g in trainer.train_step.generator.optimizer.param_groups for p in g["params"])
+    trainer.fit()
+    assert logvar.item() != 0.0

@@ -34,12 +34,32 @@ class MSELoss(LossTerm):
 
 
 class L1Loss(LossTerm):
-    """Mean absolute error per pixel (a Laplace likelihood; blurs less than MSE)."""
+    """Mean absolute error per pixel (a Laplace likelihood; blurs less than MSE).
+
+    Args:
+        learned_logvar: Divide the error by ``exp(logvar)`` and add ``logvar``, with ``logvar`` a scalar
+            parameter of this term that the generator's optimizer trains (latent diffusion's ``nll_loss``
+            with its learned log-variance; there the parameter sat in no optimizer and never moved).
+
+    Example:
+        >>> L1Loss(learned_logvar=True).logvar.shape
+        torch.Size([1])
+    """
 
     player: ClassVar[Player] = "generator"
 
+    def __init__(self, learned_logvar: bool = False) -> None:
+        super().__init__()
+        if not isinstance(learned_logvar, bool):
+            raise ValueError(f"l1: learned_logvar must be true or false, got {learned_logvar!r}.")
+        self.logvar = nn.Parameter(torch.zeros(1)) if learned_logvar else None
+
     def forward(self, inputs: TermInputs) -> Tensor:
-        return F.l1_loss(inputs.output.recon.float(), inputs.real.float())
+        error = F.l1_loss(inputs.output.recon.float(), inputs.real.float())
+        if self.logvar is None:
+            return error
+        logvar = self.logvar.float().squeeze()
+        return error / torch.exp(logvar) + logvar
 
 
 class BCELoss(LossTerm):
