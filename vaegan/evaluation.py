@@ -2,7 +2,8 @@
 
 Protocol (written into every result as ``protocol``):
 
-- reconstructions of the evaluation split, from the posterior mean: MSE, PSNR and SSIM over all images
+- reconstructions of the evaluation split, from the posterior mean, clamped to the value range (what a saved
+  image holds): MSE, PSNR and SSIM over all images
   (torchmetrics, data range = the model's output range);
 - LPIPS distance of the reconstructions (the ``lpips`` plugin) when the backbone's weights are local;
 - likelihood on the first ``nll_images`` images: negative ELBO and the IWAE bound with ``nll_samples``
@@ -321,7 +322,7 @@ def evaluate(model: VAE, data: DataConfig, config: EvalConfig = EvalConfig(), *,
 
     for idx, x in _batches(ds, torch.arange(rank, len(ds), world), config.batch_size):
         x = x.to(device)
-        recon = model.reconstruct(x)
+        recon = model.reconstruct(x).clamp(low, high)  # what a saved image holds (an identity decoder may overshoot)
         mse.update(rearrange(recon, "b c h w -> (b c h w)"), rearrange(x, "b c h w -> (b c h w)"))
         psnr.update(recon, x)
         ssim.update(recon, x)
@@ -340,7 +341,7 @@ def evaluate(model: VAE, data: DataConfig, config: EvalConfig = EvalConfig(), *,
             inception.update(to_rgb_unit(x), real=True)
 
     for z in prior_z[rank::world].split(config.batch_size):
-        fake = model.decode(z.to(device)).float()
+        fake = model.decode(z.to(device)).float().clamp(low, high)
         sharp.update(fake, real=False)
         hf.update(fake, real=False)
         if clf is not None:

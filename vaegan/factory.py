@@ -177,6 +177,7 @@ def build_components(config: ExperimentConfig, model: api.VAE, objective: Object
     ema = None
     if tc.ema_decay is not None:
         ema = AveragedModel(raw, multi_avg_fn=WarmupEMA(tc.ema_decay), use_buffers=True)
+        ema.multi_avg_fn.averaged = ema.module  # frozen parameters are kept as they are
     if tc.compile:  # in place, after the EMA copy: state_dict keys and checkpoints stay as they are
         raw.compile(backend=tc.compile)
         if d_player is not None:

@@ -219,7 +219,8 @@ class VAE(nn.Module, metaclass=_GeneratorMeta):
             decoder_only: Also decode ``z.detach()`` (same values as ``recon``, no encoder gradient).
 
         Returns:
-            A :class:`VAEOutput`; ``recon`` is in the output range.
+            A :class:`VAEOutput`; ``recon`` is ``activate(recon_logits)``: in the output range when the
+            activation bounds it (sigmoid, tanh; not the identity of diffusers-style decoders).
         """
         posterior = self.encode(x)
         z = posterior.rsample()

@@ -32,18 +32,21 @@ class WarmupEMA:
         >>> ema = torch.optim.swa_utils.AveragedModel(nn.Linear(2, 2), multi_avg_fn=WarmupEMA(0.999))  # doctest: +SKIP
     """
 
-    def __init__(self, decay: float) -> None:
+    def __init__(self, decay: float, averaged: Optional[nn.Module] = None) -> None:
         self.decay = decay
         self.skip: Optional[Tensor] = None  # 0-dim, 1.0 when this step was skipped
+        # The averaged copy (AveragedModel.module): its frozen parameters are left exactly as they are (a
+        # decoder-only fine-tune's encoder), where an average of equal values could move by a rounding error.
+        self.averaged = averaged
 
     def __call__(self, ema_params: List[Tensor], params: List[Tensor], num_averaged: Tensor) -> None:
-        if any(isinstance(p, nn.Parameter) and not p.requires_grad for p in params):
-            # Frozen parameters (a decoder-only fine-tune's encoder) stay exactly as they are: an average of
-            # equal values can still move by a rounding error.
-            pairs = [(e, p) for e, p in zip(ema_params, params) if not (isinstance(p, nn.Parameter) and not p.requires_grad)]
-            if not pairs:
-                return
-            ema_params, params = [e for e, _ in pairs], [p for _, p in pairs]
+        if self.averaged is not None:
+            frozen = {p.data_ptr() for p in self.averaged.parameters() if not p.requires_grad}
+            if frozen:  # AveragedModel hands detached views: their storage says which parameter they are
+                keep = [i for i, e in enumerate(ema_params) if e.data_ptr() not in frozen]
+                if not keep:
+                    return
+                ema_params, params = [ema_params[i] for i in keep], [params[i] for i in keep]
         n = num_averaged.to(ema_params[0].device, torch.float32)
         d = torch.clamp((1.0 + n) / (10.0 + n), max=self.decay)
         if self.skip is not None:

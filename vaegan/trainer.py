@@ -35,6 +35,7 @@ from .config import ExperimentConfig, to_dict
 from .data import first_batch
 from .errors import TrainingDiverged
 from .evaluation import EvalResources, evaluate, prepare_evaluation
+from .export import estimate_scaling_factor, set_scaling_factor, write_model_card
 from .generator import VAE
 from .guards import CollapseMonitor, GracefulStop, all_finite, stopped
 from .plots import write_loss_curves
@@ -284,12 +285,16 @@ class Trainer:
             if acc.is_main_process:
                 final.mkdir(parents=True, exist_ok=True)
                 (final / "eval.json").write_text(json.dumps(results, indent=2) + "\n")
+        else:
+            results = None
         acc.wait_for_everyone()
         if acc.is_main_process:
+            notes = self._estimate_scaling_factor()
             self.ema_model.save_pretrained(final)
             if self.train_step.ema is not None:
                 self.model.save_pretrained(final / "raw")
             (final / "training_config.yaml").write_text(yaml.safe_dump(to_dict(self.config), sort_keys=False))
+            write_model_card(final, self.config, self.ema_model, self.state.step, self.state.images_seen, results, notes)
             self.write_images("final")
             if self.config.train.plot_loss_curves:
                 write_loss_curves(self.output_dir)  # loss_curves.png; warns instead of raising
@@ -297,6 +302,20 @@ class Trainer:
         acc.wait_for_everyone()
         self.callbacks.on_train_end(self, final)
         return final
+
+    def _estimate_scaling_factor(self) -> tuple:
+        """``train.estimate_scaling_factor``: 1/std of the saved generator's latents, stored in its options."""
+        n = self.config.train.estimate_scaling_factor
+        if not n:
+            return ()
+        scale, std = estimate_scaling_factor(self.ema_model, self.loader.dataset, n, seed=self.config.train.seed)
+        stored = [set_scaling_factor(m, scale) for m in {id(m): m for m in (self.ema_model, self.model)}.values()]
+        note = f"Latent scaling factor {scale:.6g} = 1 / std of posterior samples of {n} training images (std {std:.4g})"
+        if not all(stored):
+            logger.warning("%s; the '%s' generator has no scaling_factor option, so it is recorded in the model "
+                           "card only.", note, self.model.config.name)
+        logger.info("%s.", note)
+        return (note + ("." if all(stored) else ", recorded here only: the generator has no scaling_factor option."),)
 
     # ---- evaluation, images --------------------------------------------------------------------------
     def evaluate(self) -> Dict[str, object]:

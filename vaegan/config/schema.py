@@ -281,6 +281,9 @@ class TrainConfig:
     plot_loss_curves: bool = True  # loss_curves.png at the end (matplotlib; ~1 s)
     project: str = "vaegan"  # tracker project name
     resume: Optional[str] = None  # "latest" or a checkpoint directory
+    # At the end, set the generator's latent scaling_factor to 1/std of posterior samples of this many
+    # training images (latent diffusion's rule; autoencoder_kl has the option); 0: off.
+    estimate_scaling_factor: int = 0
 
     def __post_init__(self) -> None:
         _positive(self, "epochs", "batch_size", "grad_accum", "log_every", "num_samples", "max_nonfinite_steps")
@@ -292,6 +295,9 @@ class TrainConfig:
             raise ConfigError("train.checkpoints_total_limit must be >= 1: the last one is never deleted.")
         if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
             raise ConfigError(f"train.ema_decay must be in (0, 1) or null, got {self.ema_decay}.")
+        if self.estimate_scaling_factor < 0:
+            raise ConfigError("train.estimate_scaling_factor is a number of images (0: off), got "
+                              f"{self.estimate_scaling_factor}.")
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,136 @@
+"""What a finished run leaves next to its weights: the latent scaling factor and a model card.
+
+- :func:`estimate_scaling_factor`: latent diffusion trains on ``z * scaling_factor`` with the factor
+  chosen so that the latents have unit variance: 1 / std of posterior samples of training images
+  (Rombach et al. 2022, sec. G; SD's 0.18215 was computed this way). ``train.estimate_scaling_factor: N``
+  does it on N training images at the end of a run and stores it in the generator's ``scaling_factor``
+  option (when it has one: ``autoencoder_kl``), hence in ``final/config.json`` and the diffusers export.
+- :func:`write_model_card`: ``final/README.md``: what was trained, on what, how, its metrics, and how to
+  load it in vaegan (and in diffusers when ``final/diffusers`` exists).
+
+Example:
+    >>> scale, std = estimate_scaling_factor(model, dataset, num_images=256)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from pathlib import Path
+from typing import Any, Dict, Optional, Tuple
+
+import torch
+import yaml
+from torch.utils.data import Dataset
+
+from .config import ExperimentConfig, to_dict
+from .generator import VAE
+
+__all__ = ["estimate_scaling_factor", "set_scaling_factor", "write_model_card"]
+
+logger = logging.getLogger(__name__)
+
+
+@torch.no_grad()
+def estimate_scaling_factor(model: VAE, dataset: Dataset, num_images: int = 1024, batch_size: int = 64,
+                            seed: int = 0) -> Tuple[float, float]:
+    """1 / std of posterior samples ``z ~ q(z|x)`` of the first ``num_images`` images of ``dataset``.
+
+    Returns:
+        ``(scaling_factor, std)``; the (unbiased) std is over every element of every latent, from fp64 sums
+        (``vaegan encode --sample`` reports the same quantity for the latents it writes).
+
+    Raises:
+        ValueError: the dataset is empty or the latents are constant.
+    """
+    n = min(num_images, len(dataset))  # type: ignore[arg-type]
+    if n == 0:
+        raise ValueError("cannot estimate a scaling factor from an empty dataset")
+    device = next(model.parameters()).device
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    total = total_sq = count = 0.0
+    was_training = model.training
+    model.eval()
+    for start in range(0, n, batch_size):
+        items = [dataset[i] for i in range(start, min(n, start + batch_size))]
+        x = torch.stack([it[0] if isinstance(it, (tuple, list)) else it for it in items]).to(device)
+        q = model.encode(x)
+        eps = torch.randn(q.mean.shape, generator=gen).to(q.mean)  # seeded on the CPU: any device, same numbers
+        z = (q.mean + q.std * eps).double()
+        total += float(z.sum())
+        total_sq += float(z.pow(2).sum())
+        count += z.numel()
+    model.train(was_training)
+    var = (total_sq - total * total / count) / max(count - 1, 1)  # unbiased, as vaegan.codec.latent_stats
+    if not var > 0:
+        raise ValueError("the latents are constant: their std is 0")
+    std = var ** 0.5
+    return 1.0 / std, std
+
+
+def set_scaling_factor(model: VAE, value: float) -> bool:
+    """Store ``value`` as the generator's ``scaling_factor`` option; False when it has no such option."""
+    if "scaling_factor" not in model.config.options:
+        return False
+    model.config = dataclasses.replace(model.config, options={**model.config.options, "scaling_factor": float(value)})
+    if hasattr(model, "scaling_factor"):
+        model.scaling_factor = float(value)
+    return True
+
+
+def write_model_card(final: Path, config: ExperimentConfig, model: VAE, steps: int, images_seen: int,
+                     results: Optional[Dict[str, Any]] = None, notes: Tuple[str, ...] = ()) -> Path:
+    """Write ``final/README.md``: the generator, the data, the objective, the metrics, how to load it.
+
+    Args:
+        final: The run's ``final/`` folder (its weights are written already).
+        config: The run's configuration. model: The saved (EMA) generator.
+        steps: Optimizer steps trained. images_seen: Images over all processes.
+        results: ``final/eval.json``'s metrics, if the run evaluated.
+        notes: Extra lines (e.g. how the scaling factor was estimated).
+    """
+    mc = model.config
+    c, h, w = model.image_shape
+    options = yaml.safe_dump(to_dict(dict(mc.options)), sort_keys=False, default_flow_style=None).strip()
+    terms = ", ".join(f"{t.key} ({t.name}, weight {t.weight.value:g})" for t in config.losses)
+    adv = config.adversarial
+    lines = [
+        f"# A `{mc.name}` generator trained with vaegan",
+        "",
+        f"- Images: {c} x {h} x {w}, pixel range {list(model.value_range)}; latent shape "
+        f"{list(model.latent_shape)}.",
+        f"- Data: the `{config.data.name}` dataset, split `{config.data.split}`"
+        f"{f', first {config.data.limit} images' if config.data.limit else ''} (`{config.data.root}`).",
+        f"- Training: {steps} optimizer steps, {images_seen} images; batch {config.train.batch_size} per process x "
+        f"{config.train.grad_accum} accumulation; seed {config.train.seed}; EMA decay {config.train.ema_decay}.",
+        f"- Objective: {terms}"
+        + (f"; adversarial `{adv.name}` (weight {adv.weight.value:g}{', adaptive' if adv.adaptive else ''}) against "
+           f"the `{config.discriminator.name}` discriminator" if adv is not None and config.discriminator is not None
+           else "; no discriminator") + ".",
+        *[f"- {note}" for note in notes],
+        "",
+        "Generator options:",
+        "",
+        "```yaml",
+        options,
+        "```",
+    ]
+    if results:
+        lines += ["", "## Metrics (`eval.json`)", "", "| metric | value |", "| --- | --- |"]
+        lines += [f"| {k} | {v:.4g} |" for k, v in results.items() if isinstance(v, float)]
+        lines += ["", f"Protocol: `{json.dumps(results.get('protocol', {}))}`"]
+    lines += ["", "## Load it", "", "```python", "import vaegan", "",
+              f'model = vaegan.VAE.from_pretrained("{final}")',
+              "images = model.sample(4)  # or model.reconstruct(x), model.encode(x).mean, model.decode(z)", "```"]
+    if (final / "diffusers").is_dir():
+        scale = mc.options.get("scaling_factor")
+        lines += ["", "In diffusers (the same weights, the same outputs):", "", "```python",
+                  "from diffusers import AutoencoderKL", "",
+                  f'vae = AutoencoderKL.from_pretrained("{final / "diffusers"}")',
+                  "latents = vae.encode(x).latent_dist.sample() * vae.config.scaling_factor"
+                  + (f"  # {scale:g}" if scale is not None else "  # 1.0: not estimated (train.estimate_scaling_factor)"),
+                  "```"]
+    path = final / "README.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
