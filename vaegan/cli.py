@@ -4,11 +4,14 @@
     vaegan sample --model DIR --num N --out FILE    prior samples (.png grid or .npz uint8 array)
     vaegan reconstruct --model DIR --data-dir D --out FILE   reconstructions of a dataset split
     vaegan interpolate --model DIR --out FILE       interpolation strips
+    vaegan encode --model DIR --data-dir D --out Z.safetensors   latents of a dataset split (mean or --sample)
+    vaegan decode --model DIR --latents Z.safetensors --out FILE  images from a latents file
     vaegan eval --model DIR --data-dir D [--out F]  every metric of vaegan.evaluation, as a table and JSON
     vaegan plugins                                  list installed plugins with distribution and status
 
-Errors a user can fix print one paragraph (no traceback) and exit with status 2. The work of
-``sample``, ``reconstruct`` and ``interpolate`` lives in :mod:`vaegan.commands`.
+Errors a user can fix print one paragraph (no traceback) and exit with status 2. This module parses
+the command line; each command's handler is in :mod:`vaegan.cli_handlers`, and the work of ``sample``,
+``reconstruct``, ``interpolate``, ``encode`` and ``decode`` lives in :mod:`vaegan.commands`.
 """
 
 from __future__ import annotations
@@ -121,110 +124,6 @@ def shutdown_distributed() -> None:
         dist.destroy_process_group()
 
 
-def _plugins(args: argparse.Namespace) -> int:
-    rows = registry.describe([args.group] if args.group else None, check=not args.no_check)
-    header = ("name", "group", "distribution", "status")
-    table = [header] + [(r.name, r.group, r.distribution, r.status) for r in rows]
-    widths = [max(len(row[i]) for row in table) for i in range(3)]
-    for row in table:
-        sys.stdout.write("  ".join(c.ljust(w) for c, w in zip(row[:3], widths)) + "  " + row[3] + "\n")
-    return 0
-
-
-def _sample(args: argparse.Namespace) -> int:
-    from . import commands
-
-    commands.check_output(args.out)
-    model = commands.load_model(args.model, raw=args.raw, device=args.device)
-    images = commands.sample(model, args.num, seed=args.seed, batch_size=args.batch_size,
-                             temperature=args.temperature)
-    path = commands.save_images(args.out, images)
-    sys.stdout.write(f"wrote {images.shape[0]} samples {tuple(images.shape[1:])} to {path}\n")
-    return 0
-
-
-def _dataset(args: argparse.Namespace, model):
-    from . import commands
-
-    name = args.dataset
-    if name is None:  # the dataset plugin the model was trained on, else MNIST
-        trained = commands.trained_data_config(args.model)
-        name = trained.name if trained is not None else "mnist"
-    return commands.load_dataset(model, name, args.data_dir, split=args.split, limit=args.limit,
-                                 download=args.download)
-
-
-def _reconstruct(args: argparse.Namespace) -> int:
-    from . import commands
-
-    commands.check_output(args.out)
-    model = commands.load_model(args.model, raw=args.raw, device=args.device)
-    inputs, recons = commands.reconstruct(model, _dataset(args, model), batch_size=args.batch_size)
-    path = commands.save_reconstructions(args.out, inputs, recons)
-    sys.stdout.write(f"wrote {recons.shape[0]} reconstructions of the {args.split} split to {path}\n")
-    return 0
-
-
-def _interpolate(args: argparse.Namespace) -> int:
-    from . import commands
-
-    commands.check_output(args.out)
-    model = commands.load_model(args.model, raw=args.raw, device=args.device)
-    dataset = _dataset(args, model) if args.data_dir is not None else None
-    if args.indices is not None and dataset is None:
-        raise ConfigError("--indices picks images of a dataset: pass --data-dir too (and --dataset, --split).")
-    strips, ends = commands.interpolate(model, args.num_pairs, args.steps, seed=args.seed, dataset=dataset,
-                                        indices=args.indices)
-    path = commands.save_interpolations(args.out, strips, ends)
-    sys.stdout.write(f"wrote {strips.shape[0]} interpolation strips of {strips.shape[1]} steps to {path}\n")
-    return 0
-
-
-def _eval(args: argparse.Namespace) -> int:
-    import json
-    import os
-
-    import torch
-
-    from . import commands
-    from .config import DataConfig, EvalConfig, from_dict
-    from .evaluation import evaluate
-
-    if args.out is not None and Path(args.out).suffix.lower() != ".json":
-        raise ConfigError(f"--out '{args.out}' must be a .json file (the results are written as JSON).")
-    eval_config = from_dict(EvalConfig, {
-        "split": args.split, "limit": args.limit, "num_samples": args.num_samples, "nll_images": args.nll_images,
-        "nll_samples": args.nll_samples, "likelihood": args.likelihood, "batch_size": args.batch_size,
-        "classifier": {"auto": None, "on": True, "off": False}[args.classifier],
-        "lpips": {"auto": None, "on": True, "off": False}[args.lpips], "inception": args.inception,
-        "seed": args.seed}, "eval")
-    accelerator = None
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under torchrun / accelerate launch: shard over processes
-        from accelerate import Accelerator
-
-        accelerator = Accelerator()
-    # Under a launcher, load on the CPU and let evaluate() move the model to this process's device.
-    model = commands.load_model(args.model, raw=args.raw, device="cpu" if accelerator is not None else args.device)
-    name = args.dataset
-    if name is None:  # the dataset plugin the model was trained on, else MNIST
-        trained = commands.trained_data_config(args.model)
-        name = trained.name if trained is not None else "mnist"
-    data = from_dict(DataConfig, {"name": name, "root": args.data_dir, "download": args.download}, "data")
-    logvar = None if args.logvar is None else torch.tensor(args.logvar)
-    try:
-        results = evaluate(model, data, eval_config, logvar=logvar, accelerator=accelerator, output=args.out)
-    finally:
-        shutdown_distributed()
-    if accelerator is None or accelerator.is_main_process:
-        for key, value in results.items():
-            if isinstance(value, float):
-                sys.stdout.write(f"{key:24s} {value:.6g}\n")
-        sys.stdout.write(f"protocol {json.dumps(results['protocol'])}\n")
-        if args.out is not None:
-            sys.stdout.write(f"wrote {args.out}\n")
-    return 0
-
-
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -311,6 +210,35 @@ def _parser() -> argparse.ArgumentParser:
                    help="dataset images to interpolate between, in pairs (e.g. 0 7 3 5); needs --data-dir")
     _data_flags(i, required=False)
 
+    c = _command(sub, "encode", "encode a dataset split to latents (a safetensors file)",
+                 "Encode every image of a dataset split (in dataset order) to its posterior mean, or with --sample "
+                 "to a draw from the posterior (seeded: the same latents whatever the batch size). Writes a "
+                 ".safetensors file: tensors 'latents' and 'logvar', fp32 (N, *latent_shape), and metadata (model, "
+                 "generator, latent shape, split, count, scaling). --scaled applies the model's (z - shift_factor) * "
+                 "scaling_factor, as diffusion pipelines do. Prints the latents' std and the suggested scaling "
+                 "factor 1/std (latent diffusion estimates it on --sample latents). `vaegan decode` turns the "
+                 "file back into images.",
+                 "vaegan encode --model outputs/vaegan_mnist --data-dir data --split test --out latents.safetensors")
+    _model_flags(c, "a .safetensors file (tensors 'latents' and 'logvar', and metadata)", out_metavar="FILE.safetensors")
+    _data_flags(c, required=True)
+    c.add_argument("--sample", action="store_true", help="a draw from the posterior instead of its mean")
+    c.add_argument("--seed", type=int, default=0, help="seed of --sample's noise (default 0)")
+    c.add_argument("--scaled", action="store_true",
+                   help="apply the model's (z - shift_factor) * scaling_factor (the model must have one set)")
+    c.add_argument("--batch-size", type=_positive_int, default=256, help="images per forward (default 256)")
+
+    d = _command(sub, "decode", "decode a latents file to images",
+                 "Decode the tensor 'latents' (N, *latent_shape) of a safetensors file, e.g. one written by "
+                 "`vaegan encode`, with a trained generator. Latents the file's metadata says were scaled are "
+                 "unscaled first (--unscale does it for a file without that metadata). .png writes one grid; .npz "
+                 "writes the array 'images', uint8 (N, C, H, W).",
+                 "vaegan decode --model outputs/vaegan_mnist --latents latents.safetensors --out decoded.png")
+    _model_flags(d, ".png (a grid) or .npz (array 'images', uint8 (N, C, H, W))")
+    d.add_argument("--latents", required=True, metavar="FILE", help="a .safetensors file with a tensor 'latents'")
+    d.add_argument("--unscale", action="store_true",
+                   help="undo the model's scaling first (automatic when the file's metadata says it was scaled)")
+    d.add_argument("--batch-size", type=_positive_int, default=256, help="latents decoded at once (default 256)")
+
     e = _command(sub, "eval", "evaluate a trained model: fidelity, likelihood, sample quality, detail",
                  "Compute vaegan.evaluation's metrics for a trained generator (the EMA weights by default) on a "
                  "dataset split: MSE, PSNR, SSIM and LPIPS (when the backbone's weights are local) of "
@@ -347,10 +275,6 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-_COMMANDS = {"plugins": _plugins, "sample": _sample, "reconstruct": _reconstruct, "interpolate": _interpolate,
-             "eval": _eval}
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of the ``vaegan`` console script."""
     args, rest = _parser().parse_known_args(argv)
@@ -362,7 +286,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if rest:
         _parser().parse_args(argv)  # reports the unknown arguments and exits 2
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    return _guard(lambda: _COMMANDS[args.command](args))
+    from .cli_handlers import HANDLERS
+
+    return _guard(lambda: HANDLERS[args.command](args))
 
 
 _TRAIN_HELP = """Train from a YAML config; flags and KEY=VALUE override it.

@@ -1,4 +1,5 @@
-"""What the ``vaegan sample | reconstruct | interpolate`` commands do, usable from Python too.
+"""What the ``vaegan sample | reconstruct | interpolate`` commands do, usable from Python too (``encode``
+and ``decode``, the codec use of a trained VAE, are in :mod:`vaegan.codec`).
 
 Images leave vaegan as uint8 arrays (N, C, H, W), the way image files and metric tools expect them:
 ``.npz`` files hold them under ``images``; ``.png`` files show them as one grid with exactly the same
@@ -171,6 +172,10 @@ def sample(model: VAE, num: int, seed: int = 0, batch_size: int = 256, temperatu
 def reconstruct(model: VAE, dataset: Dataset, batch_size: int = 256) -> Tuple[Tensor, Tensor]:
     """Reconstruct every image of ``dataset`` in order, from the posterior mean.
 
+    The means are decoded as contiguous tensors, as :func:`decode` gets them from a latents file, so
+    ``decode(model, encode(model, dataset)[0])`` gives the very same pixels (an encoder's strided mean,
+    e.g. channels_last, can change the last bit of a convolution).
+
     Returns:
         (inputs, reconstructions), both uint8 (N, C, H, W).
 
@@ -184,7 +189,7 @@ def reconstruct(model: VAE, dataset: Dataset, batch_size: int = 256) -> Tuple[Te
             model.check_images(x, "the dataset")
         x = x.to(_device_of(model))
         inputs.append(to_uint8(x, model.value_range))
-        recons.append(to_uint8(model.reconstruct(x), model.value_range))
+        recons.append(to_uint8(model.decode(model.encode(x).mean.contiguous()), model.value_range))
     return torch.cat(inputs), torch.cat(recons)
 
 

@@ -1,0 +1,177 @@
+"""The work of each ``vaegan`` command but ``train``: flags in, files and one summary line out.
+
+:mod:`vaegan.cli` parses the command line and calls the handler of :data:`HANDLERS` for the command;
+the handlers call :mod:`vaegan.commands` (and :mod:`vaegan.evaluation`), importing them (and torch)
+only when they run, so that ``vaegan --help`` stays fast. Errors a user can fix are raised as
+:class:`~vaegan.errors.VaeganError`, which the CLI prints as one paragraph with exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Callable, Dict, Optional
+
+from . import registry
+from .errors import ConfigError
+
+__all__ = ["HANDLERS", "plugins_command", "sample_command", "reconstruct_command", "interpolate_command",
+           "eval_command", "encode_command", "decode_command"]
+
+
+def plugins_command(args: argparse.Namespace) -> int:
+    rows = registry.describe([args.group] if args.group else None, check=not args.no_check)
+    header = ("name", "group", "distribution", "status")
+    table = [header] + [(r.name, r.group, r.distribution, r.status) for r in rows]
+    widths = [max(len(row[i]) for row in table) for i in range(3)]
+    for row in table:
+        sys.stdout.write("  ".join(c.ljust(w) for c, w in zip(row[:3], widths)) + "  " + row[3] + "\n")
+    return 0
+
+
+def sample_command(args: argparse.Namespace) -> int:
+    from . import commands
+
+    commands.check_output(args.out)
+    model = commands.load_model(args.model, raw=args.raw, device=args.device)
+    images = commands.sample(model, args.num, seed=args.seed, batch_size=args.batch_size,
+                             temperature=args.temperature)
+    path = commands.save_images(args.out, images)
+    sys.stdout.write(f"wrote {images.shape[0]} samples {tuple(images.shape[1:])} to {path}\n")
+    return 0
+
+
+def _dataset_name(args: argparse.Namespace) -> str:
+    """--dataset, else the dataset plugin the model was trained on, else MNIST."""
+    from . import commands
+
+    if args.dataset is not None:
+        return args.dataset
+    trained = commands.trained_data_config(args.model)
+    return trained.name if trained is not None else "mnist"
+
+
+def _dataset(args: argparse.Namespace, model, name: Optional[str] = None):
+    from . import commands
+
+    return commands.load_dataset(model, name or _dataset_name(args), args.data_dir, split=args.split,
+                                 limit=args.limit, download=args.download)
+
+
+def reconstruct_command(args: argparse.Namespace) -> int:
+    from . import commands
+
+    commands.check_output(args.out)
+    model = commands.load_model(args.model, raw=args.raw, device=args.device)
+    inputs, recons = commands.reconstruct(model, _dataset(args, model), batch_size=args.batch_size)
+    path = commands.save_reconstructions(args.out, inputs, recons)
+    sys.stdout.write(f"wrote {recons.shape[0]} reconstructions of the {args.split} split to {path}\n")
+    return 0
+
+
+def interpolate_command(args: argparse.Namespace) -> int:
+    from . import commands
+
+    commands.check_output(args.out)
+    model = commands.load_model(args.model, raw=args.raw, device=args.device)
+    dataset = _dataset(args, model) if args.data_dir is not None else None
+    if args.indices is not None and dataset is None:
+        raise ConfigError("--indices picks images of a dataset: pass --data-dir too (and --dataset, --split).")
+    strips, ends = commands.interpolate(model, args.num_pairs, args.steps, seed=args.seed, dataset=dataset,
+                                        indices=args.indices)
+    path = commands.save_interpolations(args.out, strips, ends)
+    sys.stdout.write(f"wrote {strips.shape[0]} interpolation strips of {strips.shape[1]} steps to {path}\n")
+    return 0
+
+
+def eval_command(args: argparse.Namespace) -> int:
+    import json
+    import os
+
+    import torch
+
+    from . import commands
+    from .cli import shutdown_distributed  # public there; imported when run: cli imports this module
+    from .config import DataConfig, EvalConfig, from_dict
+    from .evaluation import evaluate
+
+    if args.out is not None and Path(args.out).suffix.lower() != ".json":
+        raise ConfigError(f"--out '{args.out}' must be a .json file (the results are written as JSON).")
+    eval_config = from_dict(EvalConfig, {
+        "split": args.split, "limit": args.limit, "num_samples": args.num_samples, "nll_images": args.nll_images,
+        "nll_samples": args.nll_samples, "likelihood": args.likelihood, "batch_size": args.batch_size,
+        "classifier": {"auto": None, "on": True, "off": False}[args.classifier],
+        "lpips": {"auto": None, "on": True, "off": False}[args.lpips], "inception": args.inception,
+        "seed": args.seed}, "eval")
+    accelerator = None
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under torchrun / accelerate launch: shard over processes
+        from accelerate import Accelerator
+
+        accelerator = Accelerator()
+    # Under a launcher, load on the CPU and let evaluate() move the model to this process's device.
+    model = commands.load_model(args.model, raw=args.raw, device="cpu" if accelerator is not None else args.device)
+    data = from_dict(DataConfig, {"name": _dataset_name(args), "root": args.data_dir, "download": args.download},
+                     "data")
+    logvar = None if args.logvar is None else torch.tensor(args.logvar)
+    try:
+        results = evaluate(model, data, eval_config, logvar=logvar, accelerator=accelerator, output=args.out)
+    finally:
+        shutdown_distributed()
+    if accelerator is None or accelerator.is_main_process:
+        for key, value in results.items():
+            if isinstance(value, float):
+                sys.stdout.write(f"{key:24s} {value:.6g}\n")
+        sys.stdout.write(f"protocol {json.dumps(results['protocol'])}\n")
+        if args.out is not None:
+            sys.stdout.write(f"wrote {args.out}\n")
+    return 0
+
+
+def encode_command(args: argparse.Namespace) -> int:
+    import json
+
+    from . import codec, commands
+
+    codec.check_latents_output(args.out)
+    model = commands.load_model(args.model, raw=args.raw, device=args.device)
+    scaling = codec.scaling_of(model) if args.scaled else None  # refused before any work
+    name = _dataset_name(args)
+    latents, logvar = codec.encode(model, _dataset(args, model, name), sample=args.sample, seed=args.seed,
+                                      batch_size=args.batch_size, scaled=args.scaled)
+    info = {"model": str(commands.resolve_model_dir(args.model, args.raw).resolve()), "dataset": name,
+            "split": args.split, "posterior": "sample" if args.sample else "mean",
+            **({"seed": args.seed} if args.sample else {})}
+    path = codec.save_latents(args.out, latents, logvar, model=model, scaled=args.scaled, metadata=info)
+    stats = codec.latent_stats(latents, scaling)
+    kind = "posterior samples" if args.sample else "posterior means"
+    scaled = f", scaled by {scaling[0]:g} after shifting by {scaling[1]:g}" if scaling else ""
+    sys.stdout.write(f"wrote {latents.shape[0]} latents {tuple(latents.shape[1:])} ({kind}{scaled}) of the "
+                     f"{args.split} split to {path}\n")
+    sys.stdout.write(f"latents std {stats['std']:.6g}" + (f" (unscaled {stats['unscaled_std']:.6g})" if scaling else "")
+                     + f"; suggested scaling factor 1/std{' (unscaled)' if scaling else ''} = "
+                     f"{json.dumps(stats['suggested_scaling_factor'])}\n")
+    return 0
+
+
+def decode_command(args: argparse.Namespace) -> int:
+    from . import codec, commands
+
+    commands.check_output(args.out)
+    file = codec.load_latents(args.latents)  # a missing, unreadable or latents-less file: before loading a model
+    model = commands.load_model(args.model, raw=args.raw, device=args.device)
+    scaling = file.scaling
+    if scaling is None and args.unscale:
+        scaling = codec.scaling_of(model)
+    images = codec.decode(model, file.latents, batch_size=args.batch_size, scaling=scaling,
+                             source=f"The latents in '{args.latents}'")
+    path = commands.save_images(args.out, images)
+    unscaled = f" (unscaled by {scaling[0]:g}, shift {scaling[1]:g})" if scaling else ""
+    sys.stdout.write(f"wrote {images.shape[0]} images {tuple(images.shape[1:])} decoded from {args.latents}"
+                     f"{unscaled} to {path}\n")
+    return 0
+
+
+HANDLERS: Dict[str, Callable[[argparse.Namespace], int]] = {
+    "plugins": plugins_command, "sample": sample_command, "reconstruct": reconstruct_command,
+    "interpolate": interpolate_command, "eval": eval_command, "encode": encode_command, "decode": decode_command}
