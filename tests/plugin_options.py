@@ -37,14 +37,16 @@ TINY_DIFFUSERS = {"in_channels": 1, "out_channels": 1, "block_out_channels": [8,
 
 
 @functools.lru_cache(maxsize=None)
-def tiny_diffusers_folder() -> str:
-    """A diffusers AutoencoderKL folder (config.json + diffusion_pytorch_model.safetensors), written once."""
+def tiny_diffusers_folder(channels: int = 1) -> str:
+    """A diffusers AutoencoderKL folder (config.json + diffusion_pytorch_model.safetensors) for images
+    of ``channels`` channels, written once per session."""
     import torch
     from diffusers import AutoencoderKL
 
     torch.manual_seed(0)
-    folder = Path(tempfile.mkdtemp(prefix="vaegan-test-diffusers-")) / "tiny-vae"
-    AutoencoderKL(**TINY_DIFFUSERS).save_pretrained(str(folder), safe_serialization=True)
+    folder = Path(tempfile.mkdtemp(prefix="vaegan-test-diffusers-")) / f"tiny-vae-{channels}ch"
+    config = {**TINY_DIFFUSERS, "in_channels": channels, "out_channels": channels}
+    AutoencoderKL(**config).save_pretrained(str(folder), safe_serialization=True)
     return str(folder)
 
 

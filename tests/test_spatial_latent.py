@@ -1,7 +1,8 @@
-"""Nothing assumes a vector latent: a generator with a spatial latent (B, c, h, w), defined in
-tests/spatial_generator.py, goes through training with every built-in term, every metric of `vaegan
-eval`, every command, checkpoint + exact resume and a 2-process gloo run. (Every loss term and GAN pair
-meets it in the contract suites, which are parametrised over the generators.)"""
+"""Nothing assumes a vector latent: generators with a spatial latent (B, c, h, w) -- the test suite's own
+(tests/spatial_generator.py) and the first-party autoencoder_kl (LDM / SD) -- go through training with
+every built-in term, every metric of `vaegan eval`, every command, checkpoint + exact resume and a
+2-process gloo run. (Every loss term and GAN pair meets them in the contract suites, which are
+parametrised over the generators.)"""
 
 from __future__ import annotations
 
@@ -19,6 +20,12 @@ import vaegan
 from vaegan.cli import main as cli
 
 SPATIAL = (f"model.name={NAME}", "model.options={latent_channels: 2, width: 8}")
+# (overrides, latent shape) of each spatial generator, for 1 x 28 x 28 digits.
+GENERATORS = {
+    NAME: (SPATIAL, (2, 7, 7)),
+    "autoencoder_kl": (("model.name=autoencoder_kl", "model.options={block_out_channels: [8, 16, 16], "
+                        "norm_num_groups: 4, layers_per_block: 1, latent_channels: 2}"), (2, 7, 7)),
+}
 # Every built-in generator term at once: free bits per latent channel, the smoothness perturbation of a
 # latent map, and prior samples (decoded latent maps) as the adversarial fakes next to reconstructions.
 TERMS = ("losses=[{name: bce}, {name: kl, options: {free_bits: 0.05}}, {name: smoothness, weight: 0.1}, "
@@ -27,14 +34,15 @@ EVAL_SCALARS = ("mse", "psnr", "ssim", "sharpness_ratio", "high_frequency_ratio"
                 "neg_elbo_nats", "kl_nats", "recon_nats", "fd_classifier", "class_entropy", "precision", "recall")
 
 
-@pytest.fixture(scope="module")
-def spatial_run(tmp_path_factory) -> Path:
+@pytest.fixture(scope="module", params=list(GENERATORS))
+def spatial_run(tmp_path_factory, request) -> Path:
     from vaegan._compat import reset_accelerate_state
 
-    out = tmp_path_factory.mktemp("spatial") / "run"
-    trainer = vaegan.build_trainer(tiny_config(out, *SPATIAL, *TERMS, "train.max_steps=4", "train.checkpoint_every=2",
+    overrides, shape = GENERATORS[request.param]
+    out = tmp_path_factory.mktemp("spatial") / request.param
+    trainer = vaegan.build_trainer(tiny_config(out, *overrides, *TERMS, "train.max_steps=4", "train.checkpoint_every=2",
                                                "train.sample_every=2"))
-    assert trainer.model.latent_shape == (2, 7, 7)
+    assert trainer.model.latent_shape == shape
     trainer.fit()
     reset_accelerate_state()
     return out
@@ -46,8 +54,8 @@ def test_training_logs_every_term_and_saves_a_spatial_generator(spatial_run):
             "d/discriminator"} <= set(rows[-1])
     assert all(math.isfinite(v) for row in rows for v in row.values())
     model = vaegan.VAE.from_pretrained(spatial_run / "final")
-    assert model.config.name == NAME and model.latent_shape == (2, 7, 7)
-    assert model.sample_prior(3).shape == (3, 2, 7, 7)
+    assert model.config.name == spatial_run.name and model.latent_shape == GENERATORS[spatial_run.name][1]
+    assert model.sample_prior(3).shape == (3, *model.latent_shape)
     assert (spatial_run / "samples" / "final_interpolations.png").is_file()
 
 
@@ -107,11 +115,13 @@ def test_checkpoint_and_exact_resume(tmp_path):
 
 
 @pytest.mark.slow
-def test_two_processes_end_with_identical_parameters(tmp_path):
+@pytest.mark.parametrize("name", list(GENERATORS))
+def test_two_processes_end_with_identical_parameters(tmp_path, name):
     from test_distributed import _torchrun
 
-    r0, r1 = _torchrun(tmp_path, *SPATIAL, *TERMS)
+    overrides, shape = GENERATORS[name]
+    r0, r1 = _torchrun(tmp_path, *overrides, *TERMS)
     assert r0["world_size"] == 2 and r0["ranks_saw_different_data"]
     for player in ("gen", "disc"):
         assert r0[player] == r1[player], f"{player} differs between ranks"
-    assert vaegan.VAE.from_pretrained(tmp_path / "final").latent_shape == (2, 7, 7)
+    assert vaegan.VAE.from_pretrained(tmp_path / "final").latent_shape == shape
