@@ -10,6 +10,7 @@ import pytest
 import torch
 from conftest import MNIST_ROOT
 from PIL import Image
+from plugin_options import options_for, tiny_diffusers_folder
 
 import vaegan
 from vaegan.cli import main
@@ -20,13 +21,23 @@ CONFIGS = sorted((Path(__file__).parents[1] / "recipes" / "configs").glob("*.yam
 
 def test_the_expected_configs_are_shipped():
     assert {p.name for p in CONFIGS} >= {"vaegan_mnist.yaml", "plain_vae_mnist.yaml", "rgb_folder_32.yaml",
-                                         "rgb_folder_64.yaml"}
+                                         "rgb_folder_64.yaml", "ldm_kl_f4.yaml", "sd_vae_finetune.yaml"}
+
+
+def offline(cfg: vaegan.ExperimentConfig) -> vaegan.ExperimentConfig:
+    """What these machines lack, supplied as a user without a network would: LPIPS with an untrained
+    backbone (the test options), and a local diffusers folder for diffusers_vae."""
+    overrides = [f"losses.{i}.options.{k}={v}" for i, t in enumerate(cfg.losses)
+                 for k, v in options_for("vaegan.losses", t.name).items()]
+    if cfg.model.name == "diffusers_vae":
+        overrides.append(f"model.options.pretrained={tiny_diffusers_folder(cfg.model.image_channels)}")
+    return vaegan.apply_overrides(cfg, overrides)
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
 def test_every_shipped_config_builds(path):
     """Every plugin it names resolves, its options are accepted, and the model fits the image size."""
-    cfg = vaegan.load_config(path)
+    cfg = offline(vaegan.load_config(path))
     model = vaegan.build_generator(cfg.model)
     disc = vaegan.build_discriminator(cfg)
     objective = Objective.from_config(cfg)
