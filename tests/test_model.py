@@ -138,7 +138,7 @@ class _NormInputLayouts(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "aot_eager"])
+@pytest.mark.parametrize("compiled", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["eager", "aot_eager"])
 def test_group_norm_normalises_channels_last_input_in_nchw_and_hands_back_both_layouts(compiled):
     """The channels_last plan: the norm computes in NCHW, returns NHWC, and gives its input's gradient
     back in NHWC (no layer before it sees a mixed-layout backward); values equal nn.GroupNorm's."""

@@ -205,7 +205,7 @@ def _lpips_value(term, recon, real, value_range=(0.0, 1.0)) -> torch.Tensor:
     return term(TermInputs(real=real, output=_output(recon), step=0, value_range=value_range))
 
 
-@pytest.mark.parametrize("net", ["alex", "vgg", "squeeze"])
+@pytest.mark.parametrize("net", ["alex", pytest.param("vgg", marks=pytest.mark.slow), "squeeze"])
 def test_lpips_matches_the_lpips_package(net):
     term = _term("lpips", net=net)
     a, b = torch.rand(2, 3, 40, 40), torch.rand(2, 3, 40, 40)

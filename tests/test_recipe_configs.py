@@ -77,6 +77,7 @@ def test_plain_vae_config_trains(tmp_path):
     assert vaegan.VAE.from_pretrained(out / "final").sample(2).shape == (2, 1, 28, 28)
 
 
+@pytest.mark.slow
 def test_rgb_folder_config_trains_and_saves_its_config_everywhere(tmp_path):
     images = tmp_path / "images"
     _colour_digits(images / "train", 16)

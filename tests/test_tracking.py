@@ -106,6 +106,7 @@ def _no_secret_under(root: Path, secret: str) -> None:
             assert secret.encode() not in path.read_bytes(), f"the API key leaked into {path}"
 
 
+@pytest.mark.slow
 def test_wandb_offline_run_records_config_every_term_and_images(tiny, monkeypatch, caplog):
     secret = secrets.token_hex(20)  # the shape of a W&B key
     monkeypatch.setenv("WANDB_MODE", "offline")
