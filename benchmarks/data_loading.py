@@ -21,8 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import platform
 import sys
 import tempfile
 import time
@@ -34,6 +32,9 @@ import torch
 from torch.utils.data import DataLoader
 
 from vaegan.data import image_folder
+
+sys.path.insert(0, str(Path(__file__).parent))
+from machine import cpu_model, usable_cores  # noqa: E402
 
 AUGMENT = {"none": {}, "flip+random crop": {"random_flip": True, "crop": "random"}}
 
@@ -75,23 +76,6 @@ def write_photos(folder: Path, n: int, original_size: int, fmt: str, seed: int =
         else:
             img.save(folder / f"{i:05d}.png")
     return folder
-
-
-def _cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
-def _cpu() -> str:
-    """The CPU model and the cores this process may use."""
-    model = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{model}, {_cores()} cores"
 
 
 def item_cost_ms(folder: Path, size: int, options: Dict, draft: bool, repeats: int) -> float:
@@ -173,7 +157,7 @@ def main(argv=None) -> List[Dict]:
             folders[fmt] = write_photos(Path(tmp.name) / fmt, args.images, args.original_size, fmt)
 
     rows = []
-    cores = _cores()
+    cores = usable_cores()
     for fmt, folder in folders.items():
         n_images = len(image_folder(str(folder), "train", False, None, (3, 8, 8), (0.0, 1.0)))
         drafts = [True] if fmt == "png" or args.no_draft_comparison else [False, True]
@@ -191,7 +175,7 @@ def main(argv=None) -> List[Dict]:
                               f"({cost:.2f} CPU ms/image)", file=sys.stderr, flush=True)
                     rows.append(row)
 
-    print(f"{_cpu()}, torch {torch.__version__}; batch {args.batch_size}, best of {args.repeats} epochs of "
+    print(f"{cpu_model()}, {usable_cores()} cores, torch {torch.__version__}; batch {args.batch_size}, best of {args.repeats} epochs of "
           f"{rows[0]['images'] if rows else 0} images; images/s through the DataLoader, and one item's CPU cost on "
           f"one thread with the bound it sets on {cores} cores (1000 x {cores} / ms)")
     print()
@@ -217,7 +201,7 @@ def main(argv=None) -> List[Dict]:
         for key, d in differences.items():
             print(f"| {key.split()[0]} | {key.split()[1]} | {d['psnr_db']} | {d['mean_abs']} | {d['max_abs']} |")
     if args.json:
-        meta = {"cpu": _cpu(), "torch": torch.__version__,
+        meta = {"cpu": f"{cpu_model()}, {usable_cores()} cores", "torch": torch.__version__,
                 "original_size": args.original_size, "batch_size": args.batch_size, "repeats": args.repeats}
         args.json.write_text(json.dumps({"meta": meta, "rows": rows, "draft_difference": differences}, indent=2))
     tmp.cleanup()

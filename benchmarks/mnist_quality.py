@@ -23,8 +23,6 @@ import argparse
 import datetime
 import json
 import logging
-import os
-import platform
 import re
 import sys
 import time
@@ -40,6 +38,9 @@ from vaegan.data import build_dataset
 from vaegan.evaluation import _Features, evaluate, load_or_train_classifier
 from vaegan.metrics import HighFrequencyRatio, SharpnessRatio
 
+sys.path.insert(0, str(Path(__file__).parent))
+from machine import hardware  # noqa: E402  (run as a script from benchmarks/)
+
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS: Dict[str, List[str]] = {
     "plain_vae": ["losses=[{name: mse}, {name: kl}]", "discriminator=null", "adversarial=null"],
@@ -48,19 +49,6 @@ VARIANTS: Dict[str, List[str]] = {
     "vaegan": [],  # the recipe's defaults
 }
 BEGIN, END = "<!-- mnist_quality:begin -->", "<!-- mnist_quality:end -->"
-
-
-def hardware() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return f"{os.cpu_count()} CPU cores ({cpu}), {gpu}, torch {torch.__version__}"
 
 
 def train_variant(name: str, extra: List[str], args) -> Dict[str, object]:
@@ -142,7 +130,7 @@ def check_targets(rows: Dict[str, Dict[str, object]]) -> List[str]:
 
 def markdown(results, refs, targets, args, command: str) -> str:
     date = datetime.date.today().isoformat()
-    lines = [BEGIN, f"## MNIST quality ({date}; {hardware()})", "",
+    lines = [BEGIN, f"## MNIST quality ({date}; {hardware()}, torch {torch.__version__})", "",
              f"Command: `{command}`", "",
              f"{args.epochs} epochs over {results[0]['images_seen'] // max(1, args.epochs) if results else '?'} training "
              f"digits each (batch 64, seed {args.seed}); evaluated on the test digits with {args.num_samples} prior "

@@ -41,7 +41,6 @@ import configparser
 import datetime
 import json
 import os
-import platform
 import resource
 import shutil
 import subprocess
@@ -52,6 +51,9 @@ from typing import Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).parent))
+from machine import cpu_model, gpu_name, usable_cores  # noqa: E402  (run as a script from benchmarks/)
 
 ROOT = Path(__file__).resolve().parents[1]
 SD_WIDTHS = (128, 256, 512, 512)
@@ -221,16 +223,7 @@ def run_one(args, precision: str) -> Dict[str, object]:
 
 # ---- the driver --------------------------------------------------------------------------------------------
 def hardware(device: str) -> str:
-    if device == "cuda" and torch.cuda.is_available():
-        return torch.cuda.get_device_name(0)
-    model = platform.processor() or platform.machine()
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-        fields = {k.strip(): v.strip() for k, _, v in (line.partition(":") for line in out.splitlines())}
-        model = f"{fields.get('CPU(s)', '?')} CPU cores ({fields.get('Model name', model)})"
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return model
+    return gpu_name() if device == "cuda" and torch.cuda.is_available() else f"{usable_cores()} CPU cores ({cpu_model()})"
 
 
 def markdown(rows: List[Dict[str, object]], header: str) -> str:

@@ -51,7 +51,6 @@ import math
 import platform
 import re
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -64,6 +63,9 @@ import vaegan
 from vaegan.config import DataConfig, ExperimentConfig, ModelConfig, apply_overrides, load_config
 from vaegan.data import TensorImages, build_dataset
 from vaegan.metrics import HighFrequencyRatio, SharpnessRatio
+
+sys.path.insert(0, str(Path(__file__).parent))
+from machine import hardware  # noqa: E402  (run as a script from benchmarks/)
 
 ROOT = Path(__file__).resolve().parents[1]
 BEGIN, END = "<!-- spatial_quality:begin -->", "<!-- spatial_quality:end -->"
@@ -80,20 +82,6 @@ log = logging.getLogger("spatial_quality")
 
 
 # ---- environment ---------------------------------------------------------------------------------------
-def hardware() -> str:
-    """CPU model and count from lscpu (else /proc/cpuinfo), the GPU if any."""
-    fields: Dict[str, str] = {}
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-        fields = {k.strip(): v.strip() for k, _, v in (line.partition(":") for line in out.splitlines())}
-    except (OSError, subprocess.SubprocessError):
-        pass
-    model = fields.get("Model name") or platform.processor() or platform.machine()
-    cpus = fields.get("CPU(s)") or "?"
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return f"{cpus} CPU cores ({model}), {gpu}"
-
-
 def lpips_problem(net: str) -> Optional[str]:
     """None when the lpips plugin can load ``net``'s ImageNet weights without a download; else why not."""
     from vaegan import registry

@@ -1,0 +1,40 @@
+"""What a benchmark ran on, in the words every results table uses (one description for all scripts).
+
+    >>> from machine import hardware  # run from benchmarks/, as the scripts are
+    >>> hardware()  # doctest: +SKIP
+    '2 CPU cores (AMD EPYC), no GPU'
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+from pathlib import Path
+
+import torch
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity), not the machine's count."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo, else what ``platform`` knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def gpu_name() -> str:
+    """The first GPU's name, or "no GPU"."""
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+
+
+def hardware() -> str:
+    """``"<cores> CPU cores (<model>), <GPU or 'no GPU'>"``."""
+    return f"{usable_cores()} CPU cores ({cpu_model()}), {gpu_name()}"
