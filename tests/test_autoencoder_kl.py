@@ -209,6 +209,24 @@ def test_the_scaling_factor_is_estimated_and_the_model_card_says_how_to_load_it(
     assert "VAE.from_pretrained" in card and "AutoencoderKL.from_pretrained" in card and "psnr" in card
 
 
+
+@pytest.mark.parametrize("shift", [None, 0.0609])
+def test_the_model_card_normalises_latents_as_pipelines_do(tiny, tmp_path, shift):
+    """SD3/Flux-style VAEs have a shift: the card's diffusers line must subtract it before scaling."""
+    cfg = tiny("model.name=autoencoder_kl", "model.output_range=symmetric",
+               "model.options={block_out_channels: [8, 16], norm_num_groups: 4, layers_per_block: 1, "
+               f"latent_channels: 2, scaling_factor: 1.5305, shift_factor: {'null' if shift is None else shift}}}")
+    model = vaegan.build_generator(cfg.model)
+    model.save_pretrained(tmp_path)
+    card = vaegan.export.write_model_card(tmp_path, cfg, model, steps=1, images_seen=8).read_text()
+    line = next(ln for ln in card.splitlines() if ln.startswith("latents = "))
+    if shift is None:
+        assert line.startswith("latents = vae.encode(x).latent_dist.sample() * vae.config.scaling_factor")
+    else:
+        assert line.startswith("latents = (vae.encode(x).latent_dist.sample() - vae.config.shift_factor) * "
+                               "vae.config.scaling_factor") and "shift 0.0609" in line
+
+
 def test_a_generator_without_a_scaling_option_records_the_estimate_in_the_card(tiny, caplog):
     final = vaegan.build_trainer(tiny("train.max_steps=1", "train.estimate_scaling_factor=16")).fit()
     assert "scaling_factor" not in json.loads((final / "config.json").read_text())["options"]

@@ -124,12 +124,16 @@ def write_model_card(final: Path, config: ExperimentConfig, model: VAE, steps: i
               f'model = vaegan.VAE.from_pretrained("{final}")',
               "images = model.sample(4)  # or model.reconstruct(x), model.encode(x).mean, model.decode(z)", "```"]
     if (final / "diffusers").is_dir():
-        scale = mc.options.get("scaling_factor")
+        scale, shift = mc.options.get("scaling_factor"), mc.options.get("shift_factor")
+        # Pipelines normalise latents as (z - shift_factor) * scaling_factor (SD3, Flux); SD/SDXL have no shift.
+        sample = "vae.encode(x).latent_dist.sample()"
+        normalised = f"({sample} - vae.config.shift_factor)" if shift is not None else sample
         lines += ["", "In diffusers (the same weights, the same outputs):", "", "```python",
                   "from diffusers import AutoencoderKL", "",
                   f'vae = AutoencoderKL.from_pretrained("{final / "diffusers"}")',
-                  "latents = vae.encode(x).latent_dist.sample() * vae.config.scaling_factor"
-                  + (f"  # {scale:g}" if scale is not None else "  # 1.0: not estimated (train.estimate_scaling_factor)"),
+                  f"latents = {normalised} * vae.config.scaling_factor"
+                  + (f"  # {scale:g}" if scale is not None else "  # 1.0: not estimated (train.estimate_scaling_factor)")
+                  + (f", shift {shift:g}" if shift is not None else ""),
                   "```"]
     path = final / "README.md"
     path.write_text("\n".join(lines) + "\n")
