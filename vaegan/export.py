@@ -18,7 +18,7 @@ import dataclasses
 import json
 import logging
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import torch
 import yaml
@@ -27,7 +27,7 @@ from torch.utils.data import Dataset
 from .config import ExperimentConfig, to_dict
 from .generator import VAE
 
-__all__ = ["estimate_scaling_factor", "set_scaling_factor", "write_model_card"]
+__all__ = ["estimate_scaling_factor", "set_scaling_factor", "estimate_and_store_scaling_factor", "write_model_card"]
 
 logger = logging.getLogger(__name__)
 
@@ -77,6 +77,24 @@ def set_scaling_factor(model: VAE, value: float) -> bool:
     if hasattr(model, "scaling_factor"):
         model.scaling_factor = float(value)
     return True
+
+
+def estimate_and_store_scaling_factor(models: Sequence[VAE], dataset: Dataset, num_images: int,
+                                     seed: int = 0) -> Tuple[str, ...]:
+    """``train.estimate_scaling_factor``: estimate on ``models[0]`` (the saved, EMA generator) and store the
+    factor in every model's options. Returns the model card's line about it (none when ``num_images`` is 0).
+    """
+    if not num_images:
+        return ()
+    scale, std = estimate_scaling_factor(models[0], dataset, num_images, seed=seed)
+    stored = [set_scaling_factor(m, scale) for m in {id(m): m for m in models}.values()]
+    note = (f"Latent scaling factor {scale:.6g} = 1 / std of posterior samples of {num_images} training images "
+            f"(std {std:.4g})")
+    if not all(stored):
+        logger.warning("%s; the '%s' generator has no scaling_factor option, so it is recorded in the model "
+                       "card only.", note, models[0].config.name)
+    logger.info("%s.", note)
+    return (note + ("." if all(stored) else ", recorded here only: the generator has no scaling_factor option."),)
 
 
 def write_model_card(final: Path, config: ExperimentConfig, model: VAE, steps: int, images_seen: int,

@@ -34,7 +34,6 @@ import dataclasses
 import inspect
 import json
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple, Union
 
@@ -42,6 +41,7 @@ import torch
 from torch import Tensor, nn
 
 from .config import ModelConfig
+from .distributions import DiagonalGaussian, VAEOutput  # defined there; this module's names since 0.2
 from .errors import CheckpointError, ConfigError, DataError, PluginError
 
 __all__ = ["DiagonalGaussian", "VAEOutput", "VAE", "build_generator", "CONFIG_NAME", "WEIGHTS_NAME"]
@@ -49,40 +49,6 @@ __all__ = ["DiagonalGaussian", "VAEOutput", "VAE", "build_generator", "CONFIG_NA
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 GROUP = "vaegan.generators"
-
-
-@dataclass
-class DiagonalGaussian:
-    """A factorised Gaussian q(z|x): ``mean`` and (clamped) ``logvar``, each (B, *latent_shape), fp32."""
-
-    mean: Tensor
-    logvar: Tensor
-
-    @property
-    def std(self) -> Tensor:
-        return torch.exp(0.5 * self.logvar)
-
-    def rsample(self) -> Tensor:
-        """The reparameterisation trick: z = mean + std * eps, differentiable in both."""
-        return self.mean + self.std * torch.randn_like(self.std)
-
-    def kl(self) -> Tensor:
-        """KL(q || N(0, I)) per latent element, shape (B, *latent_shape), in nats."""
-        return 0.5 * (self.mean.pow(2) + self.logvar.exp() - 1.0 - self.logvar)
-
-
-@dataclass
-class VAEOutput:
-    """What one generator forward produces. Images are (B, C, H, W); latents (B, *latent_shape)."""
-
-    recon: Tensor
-    posterior: DiagonalGaussian
-    z: Tensor
-    recon_logits: Optional[Tensor] = None  # decoder pre-activation of recon (BCE with logits)
-    recon_decoder_only: Optional[Tensor] = None  # decode(z.detach()): fakes whose gradient skips the encoder
-    perturbed: Optional[Tensor] = None  # decode(z + sigma * u), for the smoothness regulariser
-    perturbation: Optional[Tensor] = None  # sigma * u, like z
-    prior_samples: Optional[Tensor] = None  # decode(z ~ prior), for a discriminator's fakes
 
 
 class _GeneratorMeta(type):

@@ -29,6 +29,7 @@ evaluation are the trainer's (:mod:`vaegan.trainer`).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -45,7 +46,7 @@ from .guards import StepGuard
 from .objective import Objective
 from .optim import step_unless
 
-__all__ = ["PlayerModule", "Trainable", "StepOutput", "TrainStep"]
+__all__ = ["PlayerModule", "Trainable", "StepOutput", "TrainStep", "RunningMeans"]
 
 
 class PlayerModule(nn.Module):
@@ -248,3 +249,41 @@ class TrainStep:
     def players(self) -> List[nn.Module]:
         """The prepared player modules in ``prepare`` order (generator first): what a checkpoint saves."""
         return [self.generator.module] + ([self.discriminator.module] if self.discriminator is not None else [])
+
+
+class RunningMeans:
+    """Per-key means of step metrics kept on the device; a skipped step's (maybe NaN) values are left out.
+
+    Example:
+        >>> means = RunningMeans()
+        >>> means.add({"g/total": torch.tensor(2.0)}, found_inf=torch.tensor(0.0))
+        >>> means.add({"g/total": torch.tensor(float("nan"))}, found_inf=torch.tensor(1.0))
+        >>> means.compute(accelerator=None)
+        {'g/total': 2.0}
+    """
+
+    def __init__(self) -> None:
+        self._sums: Dict[str, Tensor] = {}
+        self._counts: Dict[str, Tensor] = {}
+
+    def add(self, metrics: Dict[str, Tensor], found_inf: Tensor) -> None:
+        """Add one step's 0-dim metrics; ``found_inf`` 1.0 marks a skipped step (no host read)."""
+        keep = 1.0 - found_inf
+        for key, value in metrics.items():
+            v = torch.where(keep > 0, value, 0.0)
+            self._sums[key] = self._sums[key] + v if key in self._sums else v
+            self._counts[key] = self._counts[key] + keep if key in self._counts else keep
+
+    def compute(self, accelerator: Any) -> Dict[str, float]:
+        """The means since the last call, averaged over processes (the host read); then starts over.
+
+        A key whose every step was skipped is 0/0 = NaN and is left out: a NaN never reaches the logs.
+        """
+        keys = sorted(self._sums)
+        if not keys:
+            return {}
+        means = torch.stack([self._sums[k] for k in keys]) / torch.stack([self._counts[k] for k in keys])
+        if accelerator is not None:  # every process applies or skips the same steps: a mean of means is exact
+            means = accelerator.reduce(means.to(accelerator.device), "mean")
+        self._sums, self._counts = {}, {}
+        return {k: float(v) for k, v in zip(keys, means.tolist()) if math.isfinite(v)}

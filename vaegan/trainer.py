@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 import warnings
 from dataclasses import asdict, dataclass
@@ -25,7 +24,6 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 import yaml
 from safetensors.torch import save_file
-from torch import Tensor
 from tqdm.auto import tqdm
 
 from ._deprecation import deprecated_names
@@ -35,12 +33,12 @@ from .config import ExperimentConfig, to_dict
 from .data import first_batch
 from .errors import TrainingDiverged
 from .evaluation import EvalResources, evaluate, prepare_evaluation
-from .export import estimate_scaling_factor, set_scaling_factor, write_model_card
+from .export import estimate_and_store_scaling_factor, write_model_card
 from .generator import VAE
 from .guards import CollapseMonitor, GracefulStop, all_finite, stopped
 from .plots import write_loss_curves
 from .previews import preview_grids
-from .step import StepOutput, TrainStep
+from .step import RunningMeans, StepOutput, TrainStep  # RunningMeans: also public here, as in 0.1
 from .tracking import Tracking
 
 __all__ = ["TrainState", "RunningMeans", "Trainer"]
@@ -57,44 +55,6 @@ class TrainState:
     batch_in_epoch: int = 0  # micro-batches of the current epoch already consumed
     images_seen: int = 0  # across all processes
     skipped_steps: int = 0  # steps skipped for both players because a value was NaN/inf
-
-
-class RunningMeans:
-    """Per-key means of step metrics kept on the device; a skipped step's (maybe NaN) values are left out.
-
-    Example:
-        >>> means = RunningMeans()
-        >>> means.add({"g/total": torch.tensor(2.0)}, found_inf=torch.tensor(0.0))
-        >>> means.add({"g/total": torch.tensor(float("nan"))}, found_inf=torch.tensor(1.0))
-        >>> means.compute(accelerator=None)
-        {'g/total': 2.0}
-    """
-
-    def __init__(self) -> None:
-        self._sums: Dict[str, Tensor] = {}
-        self._counts: Dict[str, Tensor] = {}
-
-    def add(self, metrics: Dict[str, Tensor], found_inf: Tensor) -> None:
-        """Add one step's 0-dim metrics; ``found_inf`` 1.0 marks a skipped step (no host read)."""
-        keep = 1.0 - found_inf
-        for key, value in metrics.items():
-            v = torch.where(keep > 0, value, 0.0)
-            self._sums[key] = self._sums[key] + v if key in self._sums else v
-            self._counts[key] = self._counts[key] + keep if key in self._counts else keep
-
-    def compute(self, accelerator: Any) -> Dict[str, float]:
-        """The means since the last call, averaged over processes (the host read); then starts over.
-
-        A key whose every step was skipped is 0/0 = NaN and is left out: a NaN never reaches the logs.
-        """
-        keys = sorted(self._sums)
-        if not keys:
-            return {}
-        means = torch.stack([self._sums[k] for k in keys]) / torch.stack([self._counts[k] for k in keys])
-        if accelerator is not None:  # every process applies or skips the same steps: a mean of means is exact
-            means = accelerator.reduce(means.to(accelerator.device), "mean")
-        self._sums, self._counts = {}, {}
-        return {k: float(v) for k, v in zip(keys, means.tolist()) if math.isfinite(v)}
 
 
 class Trainer:
@@ -289,7 +249,8 @@ class Trainer:
             results = None
         acc.wait_for_everyone()
         if acc.is_main_process:
-            notes = self._estimate_scaling_factor()
+            notes = estimate_and_store_scaling_factor((self.ema_model, self.model), self.loader.dataset,
+                                                      self.config.train.estimate_scaling_factor, self.config.train.seed)
             self.ema_model.save_pretrained(final)
             if self.train_step.ema is not None:
                 self.model.save_pretrained(final / "raw")
@@ -302,20 +263,6 @@ class Trainer:
         acc.wait_for_everyone()
         self.callbacks.on_train_end(self, final)
         return final
-
-    def _estimate_scaling_factor(self) -> tuple:
-        """``train.estimate_scaling_factor``: 1/std of the saved generator's latents, stored in its options."""
-        n = self.config.train.estimate_scaling_factor
-        if not n:
-            return ()
-        scale, std = estimate_scaling_factor(self.ema_model, self.loader.dataset, n, seed=self.config.train.seed)
-        stored = [set_scaling_factor(m, scale) for m in {id(m): m for m in (self.ema_model, self.model)}.values()]
-        note = f"Latent scaling factor {scale:.6g} = 1 / std of posterior samples of {n} training images (std {std:.4g})"
-        if not all(stored):
-            logger.warning("%s; the '%s' generator has no scaling_factor option, so it is recorded in the model "
-                           "card only.", note, self.model.config.name)
-        logger.info("%s.", note)
-        return (note + ("." if all(stored) else ", recorded here only: the generator has no scaling_factor option."),)
 
     # ---- evaluation, images --------------------------------------------------------------------------
     def evaluate(self) -> Dict[str, object]:
