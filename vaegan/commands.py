@@ -172,9 +172,8 @@ def sample(model: VAE, num: int, seed: int = 0, batch_size: int = 256, temperatu
 def reconstruct(model: VAE, dataset: Dataset, batch_size: int = 256) -> Tuple[Tensor, Tensor]:
     """Reconstruct every image of ``dataset`` in order, from the posterior mean.
 
-    The means are decoded as contiguous tensors, as :func:`decode` gets them from a latents file, so
-    ``decode(model, encode(model, dataset)[0])`` gives the very same pixels (an encoder's strided mean,
-    e.g. channels_last, can change the last bit of a convolution).
+    :meth:`VAE.reconstruct` decodes contiguous latents, as :func:`vaegan.codec.decode` gets them from a
+    latents file, so ``decode(model, encode(model, dataset)[0])`` gives the very same pixels.
 
     Returns:
         (inputs, reconstructions), both uint8 (N, C, H, W).
@@ -189,7 +188,7 @@ def reconstruct(model: VAE, dataset: Dataset, batch_size: int = 256) -> Tuple[Te
             model.check_images(x, "the dataset")
         x = x.to(_device_of(model))
         inputs.append(to_uint8(x, model.value_range))
-        recons.append(to_uint8(model.decode(model.encode(x).mean.contiguous()), model.value_range))
+        recons.append(to_uint8(model.reconstruct(x), model.value_range))
     return torch.cat(inputs), torch.cat(recons)
 
 

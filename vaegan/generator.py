@@ -217,9 +217,13 @@ class VAE(nn.Module, metaclass=_GeneratorMeta):
 
     @torch.no_grad()
     def reconstruct(self, x: Tensor, sample: bool = False) -> Tensor:
-        """Reconstruct images; uses the posterior mean unless ``sample`` is True."""
+        """Reconstruct images; uses the posterior mean unless ``sample`` is True.
+
+        The latents are decoded as contiguous tensors, as :func:`vaegan.codec.decode` gets them from a file,
+        so reconstructing equals encoding then decoding pixel for pixel (a spatial posterior's mean is a
+        strided view, and a convolution's last bit can depend on the input's strides)."""
         q = self.encode(x)
-        return self.decode(q.rsample() if sample else q.mean)
+        return self.decode((q.rsample() if sample else q.mean).contiguous())
 
     @torch.no_grad()
     def sample(self, n: int, temperature: float = 1.0, generator: Optional[torch.Generator] = None) -> Tensor:
