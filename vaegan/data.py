@@ -80,6 +80,11 @@ class TensorImages(Dataset):
 CROPS = ("center", "random")
 
 
+def _check_crop(crop: str) -> None:
+    if crop not in CROPS:
+        raise ValueError(f"crop must be one of {', '.join(repr(c) for c in CROPS)}, got {crop!r}.")
+
+
 class ImageFolder(Dataset):
     """Every image file under a folder (recursively), converted to C channels and cut to (H, W).
 
@@ -117,8 +122,7 @@ class ImageFolder(Dataset):
         modes = {1: "L", 3: "RGB", 4: "RGBA"}
         if c not in modes:
             raise DataError(f"Image folders can be read as 1, 3 or 4 channels, but the model wants {c}.")
-        if crop not in CROPS:
-            raise ValueError(f"crop must be one of {', '.join(repr(c) for c in CROPS)}, got {crop!r}.")
+        _check_crop(crop)
         self.mode = modes[c]
         self.value_range = value_range
         self.size = (h, w)
@@ -234,8 +238,7 @@ def image_folder(root: str, split: str, download: bool, limit: Optional[int], im
     for option, value in (("random_flip", random_flip), ("resize", resize)):
         if not isinstance(value, bool):
             raise ValueError(f"{option} must be true or false, got {value!r}.")
-    if crop not in CROPS:
-        raise ValueError(f"crop must be one of {', '.join(repr(c) for c in CROPS)}, got {crop!r}.")
+    _check_crop(crop)  # before the folder is listed: a bad option is reported first
     base = Path(root)
     if (base / split).is_dir():
         base = base / split
