@@ -10,8 +10,9 @@
     vaegan plugins                                  list installed plugins with distribution and status
 
 Errors a user can fix print one paragraph (no traceback) and exit with status 2. This module parses
-the command line; each command's handler is in :mod:`vaegan.cli_handlers`, and the work of ``sample``,
-``reconstruct``, ``interpolate``, ``encode`` and ``decode`` lives in :mod:`vaegan.commands`.
+the command line; each command's handler is in :mod:`vaegan.cli_handlers`, the work of ``sample``,
+``reconstruct`` and ``interpolate`` in :mod:`vaegan.commands`, that of ``encode`` and ``decode`` in
+:mod:`vaegan.codec`.
 """
 
 from __future__ import annotations
