@@ -60,6 +60,8 @@ TEST_OPTIONS: Dict[Tuple[str, str], Union[Dict[str, Any], Callable[[], Dict[str,
     ("vaegan.discriminators", "simple"): {"channels": [8, 16]},
     ("vaegan.discriminators", "patchgan"): {"base_width": 8, "n_layers": 2},
     ("vaegan.discriminators", "dcgan"): {"base_width": 8},
+    ("vaegan.samplers", "gmm"): {"n_components": 3},
+    ("vaegan.samplers", "two_stage"): {"hidden": 32, "epochs": 2},
 }
 
 

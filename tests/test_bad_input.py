@@ -126,7 +126,8 @@ def test_non_finite_pixels_fail_fast_even_when_not_in_the_first_images(tiny):
 def test_unknown_plugin_name_lists_the_installed_ones(tiny, group):
     override = {"vaegan.generators": "model.name=nope",
                 "vaegan.losses": "losses=[{name: nope}]", "vaegan.adversarial": "adversarial.name=nope",
-                "vaegan.discriminators": "discriminator.name=nope", "vaegan.datasets": "data.name=nope"}[group]
+                "vaegan.discriminators": "discriminator.name=nope", "vaegan.datasets": "data.name=nope",
+                "vaegan.samplers": "sampler.name=nope"}[group]
     with pytest.raises(PluginError) as info:
         vaegan.build_trainer(tiny(override))
     assert "'nope'" in str(info.value)

@@ -30,6 +30,7 @@ BUILTINS = {
     "vaegan.adversarial": {"non_saturating": "vaegan.losses.adversarial:NonSaturating"},
     "vaegan.discriminators": {"simple": "vaegan.discriminators:SimpleDiscriminator"},
     "vaegan.datasets": {"mnist": "vaegan.data:mnist", "image_folder": "vaegan.data:image_folder"},
+    "vaegan.samplers": {"normal": "vaegan.samplers:NormalSampler"},
 }
 BROKEN_MODULE = "tests_broken_plugin_module_xyz"
 

@@ -16,6 +16,7 @@ from .api import (
     DiagonalGaussian,
     Discriminator,
     DiscriminatorOutput,
+    LatentSampler,
     LossTerm,
     Player,
     TermInputs,
@@ -47,7 +48,7 @@ __version__ = "0.2.0"
 __all__ = [
     "AdversarialConfig", "DataConfig", "DiscriminatorConfig", "EvalConfig", "ExperimentConfig", "ModelConfig",
     "OptimConfig", "TermConfig", "TrainConfig", "apply_overrides", "load_config",
-    "AdversarialLoss", "DatasetFactory", "DiagonalGaussian", "Discriminator", "DiscriminatorOutput", "LossTerm",
+    "AdversarialLoss", "DatasetFactory", "DiagonalGaussian", "Discriminator", "DiscriminatorOutput", "LatentSampler", "LossTerm",
     "Player", "TermInputs", "VAE", "VAEOutput",
     "CheckpointError", "ConfigError", "DataError", "PluginError", "TrainingDiverged", "VaeganError",
     "build_components", "build_discriminator", "build_generator", "build_model", "build_trainer", "train",

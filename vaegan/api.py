@@ -7,6 +7,7 @@
 | ``vaegan.adversarial`` | an :class:`AdversarialLoss` subclass | ``cls(**options)`` |
 | ``vaegan.discriminators`` | a :class:`Discriminator` subclass | ``cls(image_shape=(C, H, W), **options)`` |
 | ``vaegan.datasets`` | a :class:`DatasetFactory` | ``factory(root=, split=, download=, limit=, image_shape=, value_range=, **options)`` |
+| ``vaegan.samplers`` | a :class:`LatentSampler` subclass | ``cls(latent_shape=(...), **options)`` |
 
 ``options`` is the config's ``options:`` mapping, checked against the constructor's signature before
 anything is built (:func:`vaegan.registry.build_plugin`). docs/plugins.md walks through each contract
@@ -28,6 +29,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from .generator import VAE, DiagonalGaussian, VAEOutput
+from .samplers import LatentSampler
 
 __all__ = [
     "Player",
@@ -40,6 +42,7 @@ __all__ = [
     "LossTerm",
     "AdversarialLoss",
     "DatasetFactory",
+    "LatentSampler",
 ]
 
 Player = Literal["generator", "discriminator"]

@@ -7,12 +7,14 @@
     vaegan encode --model DIR --data-dir D --out Z.safetensors   latents of a dataset split (mean or --sample)
     vaegan decode --model DIR --latents Z.safetensors --out FILE  images from a latents file
     vaegan eval --model DIR --data-dir D [--out F]  every metric of vaegan.evaluation, as a table and JSON
+    vaegan fit-sampler --model DIR --sampler NAME   fit a latent sampler to the training images, save it with the model
+    vaegan score --model DIR --data-dir D --out F   per-image ELBO, NLL bound, reconstruction error, KL, D logit
     vaegan plugins                                  list installed plugins with distribution and status
 
 Errors a user can fix print one paragraph (no traceback) and exit with status 2. This module parses
 the command line; each command's handler is in :mod:`vaegan.cli_handlers`, the work of ``sample``,
 ``reconstruct`` and ``interpolate`` in :mod:`vaegan.commands`, that of ``encode`` and ``decode`` in
-:mod:`vaegan.codec`.
+:mod:`vaegan.codec`, of ``fit-sampler`` in :mod:`vaegan.samplers` and of ``score`` in :mod:`vaegan.scoring`.
 """
 
 from __future__ import annotations
@@ -166,6 +168,20 @@ def _data_flags(p: argparse.ArgumentParser, required: bool) -> None:
     p.add_argument("--download", action="store_true", help="download the dataset when missing (needs a network)")
 
 
+def _sampler_flag(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--sampler", metavar="NAME",
+                   help=f"where {what} latents come from: 'normal' for N(0, I), or a sampler fitted with `vaegan "
+                        "fit-sampler` (default: the model folder's default sampler, else normal)")
+
+
+def _likelihood_flags(p: argparse.ArgumentParser, default_k: int) -> None:
+    p.add_argument("--nll-samples", type=_positive_int, default=default_k,
+                   help=f"importance samples per image, K of the IWAE bound (default {default_k})")
+    p.add_argument("--likelihood", choices=["bernoulli", "gaussian"], default="bernoulli",
+                   help="bernoulli on binarised pixels (default) or the decoder's Gaussian with --logvar")
+    p.add_argument("--logvar", type=float, help="per-pixel log-variance of the Gaussian likelihood (default 0)")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vaegan", description="Hybrid VAE-GAN training with plugin losses.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -177,8 +193,9 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("config_file", type=Path, nargs="?", metavar="CONFIG.yaml")
 
     s = _command(sub, "sample", "draw images from the prior of a trained model",
-                 "Decode N latents z ~ N(0, temperature^2 I) with a trained generator (the EMA weights by "
-                 "default). .png writes one grid; .npz writes the array 'images', uint8 (N, C, H, W).",
+                 "Decode N latents with a trained generator (the EMA weights by default): from the model folder's "
+                 "default sampler (one fitted with `vaegan fit-sampler` or at the end of training), else from "
+                 "N(0, temperature^2 I). .png writes one grid; .npz writes the array 'images', uint8 (N, C, H, W).",
                  "vaegan sample --model outputs/vaegan_mnist --num 64 --out samples.png --seed 1")
     _model_flags(s, ".png (a grid) or .npz (array 'images', uint8 (N, C, H, W))")
     s.add_argument("--num", type=_positive_int, default=64, help="number of images (default 64)")
@@ -186,6 +203,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--batch-size", type=_positive_int, default=256, help="images decoded at once (default 256)")
     s.add_argument("--temperature", type=_non_negative_float, default=1.0,
                    help="scale of the latents' standard deviation (default 1.0; lower: safer, less varied)")
+    _sampler_flag(s, "the")
 
     r = _command(sub, "reconstruct", "reconstruct a dataset split with a trained model",
                  "Encode every image of a dataset split (in dataset order) to its posterior mean and decode "
@@ -199,7 +217,7 @@ def _parser() -> argparse.ArgumentParser:
 
     i = _command(sub, "interpolate", "decode interpolations between latents",
                  "Decode evenly spaced points on the line between two latents, for several pairs: random "
-                 "latents from the prior, or (with --data-dir) the posterior means of dataset images, chosen "
+                 "latents from the model's sampler, or (with --data-dir) the posterior means of dataset images, chosen "
                  "at random or with --indices. .png writes one strip per row (real images at both ends when "
                  "there are any); .npz writes 'images', uint8 (pairs, steps, C, H, W).",
                  "vaegan interpolate --model outputs/vaegan_mnist --out strips.png --num-pairs 8 --steps 10")
@@ -209,6 +227,7 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("--seed", type=int, default=0, help="seed of the random latents or images (default 0)")
     i.add_argument("--indices", type=int, nargs="+", metavar="I",
                    help="dataset images to interpolate between, in pairs (e.g. 0 7 3 5); needs --data-dir")
+    _sampler_flag(i, "the random end points'")
     _data_flags(i, required=False)
 
     c = _command(sub, "encode", "encode a dataset split to latents (a safetensors file)",
@@ -245,7 +264,8 @@ def _parser() -> argparse.ArgumentParser:
                  "dataset split: MSE, PSNR, SSIM and LPIPS (when the backbone's weights are local) of "
                  "reconstructions; negative ELBO and the IWAE NLL in nats and bits/dim; Fréchet distance in a "
                  "cached classifier's features, class histogram and precision/recall (labelled data); "
-                 "sharpness and high-frequency ratios of prior samples. Prints a table; --out writes JSON. "
+                 "sharpness and high-frequency ratios of generated images (latents from --sampler). Prints a table; --out "
+                 "writes JSON. "
                  "Under `accelerate launch` / torchrun the work is split over the processes and the numbers "
                  "are the same as on one.",
                  "vaegan eval --model outputs/vaegan_mnist --data-dir data --num-samples 10000 --out eval.json")
@@ -253,11 +273,8 @@ def _parser() -> argparse.ArgumentParser:
     _data_flags(e, required=True)
     e.add_argument("--num-samples", type=_positive_int, default=10000, help="prior samples (default 10000)")
     e.add_argument("--nll-images", type=_positive_int, default=1000, help="images for the NLL bounds (default 1000)")
-    e.add_argument("--nll-samples", type=_positive_int, default=100,
-                   help="importance samples per image, K of the IWAE bound (default 100)")
-    e.add_argument("--likelihood", choices=["bernoulli", "gaussian"], default="bernoulli",
-                   help="bernoulli on binarised pixels (default) or the decoder's Gaussian with --logvar")
-    e.add_argument("--logvar", type=float, help="per-pixel log-variance of the Gaussian likelihood (default 0)")
+    _likelihood_flags(e, 100)
+    _sampler_flag(e, "the generated images'")
     e.add_argument("--classifier", choices=["auto", "on", "off"], default="auto",
                    help="classifier metrics (FD, histogram, precision/recall); auto: when the data has labels")
     e.add_argument("--lpips", choices=["auto", "on", "off"], default="auto",
@@ -267,6 +284,38 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--batch-size", type=_positive_int, default=500, help="images per forward (default 500)")
     e.add_argument("--seed", type=int, default=0, help="seed of the prior latents and importance noise (default 0)")
     e.set_defaults(split="test")
+
+    f = _command(sub, "fit-sampler", "fit a latent sampler to a trained model's training images",
+                 "Encode the images of a dataset split (default: the training data the model was trained on) to "
+                 "their posterior means, fit the sampler plugin NAME to them (gmm: a Gaussian mixture; two_stage: a "
+                 "second-stage VAE; `vaegan plugins --group vaegan.samplers` lists them) and save it in the model "
+                 "folder's samplers/NAME/ (safetensors + JSON). It becomes the folder's default sampler, which "
+                 "`vaegan sample`, `interpolate` and `eval` use without --sampler.",
+                 "vaegan fit-sampler --model outputs/vaegan_mnist --sampler gmm --option n_components=50")
+    f.add_argument("--model", required=True, metavar="DIR", help="a training run's output directory or a model folder")
+    f.add_argument("--sampler", required=True, metavar="NAME", help="the sampler plugin to fit (gmm, two_stage, ...)")
+    f.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                   help="a sampler option, YAML-typed (e.g. n_components=10 covariance_type=diag); repeatable")
+    f.add_argument("--seed", type=int, default=0, help="seed of the fit (default 0)")
+    f.add_argument("--no-default", action="store_true", help="save it without making it the folder's default")
+    f.add_argument("--raw", action="store_true", help="fit for the raw weights (final/raw) instead of the EMA ones")
+    f.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
+    f.add_argument("--batch-size", type=_positive_int, default=256, help="images per forward (default 256)")
+    _data_flags(f, required=False)
+    f.set_defaults(split="train")
+
+    sc = _command(sub, "score", "per-image scores: ELBO, NLL bound, reconstruction error, KL, discriminator logit",
+                  "Score every image of a dataset split, streamed in batches: negative ELBO and the importance-"
+                  "weighted NLL bound (nats and bits/dim), the ELBO's reconstruction and KL parts, the MSE of the "
+                  "reconstruction, and the discriminator's mean logit when the run saved one. .csv writes one row "
+                  "per image; .npz one array per score. The bounds equal `vaegan eval`'s image for image (same "
+                  "seed and K); under `accelerate launch` / torchrun the images are split over the processes.",
+                  "vaegan score --model outputs/vaegan_mnist --data-dir data --split test --out scores.csv")
+    _model_flags(sc, ".csv (one row per image) or .npz (one array per score)")
+    _data_flags(sc, required=True)
+    _likelihood_flags(sc, 100)
+    sc.add_argument("--batch-size", type=_positive_int, default=256, help="images per forward (default 256)")
+    sc.add_argument("--seed", type=int, default=0, help="seed of the importance noise (default 0, as vaegan eval)")
 
     p = _command(sub, "plugins", "list installed plugins",
                  "List every plugin in vaegan's entry-point groups with its distribution and whether it loads.",

@@ -17,7 +17,7 @@ from . import registry
 from .errors import ConfigError
 
 __all__ = ["HANDLERS", "plugins_command", "sample_command", "reconstruct_command", "interpolate_command",
-           "eval_command", "encode_command", "decode_command"]
+           "eval_command", "encode_command", "decode_command", "fit_sampler_command", "score_command"]
 
 
 def plugins_command(args: argparse.Namespace) -> int:
@@ -30,15 +30,29 @@ def plugins_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sampler(args: argparse.Namespace, model):
+    """The sampler --sampler names (default: the model folder's default); None for the model's own prior."""
+    from . import commands
+    from .samplers import default_sampler_name, load_sampler
+
+    model_dir = commands.resolve_model_dir(args.model, args.raw)
+    name = args.sampler or default_sampler_name(model_dir)
+    if name == "normal":
+        return None
+    return load_sampler(model_dir, name, model.latent_shape)
+
+
 def sample_command(args: argparse.Namespace) -> int:
     from . import commands
 
     commands.check_output(args.out)
     model = commands.load_model(args.model, raw=args.raw, device=args.device)
+    sampler = _sampler(args, model)
     images = commands.sample(model, args.num, seed=args.seed, batch_size=args.batch_size,
-                             temperature=args.temperature)
+                             temperature=args.temperature, sampler=sampler)
     path = commands.save_images(args.out, images)
-    sys.stdout.write(f"wrote {images.shape[0]} samples {tuple(images.shape[1:])} to {path}\n")
+    source = f"the '{sampler.name}' sampler" if sampler is not None else "N(0, I)"
+    sys.stdout.write(f"wrote {images.shape[0]} samples {tuple(images.shape[1:])} (latents from {source}) to {path}\n")
     return 0
 
 
@@ -78,16 +92,27 @@ def interpolate_command(args: argparse.Namespace) -> int:
     dataset = _dataset(args, model) if args.data_dir is not None else None
     if args.indices is not None and dataset is None:
         raise ConfigError("--indices picks images of a dataset: pass --data-dir too (and --dataset, --split).")
+    sampler = _sampler(args, model) if dataset is None else None
     strips, ends = commands.interpolate(model, args.num_pairs, args.steps, seed=args.seed, dataset=dataset,
-                                        indices=args.indices)
+                                        indices=args.indices, sampler=sampler)
     path = commands.save_interpolations(args.out, strips, ends)
     sys.stdout.write(f"wrote {strips.shape[0]} interpolation strips of {strips.shape[1]} steps to {path}\n")
     return 0
 
 
+def _launched_accelerator():
+    """An Accelerator under torchrun / accelerate launch (the work is split over the processes), else None."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from accelerate import Accelerator
+
+        return Accelerator()
+    return None
+
+
 def eval_command(args: argparse.Namespace) -> int:
     import json
-    import os
 
     import torch
 
@@ -104,18 +129,16 @@ def eval_command(args: argparse.Namespace) -> int:
         "classifier": {"auto": None, "on": True, "off": False}[args.classifier],
         "lpips": {"auto": None, "on": True, "off": False}[args.lpips], "inception": args.inception,
         "seed": args.seed}, "eval")
-    accelerator = None
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under torchrun / accelerate launch: shard over processes
-        from accelerate import Accelerator
-
-        accelerator = Accelerator()
+    accelerator = _launched_accelerator()
     # Under a launcher, load on the CPU and let evaluate() move the model to this process's device.
     model = commands.load_model(args.model, raw=args.raw, device="cpu" if accelerator is not None else args.device)
+    sampler = _sampler(args, model)
     data = from_dict(DataConfig, {"name": _dataset_name(args), "root": args.data_dir, "download": args.download},
                      "data")
     logvar = None if args.logvar is None else torch.tensor(args.logvar)
     try:
-        results = evaluate(model, data, eval_config, logvar=logvar, accelerator=accelerator, output=args.out)
+        results = evaluate(model, data, eval_config, logvar=logvar, accelerator=accelerator, output=args.out,
+                           sampler=sampler)
     finally:
         shutdown_distributed()
     if accelerator is None or accelerator.is_main_process:
@@ -172,6 +195,81 @@ def decode_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _options(pairs) -> Dict[str, object]:
+    from .config import parse_yaml
+
+    options = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--option '{pair}' must be KEY=VALUE, e.g. --option n_components=10.")
+        options[key] = parse_yaml(value)
+    return options
+
+
+def fit_sampler_command(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from . import commands
+    from .config import DataConfig
+    from .data import build_dataset
+    from .samplers import build_sampler, fit_sampler, save_sampler
+
+    options = _options(args.option)
+    model_dir = commands.resolve_model_dir(args.model, args.raw)
+    model = commands.load_model(args.model, raw=args.raw, device=args.device)
+    build_sampler(args.sampler, model.latent_shape, options)  # a bad name or option: before any encoding
+    trained = commands.trained_data_config(args.model)
+    if args.data_dir is None and trained is None:
+        raise ConfigError(f"'{args.model}' does not say which data it was trained on (no training_config.yaml); pass "
+                          "--data-dir (and --dataset) to name the images to fit the sampler to.")
+    limit = args.limit
+    if limit is None and trained is not None and trained.split == args.split:
+        limit = trained.limit  # the images it was trained on, unless told otherwise
+    data = dataclasses.replace(trained or DataConfig(), split=args.split, limit=limit, download=args.download,
+                               **{k: v for k, v in (("root", args.data_dir), ("name", args.dataset)) if v is not None})
+    if args.dataset is not None and trained is not None and args.dataset != trained.name:
+        data = dataclasses.replace(data, options={})  # another plugin's options would not fit
+    sampler, record = fit_sampler(model, build_dataset(data, model.config), args.sampler, options, seed=args.seed,
+                                  batch_size=args.batch_size)
+    folder = save_sampler(sampler, model_dir, default=not args.no_default,
+                          fitted_on={"dataset": data.name, "root": str(data.root), "split": data.split, **record})
+    default = "" if args.no_default else "; it is now the folder's default sampler"
+    sys.stdout.write(f"fitted the '{args.sampler}' sampler to {record['images']} posterior means of the {data.split} "
+                     f"split in {record['seconds']:g} s and saved it to {folder}{default}\n")
+    return 0
+
+
+def score_command(args: argparse.Namespace) -> int:
+    import torch
+
+    from . import commands
+    from .cli import shutdown_distributed
+    from .export import load_discriminator
+    from .scoring import check_scores_output, save_scores, score
+
+    check_scores_output(args.out)
+    accelerator = _launched_accelerator()
+    device = "cpu" if accelerator is not None else args.device
+    model = commands.load_model(args.model, raw=args.raw, device=device)
+    disc = load_discriminator(commands.resolve_model_dir(args.model), map_location=str(next(model.parameters()).device))
+    dataset = _dataset(args, model)
+    logvar = None if args.logvar is None else torch.tensor(args.logvar)
+    try:
+        scores = score(model, dataset, num_samples=args.nll_samples, likelihood=args.likelihood, logvar=logvar,
+                       seed=args.seed, batch_size=args.batch_size, discriminator=disc, accelerator=accelerator)
+    finally:
+        shutdown_distributed()
+    if accelerator is None or accelerator.is_main_process:
+        path = save_scores(args.out, scores)
+        means = ", ".join(f"{k} {scores[k].mean():.6g}" for k in ("neg_elbo_nats", "nll_nats", "recon_mse", "kl_nats",
+                                                                   "disc_logit") if k in scores)
+        sys.stdout.write(f"wrote scores of {len(scores['index'])} images of the {args.split} split to {path}\n"
+                         f"means: {means}\n")
+    return 0
+
+
 HANDLERS: Dict[str, Callable[[argparse.Namespace], int]] = {
     "plugins": plugins_command, "sample": sample_command, "reconstruct": reconstruct_command,
-    "interpolate": interpolate_command, "eval": eval_command, "encode": encode_command, "decode": decode_command}
+    "interpolate": interpolate_command, "eval": eval_command, "encode": encode_command, "decode": decode_command,
+    "fit-sampler": fit_sampler_command, "score": score_command}

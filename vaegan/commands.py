@@ -27,6 +27,7 @@ from .config import DataConfig, from_dict, load_config
 from .data import build_dataset
 from .errors import CheckpointError, ConfigError, DataError, VaeganError
 from .generator import CONFIG_NAME, VAE
+from .samplers import LatentSampler, sample_latents
 
 __all__ = [
     "OUTPUT_SUFFIXES", "check_output", "resolve_model_dir", "load_model", "trained_data_config",
@@ -150,8 +151,10 @@ def _device_of(model: VAE) -> torch.device:
 
 
 @torch.no_grad()
-def sample(model: VAE, num: int, seed: int = 0, batch_size: int = 256, temperature: float = 1.0) -> Tensor:
-    """Draw ``num`` images from the prior, ``z ~ N(0, temperature^2 I)``.
+def sample(model: VAE, num: int, seed: int = 0, batch_size: int = 256, temperature: float = 1.0,
+           sampler: Optional[LatentSampler] = None) -> Tensor:
+    """Draw ``num`` images: latents from ``sampler`` (a fitted :mod:`vaegan.samplers` one), or from the
+    prior ``z ~ N(0, temperature^2 I)`` when None, decoded.
 
     The latents are drawn on the CPU from ``seed`` in one go, so the images do not depend on
     ``batch_size`` or the device.
@@ -163,7 +166,8 @@ def sample(model: VAE, num: int, seed: int = 0, batch_size: int = 256, temperatu
         >>> sample(build_generator(ModelConfig()), 4).shape  # doctest: +SKIP
         torch.Size([4, 1, 28, 28])
     """
-    z = model.sample_prior(num, generator=torch.Generator().manual_seed(seed)) * temperature  # (num, *latent_shape)
+    z = sample_latents(model, num, generator=torch.Generator().manual_seed(seed), temperature=temperature,
+                       sampler=sampler)  # (num, *latent_shape)
     out = [model.decode(chunk.to(_device_of(model))) for chunk in z.split(batch_size)]
     return to_uint8(torch.cat(out), model.value_range)
 
@@ -194,12 +198,13 @@ def reconstruct(model: VAE, dataset: Dataset, batch_size: int = 256) -> Tuple[Te
 
 @torch.no_grad()
 def interpolate(model: VAE, num_pairs: int = 4, steps: int = 8, seed: int = 0, dataset: Optional[Dataset] = None,
-                indices: Optional[Sequence[int]] = None) -> Tuple[Tensor, Optional[Tensor]]:
+                indices: Optional[Sequence[int]] = None,
+                sampler: Optional[LatentSampler] = None) -> Tuple[Tensor, Optional[Tensor]]:
     """Decode ``steps`` evenly spaced points between pairs of latents.
 
-    Without ``dataset`` the pairs are random latents from the prior. With it, they are the posterior
-    means of pairs of its images: ``indices`` (consecutive pairs) or, by default, images drawn from
-    ``seed``.
+    Without ``dataset`` the pairs are random latents from ``sampler`` (the prior when None). With it,
+    they are the posterior means of pairs of its images: ``indices`` (consecutive pairs) or, by default,
+    images drawn from ``seed``.
 
     Returns:
         (strips uint8 (P, steps, C, H, W), the pairs' end images uint8 (P, 2, C, H, W) or None).
@@ -210,7 +215,7 @@ def interpolate(model: VAE, num_pairs: int = 4, steps: int = 8, seed: int = 0, d
     gen = torch.Generator().manual_seed(seed)
     device = _device_of(model)
     if dataset is None:
-        z0, z1 = model.sample_prior(2 * num_pairs, generator=gen).to(device).chunk(2)  # (P, *latent_shape) each
+        z0, z1 = sample_latents(model, 2 * num_pairs, generator=gen, sampler=sampler).to(device).chunk(2)  # (P, *latent)
         images = model.decode_path(z0, z1, steps)  # (P, steps, C, H, W)
         return to_uint8(images, model.value_range), None
     n = len(dataset)  # type: ignore[arg-type]

@@ -9,14 +9,15 @@ Protocol (written into every result as ``protocol``):
 - likelihood on the first ``nll_images`` images: negative ELBO and the IWAE bound with ``nll_samples``
   importance samples, in nats per image and bits per dimension, Bernoulli on inputs binarised at the
   middle of the range (or the decoder's Gaussian with a given log-variance);
-- ``num_samples`` prior samples (latents drawn from ``seed``) against the evaluation split: Fréchet distance in the
+- ``num_samples`` generated images (latents drawn from ``seed``: the prior's, or a fitted sampler's) against the evaluation split: Fréchet distance in the
   penultimate (128-d) layer of a small classifier trained once on the *training* split and cached under a
   key made of dataset, split, image shape, size and a content hash (never a bare file name); sharpness
-  and high-frequency ratios; class histogram; precision/recall (k = 3) in the same feature space.
+  and high-frequency ratios; class histogram and the classifier's mean confidence; precision/recall
+  (k = 3) in the same feature space.
 
 Everything is correct under DDP: each rank takes every ``world``-th image (no padding duplicates) and
-every ``world``-th prior latent and importance-noise draw, and the torchmetrics states are reduced
-across ranks, so 1 and N processes give the same numbers (up to float summation order).
+every ``world``-th generated latent, each image's importance noise has its own seed, and the torchmetrics
+states are reduced across ranks, so 1 and N processes give the same numbers (up to float summation order).
 
 Example:
     >>> results = evaluate(VAE.from_pretrained("outputs/vaegan_mnist/final"), DataConfig(root="data"),
@@ -45,7 +46,8 @@ from .config import DataConfig, EvalConfig, ModelConfig
 from .data import TensorImages, build_dataset
 from .errors import DataError, PluginError
 from .generator import VAE
-from .metrics import ClassHistogram, HighFrequencyRatio, LikelihoodBounds, PrecisionRecall, SharpnessRatio
+from .metrics import ClassHistogram, HighFrequencyRatio, LikelihoodBounds, PrecisionRecall, SharpnessRatio, importance_noise
+from .samplers import LatentSampler, sample_latents
 
 __all__ = ["DigitClassifier", "load_or_train_classifier", "EvalResources", "prepare_evaluation", "evaluate",
            "default_cache_dir"]
@@ -247,12 +249,13 @@ def _batches(ds: Dataset, indices: Tensor, batch_size: int):
 @torch.no_grad()
 def evaluate(model: VAE, data: DataConfig, config: EvalConfig = EvalConfig(), *, logvar: Optional[Tensor] = None,
              resources: Optional[EvalResources] = None, cache_dir: Optional[Path] = None, accelerator=None,
-             output: Optional[Path] = None) -> Dict[str, object]:
+             output: Optional[Path] = None, sampler: Optional[LatentSampler] = None) -> Dict[str, object]:
     """Compute every metric for ``model`` on the ``config.split`` split of ``data``'s dataset.
 
     The results do not depend on the number of processes: each rank takes every ``world``-th image, the
-    prior latents and importance-sampling noise are drawn once from ``config.seed`` and sharded the same
-    way, and the metric states are reduced across ranks (call it on every rank).
+    generated latents are drawn once from ``config.seed`` and sharded the same way, each image's
+    importance-sampling noise is seeded by ``config.seed`` and its number, and the metric states are
+    reduced across ranks (call it on every rank).
 
     Args:
         model: The generator to evaluate (the EMA one, usually).
@@ -265,6 +268,8 @@ def evaluate(model: VAE, data: DataConfig, config: EvalConfig = EvalConfig(), *,
         cache_dir: Where the classifier is cached (default ``$VAEGAN_CACHE`` or ``~/.cache/vaegan``).
         accelerator: An ``accelerate.Accelerator`` for multi-process evaluation.
         output: When given, the main process writes the results there as JSON.
+        sampler: Where the generated images' latents come from (a fitted :mod:`vaegan.samplers` sampler);
+            None: the model's prior, N(0, I).
 
     Returns:
         A JSON-able dict of metrics and the ``protocol`` they were measured with.
@@ -313,12 +318,11 @@ def evaluate(model: VAE, data: DataConfig, config: EvalConfig = EvalConfig(), *,
         fid = FrechetInceptionDistance(feature=_Features(clf), reset_real_features=False).to(device)
         hist, pr = ClassHistogram().to(device), PrecisionRecall().to(device)
 
-    # Noise drawn once for all images and sharded like them: 1 and N processes see the same numbers.
+    # Prior latents drawn once for all processes and sharded; each image's importance noise comes from its
+    # own seed (importance_noise): 1 and N processes, and `vaegan score`, see the same numbers.
     n_nll = min(config.nll_images, len(ds))
-    gen = torch.Generator().manual_seed(config.seed)
-    latent = model.latent_shape
-    nll_noise = torch.randn(config.nll_samples, n_nll, *latent, generator=gen)  # (K, N_nll, *latent_shape)
-    prior_z = model.sample_prior(config.num_samples, generator=gen)  # (S, *latent_shape)
+    prior_z = sample_latents(model, config.num_samples, generator=torch.Generator().manual_seed(config.seed),
+                             sampler=sampler)  # (S, *latent_shape)
 
     for idx, x in _batches(ds, torch.arange(rank, len(ds), world), config.batch_size):
         x = x.to(device)
@@ -333,7 +337,8 @@ def evaluate(model: VAE, data: DataConfig, config: EvalConfig = EvalConfig(), *,
             lpips_mean.update(d)
         keep = idx < n_nll  # this rank's images among the first n_nll
         if keep.any():
-            nll.update(x[keep], noise=nll_noise[:, idx[keep]].to(device))
+            noise = importance_noise(config.seed, idx[keep], config.nll_samples, model.latent_shape)  # (K, b, *latent)
+            nll.update(x[keep], noise=noise.to(device))
         if clf is not None:
             fid.update(x, real=True)
             pr.update(clf.features(x), real=True)
@@ -364,7 +369,8 @@ def evaluate(model: VAE, data: DataConfig, config: EvalConfig = EvalConfig(), *,
         results["fd_classifier"] = float(fid.compute())
         h = hist.compute()
         results.update({"class_histogram": [round(float(p), 4) for p in h["histogram"]],
-                        "class_entropy": float(h["entropy"]), "classes_covered": int(h["classes_covered"])})
+                        "class_entropy": float(h["entropy"]), "classes_covered": int(h["classes_covered"]),
+                        "classifier_confidence": float(h["confidence"])})
         results.update({k: float(v) for k, v in pr.compute().items()})
     model.train(was_training)
     results["protocol"] = {
@@ -374,6 +380,7 @@ def evaluate(model: VAE, data: DataConfig, config: EvalConfig = EvalConfig(), *,
         "fd_features": "penultimate layer (128-d) of vaegan's classifier trained on the train split" if clf is not None else None,
         "fid_inception": "torchmetrics FID, Inception-v3 pool3 (2048-d), grey images repeated to RGB" if inception is not None else None,
         "lpips": "mean LPIPS (lpips plugin) of reconstructions vs inputs" if lpips is not None else res.lpips_note,
+        "sampler": sampler.name if sampler is not None else "normal (the model's prior)",
         "seed": config.seed, "processes": world,
     }
     if output is not None and rank == 0:

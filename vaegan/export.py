@@ -97,6 +97,58 @@ def estimate_and_store_scaling_factor(models: Sequence[VAE], dataset: Dataset, n
     return (note + ("." if all(stored) else ", recorded here only: the generator has no scaling_factor option."),)
 
 
+DISCRIMINATOR_DIR = "discriminator"
+
+
+def save_discriminator(discriminator: torch.nn.Module, config: ExperimentConfig, final: Path) -> Path:
+    """Write the trained discriminator into ``final/discriminator/`` (``config.json`` with its plugin name,
+    options and image shape; ``model.safetensors``), so ``vaegan score`` can report its logits.
+
+    Example:
+        >>> save_discriminator(trainer.train_step.disc_net, trainer.config, Path("outputs/run/final"))  # doctest: +SKIP
+    """
+    from safetensors.torch import save_file
+
+    folder = Path(final) / DISCRIMINATOR_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    dc = config.discriminator
+    spec = {"name": dc.name, "options": to_dict(dict(dc.options)), "image_shape": list(config.model.image_shape)}
+    state = {k: v.detach().contiguous().cpu() for k, v in discriminator.state_dict().items()}
+    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt", "library": "vaegan"})
+    (folder / "config.json").write_text(json.dumps(spec, indent=2) + "\n")
+    return folder
+
+
+def load_discriminator(model_dir: Path, map_location: str = "cpu") -> Optional[torch.nn.Module]:
+    """The discriminator a run saved next to its generator (:func:`save_discriminator`), in eval mode;
+    None when there is none (a plain VAE, or a run of vaegan 0.2 or older).
+
+    Raises:
+        CheckpointError: the files are corrupt or do not fit the discriminator they name.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from . import registry
+    from .errors import CheckpointError, ConfigError
+
+    folder = Path(model_dir) / DISCRIMINATOR_DIR
+    if not (folder / "config.json").is_file():
+        return None
+    try:
+        spec = json.loads((folder / "config.json").read_text())
+        state = load_file(str(folder / "model.safetensors"), device=map_location)
+        disc = registry.build_plugin("vaegan.discriminators", spec["name"], spec.get("options") or {},
+                                     image_shape=tuple(spec["image_shape"]))
+        disc.load_state_dict(state)
+    except (OSError, SafetensorError, json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ConfigError,
+            RuntimeError) as exc:
+        raise CheckpointError(f"The discriminator saved in '{folder}' cannot be loaded ({type(exc).__name__}: "
+                              f"{str(exc).splitlines()[0] if str(exc) else ''}); the files are corrupt or come from "
+                              "another model. Delete that folder to score without discriminator logits.") from None
+    return disc.to(map_location).eval()
+
+
 def write_model_card(final: Path, config: ExperimentConfig, model: VAE, steps: int, images_seen: int,
                      results: Optional[Dict[str, Any]] = None, notes: Tuple[str, ...] = ()) -> Path:
     """Write ``final/README.md``: the generator, the data, the objective, the metrics, how to load it.

@@ -35,6 +35,7 @@ from .evaluation import EvalResources, prepare_evaluation
 from .generator import build_generator
 from .guards import StepGuard
 from .objective import Objective
+from .samplers import build_sampler
 from .optim import WarmupEMA, build_optimizer, default_precision
 from .step import PlayerModule, Trainable, TrainStep
 from .trainer import Trainer
@@ -214,6 +215,9 @@ def build_trainer(config: ExperimentConfig, accelerator: Optional[Accelerator] =
     objective = Objective.from_config(config)
     model = build_generator(config.model)
     disc = build_discriminator(config)
+    if config.sampler is not None:  # a bad sampler name, option or size fails now, not after training
+        with torch.random.fork_rng():  # building one may draw initial weights: the run's RNG stays untouched
+            build_sampler(config.sampler.name, model.latent_shape, config.sampler.options)
     dataset = build_dataset(config.data, config.model) if dataset is None else dataset
     parts = build_components(config, model, objective, dataset, disc, accelerator)
     return Trainer(config, parts.train_step, parts.loader, parts.total_steps, callbacks=callbacks,

@@ -15,8 +15,9 @@ Example:
 
 from __future__ import annotations
 
+import hashlib
 import math
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +34,7 @@ __all__ = [
     "ClassHistogram",
     "PrecisionRecall",
     "importance_sampled_log_likelihood",
+    "importance_noise",
 ]
 
 _LAPLACIAN = torch.tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]])
@@ -117,6 +119,25 @@ def _log_likelihood(model, x: Tensor, z: Tensor, likelihood: str, logvar: Option
     return reduce(ll, "n c h w -> n", "sum")
 
 
+def importance_noise(seed: int, indices: Tensor, num_samples: int, latent_shape: Tuple[int, ...]) -> Tensor:
+    """Standard-normal draws (K, B, *latent_shape) for the images numbered ``indices``.
+
+    Image ``i``'s K draws come from a generator of its own, seeded from ``(seed, i)``, so an image's
+    bound does not depend on the batch it is in, the process that scores it or how many images are
+    scored: :func:`vaegan.evaluation.evaluate` and :func:`vaegan.scoring.score` agree image for image.
+
+    Example:
+        >>> importance_noise(0, torch.tensor([3, 5]), 4, (2,)).shape
+        torch.Size([4, 2, 2])
+    """
+    out = torch.empty(num_samples, len(indices), *latent_shape)
+    for j, i in enumerate(indices.tolist()):
+        key = hashlib.sha256(f"vaegan-importance:{seed}:{i}".encode()).digest()[:8]
+        gen = torch.Generator().manual_seed(int.from_bytes(key, "little"))
+        out[:, j] = torch.randn(num_samples, *latent_shape, generator=gen)
+    return out
+
+
 @torch.no_grad()
 def importance_sampled_log_likelihood(model, x: Tensor, num_samples: int = 100, likelihood: str = "bernoulli",
                                       logvar: Optional[Tensor] = None, chunk: int = 50,
@@ -178,12 +199,19 @@ class LikelihoodBounds(Metric):
             self.add_state(name, torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("dims", torch.zeros((), dtype=torch.float64), dist_reduce_fx="max")
 
-    def update(self, x: Tensor, noise: Optional[Tensor] = None) -> None:
-        """Add images (B, C, H, W); ``noise`` (K, B, *latent_shape) fixes the importance samples."""
+    def per_image(self, x: Tensor, noise: Optional[Tensor] = None) -> Dict[str, Tensor]:
+        """The bounds of each image (B, C, H, W) in nats: ``{"log_px_iwae", "elbo", "recon_ll", "kl"}``, each (B,)
+        (inputs binarised first for the Bernoulli likelihood); ``noise`` (K, B, *latent_shape) fixes the
+        importance samples. :meth:`update` sums exactly these."""
         if self.likelihood == "bernoulli":
             low, high = self.model.value_range
             x = torch.where(x > (low + high) / 2, high, low).to(x.dtype)  # binarise
-        r = importance_sampled_log_likelihood(self.model, x, self.num_samples, self.likelihood, self.logvar, noise=noise)
+        return importance_sampled_log_likelihood(self.model, x, self.num_samples, self.likelihood, self.logvar,
+                                                 noise=noise)
+
+    def update(self, x: Tensor, noise: Optional[Tensor] = None) -> None:
+        """Add images (B, C, H, W); ``noise`` (K, B, *latent_shape) fixes the importance samples."""
+        r = self.per_image(x, noise)
         self.nll += -r["log_px_iwae"].double().sum()
         self.neg_elbo += -r["elbo"].double().sum()
         self.recon += -r["recon_ll"].double().sum()
@@ -205,7 +233,8 @@ class ClassHistogram(Metric):
     """Counts of predicted classes of generated images (mode coverage) under a classifier.
 
     ``compute()`` returns the normalised histogram, its entropy (nats; log(10) = 2.30 for uniform
-    digits) and the number of classes holding at least ``min_share`` of the samples.
+    digits), the number of classes holding at least ``min_share`` of the samples and the mean
+    confidence (the top softmax probability: how recognisable the samples are as one class).
     """
 
     full_state_update = False
@@ -214,14 +243,18 @@ class ClassHistogram(Metric):
         super().__init__(**kwargs)
         self.num_classes, self.min_share = num_classes, min_share
         self.add_state("counts", torch.zeros(num_classes, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("confidence", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
 
     def update(self, logits: Tensor) -> None:
         self.counts += torch.bincount(logits.argmax(dim=1), minlength=self.num_classes).double()
+        self.confidence += torch.softmax(logits.double(), dim=1).amax(dim=1).sum()
 
     def compute(self) -> Dict[str, Tensor]:
-        p = self.counts / self.counts.sum().clamp_min(1)
+        n = self.counts.sum().clamp_min(1)
+        p = self.counts / n
         entropy = -(p * p.clamp_min(1e-12).log()).sum()
-        return {"histogram": p, "entropy": entropy, "classes_covered": (p >= self.min_share).sum()}
+        return {"histogram": p, "entropy": entropy, "classes_covered": (p >= self.min_share).sum(),
+                "confidence": self.confidence / n}
 
 
 class PrecisionRecall(Metric):

@@ -8,7 +8,7 @@ Example:
 
 from __future__ import annotations
 
-from typing import Dict
+from typing import Dict, Mapping, Optional
 
 import torch
 from torch import Tensor
@@ -19,18 +19,21 @@ __all__ = ["preview_grids"]
 
 
 @torch.no_grad()
-def preview_grids(model: VAE, real: Tensor, noise: Tensor) -> Dict[str, Tensor]:
-    """The trainer's preview panels as image grids: real | reconstruction pairs, decoded ``noise`` and
-    interpolation strips between real images (whose ends are the real images).
+def preview_grids(model: VAE, real: Tensor, noise: Tensor,
+                  sampled: Optional[Mapping[str, Tensor]] = None) -> Dict[str, Tensor]:
+    """The trainer's preview panels as image grids: real | reconstruction pairs, decoded ``noise``,
+    decoded latents of fitted samplers, and interpolation strips between real images (whose ends are
+    the real images).
 
     Args:
         model: The generator (put in eval mode while drawing, then back).
         real: (N, C, H, W) images in the model's value range, on the model's device.
         noise: (M, *latent_shape) prior latents.
+        sampled: Sampler name -> (M', *latent_shape) latents it drew; each gives a panel ``samples_<name>``.
 
     Returns:
-        ``{"reconstructions", "samples", "interpolations"}`` -> (3, H', W') float grids in [0, 1], the
-        format of ``torchvision.utils.save_image`` and the trackers (no interpolations when N < 2).
+        ``{"reconstructions", "samples", "interpolations", "samples_<name>"...}`` -> (3, H', W') float grids
+        in [0, 1], the format of ``torchvision.utils.save_image`` and the trackers (no interpolations when N < 2).
     """
     from torchvision.utils import make_grid
 
@@ -40,6 +43,7 @@ def preview_grids(model: VAE, real: Tensor, noise: Tensor) -> Dict[str, Tensor]:
     panels = {  # name -> (images, images per row)
         "reconstructions": (torch.stack([real, recon], dim=1).flatten(0, 1), 16),  # (2N, C, H, W): real, recon, ...
         "samples": (model.decode(noise), 8),  # (M, C, H, W)
+        **{f"samples_{name}": (model.decode(z.to(noise)), 8) for name, z in (sampled or {}).items()},
     }
     k = min(8, real.shape[0] // 2)  # strips between real images i and k + i
     if k:

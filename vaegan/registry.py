@@ -1,4 +1,4 @@
-"""Entry-point plugin registry: generators, losses, adversarial objectives, discriminators, datasets.
+"""Entry-point plugin registry: generators, losses, adversarial objectives, discriminators, datasets, samplers.
 
 vaegan's own parts are registered in its ``setup.cfg`` exactly like a third party's, so there is
 one path for both. Listing reads installed metadata and imports nothing; loading a name imports
@@ -10,6 +10,7 @@ Groups (the contracts are in :mod:`vaegan.api`):
     ``vaegan.adversarial``     GAN loss pairs (:class:`vaegan.api.AdversarialLoss`)
     ``vaegan.discriminators``  discriminator networks (:class:`vaegan.api.Discriminator`)
     ``vaegan.datasets``        dataset factories (:class:`vaegan.api.DatasetFactory`)
+    ``vaegan.samplers``        latent samplers (:class:`vaegan.api.LatentSampler` subclasses)
 
 :func:`build_plugin` is the one way a plugin is constructed from a config's name and options.
 
@@ -41,7 +42,8 @@ __all__ = ["GROUPS", "PluginInfo", "available", "load", "load_all", "describe", 
 
 logger = logging.getLogger(__name__)
 
-GROUPS = ("vaegan.generators", "vaegan.losses", "vaegan.adversarial", "vaegan.discriminators", "vaegan.datasets")
+GROUPS = ("vaegan.generators", "vaegan.losses", "vaegan.adversarial", "vaegan.discriminators", "vaegan.datasets",
+          "vaegan.samplers")
 FIRST_PARTY = ("vaegan",)  # distributions whose plugins load even with third-party ones disabled
 DISABLE_ENV = "VAEGAN_DISABLE_THIRD_PARTY_PLUGINS"
 

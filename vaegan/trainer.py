@@ -19,7 +19,7 @@ import time
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import yaml
@@ -33,11 +33,12 @@ from .config import ExperimentConfig, to_dict
 from .data import first_batch
 from .errors import TrainingDiverged
 from .evaluation import EvalResources, evaluate, prepare_evaluation
-from .export import estimate_and_store_scaling_factor, write_model_card
+from .export import estimate_and_store_scaling_factor, save_discriminator, write_model_card
 from .generator import VAE
 from .guards import CollapseMonitor, GracefulStop, all_finite, stopped
 from .plots import write_loss_curves
 from .previews import preview_grids
+from .samplers import LatentSampler, fit_sampler, load_sampler, save_sampler
 from .step import RunningMeans, StepOutput, TrainStep  # RunningMeans: also public here, as in 0.1
 from .tracking import Tracking
 
@@ -101,6 +102,7 @@ class Trainer:
         self.collapse = CollapseMonitor()
         self._eval = evaluation
         self._last_eval, self._last_results = -1, {}
+        self.sampler: Optional[LatentSampler] = None  # config.sampler, once fitted at the end of training
         self._stop_requested = False
 
     @property
@@ -238,24 +240,36 @@ class Trainer:
         self.callbacks.on_log(self, metrics)
 
     def _finish(self) -> Path:
-        acc = self.accelerator
+        acc, cfg = self.accelerator, self.config
         final = self.output_dir / "final"
-        if self.config.eval.every:
-            results = self.evaluate() if self._last_eval != self.state.step else self._last_results
-            if acc.is_main_process:
-                final.mkdir(parents=True, exist_ok=True)
-                (final / "eval.json").write_text(json.dumps(results, indent=2) + "\n")
-        else:
-            results = None
         acc.wait_for_everyone()
+        notes: Tuple[str, ...] = ()
         if acc.is_main_process:
             notes = estimate_and_store_scaling_factor((self.ema_model, self.model), self.loader.dataset,
-                                                      self.config.train.estimate_scaling_factor, self.config.train.seed)
+                                                      cfg.train.estimate_scaling_factor, cfg.train.seed)
             self.ema_model.save_pretrained(final)
             if self.train_step.ema is not None:
                 self.model.save_pretrained(final / "raw")
-            (final / "training_config.yaml").write_text(yaml.safe_dump(to_dict(self.config), sort_keys=False))
-            write_model_card(final, self.config, self.ema_model, self.state.step, self.state.images_seen, results, notes)
+            if self.train_step.disc_net is not None:
+                save_discriminator(self.train_step.disc_net, cfg, final)
+            (final / "training_config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+            if cfg.sampler is not None:  # fitted to the EMA generator's posterior means, saved next to it
+                sampler, record = fit_sampler(self.ema_model, self.loader.dataset, cfg.sampler.name, cfg.sampler.options,
+                                              seed=cfg.train.seed, limit=cfg.sampler.limit)
+                save_sampler(sampler, final, fitted_on={"dataset": cfg.data.name, "split": cfg.data.split, **record})
+                notes += (f"Default sampler: `{cfg.sampler.name}`, fitted to {record['images']} posterior means "
+                          f"(`final/samplers/{cfg.sampler.name}`; `--sampler normal` draws from N(0, I)).",)
+        acc.wait_for_everyone()
+        if cfg.sampler is not None:
+            self.sampler = load_sampler(final, cfg.sampler.name, self.ema_model.latent_shape)  # every process
+        results = None
+        if cfg.eval.every:
+            fresh = self._last_eval != self.state.step or self.sampler is not None
+            results = self.evaluate() if fresh else self._last_results
+        if acc.is_main_process:
+            if results is not None:
+                (final / "eval.json").write_text(json.dumps(results, indent=2) + "\n")
+            write_model_card(final, cfg, self.ema_model, self.state.step, self.state.images_seen, results, notes)
             self.write_images("final")
             if self.config.train.plot_loss_curves:
                 write_loss_curves(self.output_dir)  # loss_curves.png; warns instead of raising
@@ -277,7 +291,8 @@ class Trainer:
             self._eval = prepare_evaluation(self.config.data, self.model.config, ec, accelerator=self.accelerator)
         model = self.ema_model if ec.ema else self.model
         t0 = time.perf_counter()
-        results = evaluate(model, self._eval.data, ec, resources=self._eval, accelerator=self.accelerator)
+        results = evaluate(model, self._eval.data, ec, resources=self._eval, accelerator=self.accelerator,
+                           sampler=self.sampler)
         logger.info("Evaluation at step %d took %.1f s: %s", self.state.step, time.perf_counter() - t0,
                     ", ".join(f"{k} {v:.4g}" for k, v in results.items() if isinstance(v, float)))
         if self.accelerator.is_main_process:
@@ -295,7 +310,11 @@ class Trainer:
             return
         from torchvision.utils import save_image
 
-        grids = preview_grids(self.ema_model, self._fixed_real, self._fixed_noise)
+        sampled = {}
+        if self.sampler is not None:  # the fitted sampler's latents, next to the prior's
+            gen = torch.Generator().manual_seed(self.config.train.seed)
+            sampled[self.sampler.name] = self.sampler.sample(self._fixed_noise.shape[0], generator=gen)
+        grids = preview_grids(self.ema_model, self._fixed_real, self._fixed_noise, sampled)
         out = self.output_dir / "samples"
         out.mkdir(parents=True, exist_ok=True)
         for key, grid in grids.items():

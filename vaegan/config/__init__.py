@@ -22,6 +22,7 @@ from .schema import (
     ExperimentConfig,
     ModelConfig,
     OptimConfig,
+    SamplerConfig,
     TermConfig,
     TrainConfig,
 )
@@ -35,6 +36,7 @@ __all__ = [
     "OptimConfig",
     "TrainConfig",
     "EvalConfig",
+    "SamplerConfig",
     "ExperimentConfig",
     "load_config",
     "apply_overrides",

@@ -40,6 +40,7 @@ __all__ = [
     "OptimConfig",
     "TrainConfig",
     "EvalConfig",
+    "SamplerConfig",
     "ExperimentConfig",
 ]
 
@@ -330,6 +331,24 @@ class EvalConfig:
             raise ConfigError(f"eval.limit must be a positive number of images or null, got {self.limit}.")
 
 
+@dataclass(frozen=True)
+class SamplerConfig:
+    """A latent sampler fitted at the end of training (a plugin in ``vaegan.samplers``).
+
+    It is fitted to the posterior means of the training images under the EMA generator, saved in
+    ``final/samplers/<name>/`` and made the model's default: ``vaegan sample`` and ``vaegan eval``
+    draw from it unless told ``--sampler normal``, and the final sample grids show both.
+    """
+
+    name: str = "gmm"  # a Gaussian mixture over the posterior means (docs/benchmarks.md: samplers)
+    options: Mapping[str, Any] = field(default_factory=dict)  # keyword arguments of the sampler plugin
+    limit: Optional[int] = None  # fit on the first N training images; None: all of them
+
+    def __post_init__(self) -> None:
+        if self.limit is not None and self.limit < 1:
+            raise ConfigError(f"sampler.limit must be a positive number of images or null, got {self.limit}.")
+
+
 def _default_losses() -> Tuple[TermConfig, ...]:
     # BCE suits MNIST's near-binary pixels; the KL warm-up avoids early posterior collapse.
     return (TermConfig("bce"), TermConfig("kl", Schedule(value=1.0, warmup=1000)))
@@ -348,6 +367,7 @@ class ExperimentConfig:
     optim_d: OptimConfig = OptimConfig()
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
+    sampler: Optional[SamplerConfig] = None  # fitted at the end of training; None: samples come from N(0, I)
 
     def __post_init__(self) -> None:
         if (self.discriminator is None) != (self.adversarial is None):

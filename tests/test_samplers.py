@@ -1,0 +1,200 @@
+"""Latent samplers (group ``vaegan.samplers``), parametrised over every installed one: fit, sample, save,
+load, refuse what they cannot serve; and the ways a user reaches them (training, the CLI)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import MNIST_ROOT, tiny_config, tiny_generator
+from plugin_options import options_for
+
+import vaegan
+from vaegan import registry
+from vaegan.cli import main as cli
+from vaegan.errors import CheckpointError, ConfigError, PluginError
+from vaegan.samplers import (
+    LatentSampler,
+    build_sampler,
+    default_sampler_name,
+    fit_sampler,
+    load_sampler,
+    sample_latents,
+    save_sampler,
+    saved_samplers,
+)
+
+SAMPLERS = registry.available("vaegan.samplers")
+SHAPES = [(4,), (2, 3, 3)]  # a vector latent and a spatial one
+
+
+def _latents(shape, n=96, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(3, *shape, generator=g) * 3
+    return centres[torch.arange(n) % 3] + 0.3 * torch.randn(n, *shape, generator=g)  # three clusters
+
+
+def _fitted(name, shape):
+    sampler = build_sampler(name, shape, options_for("vaegan.samplers", name))
+    summary = sampler.fit(_latents(shape), seed=0)
+    return sampler, summary
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=["vector", "spatial"])
+@pytest.mark.parametrize("name", SAMPLERS)
+def test_sampler_fits_samples_and_is_restored_exactly(name, shape, tmp_path):
+    sampler, summary = _fitted(name, shape)
+    assert isinstance(sampler, LatentSampler) and isinstance(summary, dict)
+    z = sampler.sample(7, generator=torch.Generator().manual_seed(1))
+    assert z.shape == (7, *shape) and z.dtype == torch.float32 and torch.isfinite(z).all()
+    again = sampler.sample(7, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(z, again)  # seeded
+    assert not torch.equal(z, sampler.sample(7, generator=torch.Generator().manual_seed(2)))
+    save_sampler(sampler, tmp_path)
+    assert default_sampler_name(tmp_path) == name and saved_samplers(tmp_path) == (name,)
+    loaded = load_sampler(tmp_path, latent_shape=shape)
+    assert type(loaded) is type(sampler) and loaded.options == sampler.options
+    assert torch.equal(loaded.sample(7, generator=torch.Generator().manual_seed(1)), z)  # the same draws
+    assert not (tmp_path / "samplers" / name / "sampler.json").read_text().count("pickle")
+    record = json.loads((tmp_path / "samplers" / name / "sampler.json").read_text())
+    assert record["name"] == name and record["latent_shape"] == list(shape)
+
+
+@pytest.mark.parametrize("name", SAMPLERS)
+def test_sampler_refuses_a_model_with_another_latent_shape(name, tmp_path):
+    sampler, _ = _fitted(name, (4,))
+    save_sampler(sampler, tmp_path)
+    with pytest.raises(CheckpointError, match=r"fitted to latents of shape \(4,\).*\(6,\).*fit-sampler"):
+        load_sampler(tmp_path, name, latent_shape=(6,))
+    model = tiny_generator(latent_dim=6)
+    with pytest.raises(ConfigError, match="shape"):
+        sample_latents(model, 2, sampler=sampler)
+
+
+def test_normal_sampler_draws_what_the_model_prior_draws():
+    model = tiny_generator()
+    normal = load_sampler("/nonexistent-is-fine-for-normal", "normal", latent_shape=model.latent_shape)
+    a = sample_latents(model, 5, generator=torch.Generator().manual_seed(3), sampler=normal, temperature=0.5)
+    b = model.sample_prior(5, generator=torch.Generator().manual_seed(3)) * 0.5
+    assert torch.equal(a, b)
+
+
+def test_gmm_recovers_a_known_mixture():
+    g = torch.Generator().manual_seed(0)
+    means = torch.tensor([[-6.0, 0.0], [5.0, 5.0], [0.0, -7.0]])
+    stds = torch.tensor([0.5, 1.0, 0.3])
+    weights = torch.tensor([0.5, 0.3, 0.2])
+    comp = torch.multinomial(weights, 6000, replacement=True, generator=g)
+    x = means[comp] + stds[comp, None] * torch.randn(6000, 2, generator=g)
+    gmm = build_sampler("gmm", (2,), {"n_components": 3, "covariance_type": "full"})
+    gmm.fit(x)
+    order = [int(torch.cdist(m[None], gmm.means.double().float()).argmin()) for m in means]
+    assert sorted(order) == [0, 1, 2]
+    assert torch.allclose(gmm.means[order], means, atol=0.1)
+    assert torch.allclose(gmm.weights[order], weights, atol=0.03)
+    cov = gmm.scales[order] @ gmm.scales[order].transpose(1, 2)  # (3, 2, 2)
+    assert torch.allclose(cov, torch.diag_embed(stds[:, None].expand(3, 2) ** 2), atol=0.1)
+    draws = gmm.sample(20000, generator=torch.Generator().manual_seed(1))
+    assert torch.allclose(draws.mean(0), weights @ means, atol=0.1)
+    assert gmm.log_prob(means).isfinite().all()
+
+
+def test_too_large_a_sampler_is_refused_before_fitting():
+    with pytest.raises(ConfigError, match="covariance_type: diag"):
+        build_sampler("gmm", (16, 32, 32), {"n_components": 50})
+    assert build_sampler("gmm", (16, 32, 32), {"n_components": 50, "covariance_type": "diag"}).scales.shape == (50, 16384)
+
+
+def test_unknown_sampler_and_bad_options_are_refused():
+    with pytest.raises(PluginError, match="No samplers plugin named 'nope'.*gmm"):
+        build_sampler("nope", (4,))
+    with pytest.raises(ConfigError, match="n_components"):
+        build_sampler("gmm", (4,), {"n_components": 0})
+    with pytest.raises(ConfigError, match="cannot take options"):
+        build_sampler("gmm", (4,), {"components": 3})
+
+
+def test_unfitted_sampler_neither_samples_nor_saves(tmp_path):
+    gmm = build_sampler("gmm", (4,), {"n_components": 2})
+    with pytest.raises(RuntimeError, match="not been fitted"):
+        gmm.sample(2)
+    with pytest.raises(RuntimeError, match="not been fitted"):
+        save_sampler(gmm, tmp_path)
+
+
+def test_corrupt_sampler_files_are_refused(tmp_path):
+    sampler, _ = _fitted("gmm", (4,))
+    folder = save_sampler(sampler, tmp_path)
+    (folder / "sampler.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(CheckpointError, match="corrupt"):
+        load_sampler(tmp_path, "gmm", latent_shape=(4,))
+    (tmp_path / "samplers" / "samplers.json").write_text("{")
+    with pytest.raises(CheckpointError, match="samplers.json"):
+        default_sampler_name(tmp_path)
+
+
+def test_fit_sampler_encodes_posterior_means(digits):
+    from vaegan.data import TensorImages
+
+    model = tiny_generator().eval()
+    sampler, record = fit_sampler(model, TensorImages((digits * 255).round().to(torch.uint8)), "gmm",
+                                  {"n_components": 2})
+    assert record["images"] == 8 and record["posterior"] == "mean"
+    with torch.no_grad():
+        means = model.encode(digits).mean
+    assert torch.allclose(sampler.means.mean(0), means.mean(0), atol=0.2)
+
+
+def test_training_fits_the_configured_sampler_and_makes_it_the_default(tmp_path, capsys):
+    cfg = tiny_config(tmp_path / "run", "train.max_steps=2", "sampler={name: gmm, options: {n_components: 2}}")
+    final = vaegan.build_trainer(cfg).fit()
+    assert default_sampler_name(final) == "gmm"
+    record = json.loads((final / "samplers" / "gmm" / "sampler.json").read_text())
+    assert record["fitted_on"]["images"] == 64 and record["fitted_on"]["dataset"] == "mnist"
+    assert (tmp_path / "run" / "samples" / "final_samples.png").is_file()
+    assert (tmp_path / "run" / "samples" / "final_samples_gmm.png").is_file()
+    assert "Default sampler: `gmm`" in (final / "README.md").read_text()
+    out = tmp_path / "s.npz"
+    assert cli(["sample", "--model", str(tmp_path / "run"), "--num", "6", "--out", str(out)]) == 0
+    assert "the 'gmm' sampler" in capsys.readouterr().out
+    assert cli(["sample", "--model", str(tmp_path / "run"), "--num", "6", "--out", str(out), "--sampler",
+                "normal"]) == 0
+    assert "N(0, I)" in capsys.readouterr().out
+
+
+def test_a_bad_sampler_in_a_config_fails_before_training(tmp_path):
+    with pytest.raises(ConfigError, match="n_components"):
+        vaegan.build_trainer(tiny_config(tmp_path / "run", "sampler={name: gmm, options: {n_components: -1}}"))
+    assert not (tmp_path / "run").exists()
+
+
+def test_fit_sampler_command_reads_the_training_data_and_refuses_bad_input(saved_run, tmp_path, capsys):
+    assert cli(["fit-sampler", "--model", str(saved_run), "--sampler", "gmm", "--option", "n_components=2",
+                "--option", "covariance_type=diag", "--no-default"]) == 0
+    out = capsys.readouterr().out
+    assert "64 posterior means of the train split" in out and "default" not in out.split("saved it to")[1]
+    assert default_sampler_name(saved_run / "final") == "normal"
+    record = json.loads((saved_run / "final" / "samplers" / "gmm" / "sampler.json").read_text())
+    assert record["options"] == {"n_components": 2, "covariance_type": "diag"}
+    for argv, words in [
+        (["--sampler", "nope"], "No samplers plugin named 'nope'"),
+        (["--sampler", "gmm", "--option", "n_components"], "KEY=VALUE"),
+        (["--sampler", "gmm", "--option", "n_components=0"], "n_components"),
+    ]:
+        assert cli(["fit-sampler", "--model", str(saved_run), *argv]) == 2
+        err = capsys.readouterr().err
+        assert words in err and err.count("\n") == 1 and "Traceback" not in err
+    assert cli(["sample", "--model", str(saved_run), "--out", str(tmp_path / "x.png"), "--sampler", "two_stage"]) == 2
+    err = capsys.readouterr().err
+    assert "No fitted 'two_stage' sampler" in err and "vaegan fit-sampler" in err and err.count("\n") == 1
+
+
+def test_eval_and_interpolate_use_the_sampler(saved_run, tmp_path, capsys):
+    assert cli(["fit-sampler", "--model", str(saved_run), "--sampler", "gmm", "--option", "n_components=2"]) == 0
+    out = tmp_path / "eval.json"
+    assert cli(["eval", "--model", str(saved_run), "--data-dir", str(MNIST_ROOT), "--num-samples", "32",
+                "--nll-images", "4", "--nll-samples", "2", "--lpips", "off", "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["protocol"]["sampler"] == "gmm"
+    assert cli(["interpolate", "--model", str(saved_run), "--out", str(tmp_path / "i.npz"), "--num-pairs", "2"]) == 0
+    capsys.readouterr()
