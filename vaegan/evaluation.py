@@ -46,7 +46,14 @@ from .config import DataConfig, EvalConfig, ModelConfig
 from .data import TensorImages, build_dataset
 from .errors import DataError, PluginError
 from .generator import VAE
-from .metrics import ClassHistogram, HighFrequencyRatio, LikelihoodBounds, PrecisionRecall, SharpnessRatio, importance_noise
+from .metrics import (
+    ClassHistogram,
+    HighFrequencyRatio,
+    LikelihoodBounds,
+    PrecisionRecall,
+    SharpnessRatio,
+    importance_noise,
+)
 from .samplers import LatentSampler, sample_latents
 
 __all__ = ["DigitClassifier", "load_or_train_classifier", "EvalResources", "prepare_evaluation", "evaluate",

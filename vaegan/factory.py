@@ -35,8 +35,8 @@ from .evaluation import EvalResources, prepare_evaluation
 from .generator import build_generator
 from .guards import StepGuard
 from .objective import Objective
-from .samplers import build_sampler
 from .optim import WarmupEMA, build_optimizer, default_precision
+from .samplers import build_sampler
 from .step import PlayerModule, Trainable, TrainStep
 from .trainer import Trainer
 
