@@ -415,3 +415,17 @@ def test_image_folder_decodes_large_jpegs_at_reduced_scale(tmp_path, monkeypatch
     full = ds[0]
     assert scales == [4] and fast.shape == full.shape == (3, 32, 32)
     assert (fast - full).abs().mean() < 2 / 255
+
+
+def test_mnist_classes_option_keeps_only_those_digits(mnist_root):
+    from vaegan.errors import ConfigError
+
+    cfg = DataConfig(root=str(mnist_root), download=False, options={"classes": [0, 1, 2, 3, 4, 5, 6, 8, 9]}, limit=50)
+    ds = build_dataset(cfg, ModelConfig())
+    everything = build_dataset(DataConfig(root=str(mnist_root), download=False), ModelConfig())
+    assert len(ds) == 50 and 7 not in ds.labels.tolist()
+    kept = everything.labels != 7
+    assert torch.equal(ds.images, everything.images[kept][:50])  # the same digits, in file order
+    for bad in ([], [10], [1.5]):
+        with pytest.raises(ConfigError, match="data.options.classes"):
+            build_dataset(DataConfig(root=str(mnist_root), download=False, options={"classes": bad}), ModelConfig())

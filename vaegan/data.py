@@ -31,7 +31,7 @@ from torch.utils.data import Dataset
 
 from . import registry
 from .config import DataConfig, ModelConfig
-from .errors import DataError, PluginError
+from .errors import ConfigError, DataError, PluginError
 
 __all__ = ["TensorImages", "ImageFolder", "mnist", "image_folder", "build_dataset", "first_batch"]
 
@@ -184,12 +184,19 @@ class ImageFolder(Dataset):
 
 
 def mnist(root: str, split: str, download: bool, limit: Optional[int], image_shape: Tuple[int, int, int],
-          value_range: Tuple[float, float]) -> TensorImages:
+          value_range: Tuple[float, float], classes: Optional[Sequence[int]] = None) -> TensorImages:
     """MNIST digits (1, 28, 28) from ``root`` in torchvision's layout, downloaded when missing.
+
+    Args:
+        classes: Keep only these digits (``data.options.classes``; e.g. all but one for the one-class-out
+            anomaly protocol); ``limit`` then counts the kept digits.
 
     Raises:
         DataError: the files are missing and cannot be downloaded (the message says where to put them).
+        ConfigError: a class that is not a digit 0-9.
     """
+    if classes is not None and (not classes or any(int(c) != c or not 0 <= c <= 9 for c in classes)):
+        raise ConfigError(f"data.options.classes must list digits 0-9 to keep, got {list(classes)}.")
     from torchvision.datasets import MNIST
 
     train = split == "train"
@@ -216,8 +223,12 @@ def mnist(root: str, split: str, download: bool, limit: Optional[int], image_sha
                 f"{'' if download else ' (download is off)'}. Put the files {files} (or their .gz "
                 f"versions) in '{raw}', or point --data-dir at the folder that contains MNIST/raw."
             ) from None
-    images = ds.data[:limit].unsqueeze(1).contiguous()  # (N, 1, 28, 28) uint8
-    return TensorImages(images, value_range, labels=ds.targets[:limit].clone())
+    images, labels = ds.data, ds.targets
+    if classes is not None:
+        keep = torch.isin(labels, torch.tensor(sorted({int(c) for c in classes})))
+        images, labels = images[keep], labels[keep]
+    images = images[:limit].unsqueeze(1).contiguous()  # (N, 1, 28, 28) uint8
+    return TensorImages(images, value_range, labels=labels[:limit].clone())
 
 
 def image_folder(root: str, split: str, download: bool, limit: Optional[int], image_shape: Tuple[int, int, int],
