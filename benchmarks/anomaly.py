@@ -21,7 +21,6 @@ import argparse
 import datetime
 import json
 import logging
-import re
 import sys
 import time
 from pathlib import Path
@@ -38,7 +37,7 @@ from vaegan.export import load_discriminator
 from vaegan.scoring import score
 
 sys.path.insert(0, str(Path(__file__).parent))
-from machine import hardware  # noqa: E402  (run as a script from benchmarks/)
+from machine import hardware, write_block  # noqa: E402  (run as a script from benchmarks/)
 
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS: Dict[str, List[str]] = {
@@ -101,13 +100,6 @@ def markdown(results: List[Dict[str, object]], args, command: str) -> str:
     return "\n".join(lines)
 
 
-def write_docs(block: str, path: Path) -> None:
-    text = path.read_text()
-    if BEGIN in text:
-        text = re.sub(re.escape(BEGIN) + ".*?" + re.escape(END), lambda _: block, text, flags=re.S)
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    path.write_text(text)
 
 
 def main(argv=None) -> int:
@@ -128,7 +120,7 @@ def main(argv=None) -> int:
     Path(args.work_dir).mkdir(parents=True, exist_ok=True)
     (Path(args.work_dir) / "results.json").write_text(json.dumps(results, indent=2))
     if not args.no_docs:
-        write_docs(markdown(results, args, "python " + " ".join(sys.argv)), Path(args.docs))
+        write_block(Path(args.docs), markdown(results, args, "python " + " ".join(sys.argv)), BEGIN, END)
     return 0
 
 

@@ -1,4 +1,5 @@
-"""What a benchmark ran on, in the words every results table uses (one description for all scripts).
+"""What a benchmark ran on, in the words every results table uses, and where its table goes in docs/
+(one description and one writer for all scripts).
 
     >>> from machine import hardware  # run from benchmarks/, as the scripts are
     >>> hardware()  # doctest: +SKIP
@@ -38,3 +39,16 @@ def gpu_name() -> str:
 def hardware() -> str:
     """``"<cores> CPU cores (<model>), <GPU or 'no GPU'>"``."""
     return f"{usable_cores()} CPU cores ({cpu_model()}), {gpu_name()}"
+
+
+def write_block(path: Path, block: str, begin: str, end: str) -> None:
+    """Put ``block`` (which starts with ``begin`` and ends with ``end``) in the markdown file ``path``: in place
+    of the text between those markers when it has them, else appended."""
+    import re
+
+    text = path.read_text() if path.is_file() else "# Benchmarks\n"
+    if begin in text and end in text:
+        text = re.sub(re.escape(begin) + ".*?" + re.escape(end), lambda _: block, text, flags=re.S)
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    path.write_text(text)

@@ -29,7 +29,6 @@ import argparse
 import datetime
 import json
 import logging
-import re
 import sys
 import time
 from pathlib import Path
@@ -53,7 +52,7 @@ from vaegan.samplers import (
 )
 
 sys.path.insert(0, str(Path(__file__).parent))
-from machine import hardware  # noqa: E402  (run as a script from benchmarks/)
+from machine import hardware, write_block  # noqa: E402  (run as a script from benchmarks/)
 
 ROOT = Path(__file__).resolve().parents[1]
 # vaegan 0.2's MNIST defaults for every key the current recipe changed (written out: the comparison must not
@@ -214,13 +213,6 @@ def markdown(results, refs, targets, args, command: str) -> str:
     return "\n".join(lines)
 
 
-def write_docs(block: str, path: Path) -> None:
-    text = path.read_text() if path.is_file() else "# Benchmarks\n"
-    if BEGIN in text:
-        text = re.sub(re.escape(BEGIN) + ".*?" + re.escape(END), lambda _: block, text, flags=re.S)
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    path.write_text(text)
 
 
 def main(argv=None) -> int:
@@ -254,7 +246,7 @@ def main(argv=None) -> int:
         logging.info("target: %s", t)
     if not args.no_docs:
         sample_grid(results, Path(args.docs).parent / "images" / "mnist_quality_samples.png")
-        write_docs(markdown(results, refs, targets, args, "python " + " ".join(sys.argv)), Path(args.docs))
+        write_block(Path(args.docs), markdown(results, refs, targets, args, "python " + " ".join(sys.argv)), BEGIN, END)
     return 0
 
 

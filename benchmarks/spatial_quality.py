@@ -49,7 +49,6 @@ import json
 import logging
 import math
 import platform
-import re
 import shutil
 import sys
 import time
@@ -65,7 +64,7 @@ from vaegan.data import TensorImages, build_dataset
 from vaegan.metrics import HighFrequencyRatio, SharpnessRatio
 
 sys.path.insert(0, str(Path(__file__).parent))
-from machine import hardware  # noqa: E402  (run as a script from benchmarks/)
+from machine import hardware, write_block  # noqa: E402  (run as a script from benchmarks/)
 
 ROOT = Path(__file__).resolve().parents[1]
 BEGIN, END = "<!-- spatial_quality:begin -->", "<!-- spatial_quality:end -->"
@@ -358,13 +357,6 @@ def markdown(results: List[Dict[str, object]], image: Optional[str]) -> str:
     return "\n".join(lines)
 
 
-def write_docs(block: str, path: Path) -> None:
-    text = path.read_text() if path.is_file() else "# Benchmarks\n"
-    if BEGIN in text and END in text:
-        text = re.sub(re.escape(BEGIN) + ".*?" + re.escape(END), lambda _: block, text, flags=re.S)
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    path.write_text(text)
 
 
 def compose_grid(work_dir: Path, sizes: Sequence[int], path: Path) -> bool:
@@ -507,7 +499,7 @@ def main(argv=None) -> int:
         image = docs.parent / "images" / "spatial_reconstructions.png"
         has_image = compose_grid(args.work_dir, sizes, image)
         rel = Path(image).relative_to(docs.parent).as_posix() if has_image else None
-        write_docs(markdown(all_results, rel), docs)
+        write_block(docs, markdown(all_results, rel), BEGIN, END)
         log.info("wrote %s%s", docs, f" and {image}" if has_image else "")
     return 0
 
