@@ -462,8 +462,9 @@ def test_term_config_key_and_from_dict_helper():
 
 def test_train_encoder_with_prior_only_fakes_is_refused():
     """Prior samples never pass through the encoder: the switch would silently do nothing."""
-    with pytest.raises(ConfigError, match="train_encoder.*no effect.*'both'"):
-        ExperimentConfig.from_dict({"adversarial": {"fake": "prior", "train_encoder": True}})
+    for fake in ("prior", "aggregate"):
+        with pytest.raises(ConfigError, match="train_encoder.*no effect.*'both'"):
+            ExperimentConfig.from_dict({"adversarial": {"fake": fake, "train_encoder": True}})
     assert ExperimentConfig.from_dict({"adversarial": {"fake": "both", "train_encoder": True}}).adversarial.train_encoder
 
 

@@ -119,7 +119,7 @@ def test_gan_gradient_reaches_the_encoder_only_when_configured(tiny, train_encod
     assert reached == train_encoder
 
 
-@pytest.mark.parametrize("fake", ["reconstruction", "prior", "both"])
+@pytest.mark.parametrize("fake", ["reconstruction", "prior", "both", "aggregate"])
 def test_fake_sources(tiny, fake):
     trainer = vaegan.build_trainer(tiny(f"adversarial.fake={fake}", "train.max_steps=2"))
     x = _batch(trainer)
@@ -129,6 +129,27 @@ def test_fake_sources(tiny, fake):
     assert trainer.train_step.objective.fakes(out, for_discriminator=False).requires_grad
     trainer.fit()
     assert trainer.history and all(torch.isfinite(torch.tensor(v)) for v in trainer.history[-1].values())
+
+
+def test_aggregate_fakes_decode_a_kernel_density_of_the_batchs_posterior_means(tiny):
+    """adversarial.fake: aggregate: latents near the batch's posterior means (where a fitted sampler draws),
+    spread by the bandwidth, with no gradient to the encoder."""
+    trainer = vaegan.build_trainer(tiny("adversarial.fake=aggregate", "adversarial.bandwidth=0.0",
+                                        "losses=[{name: mse, weight: 0.0}]", "adversarial.weight=1.0"))
+    x = _batch(trainer)
+    model = trainer.model
+    out = model(x, num_aggregate=5, bandwidth=0.0)
+    with torch.no_grad():
+        means = model.encode(x).mean
+        decoded = model.decode(means)  # every bandwidth-0 draw is exactly one of the batch's posterior means
+    for image in out.aggregate_samples.detach():
+        assert min(float((image - d).abs().max()) for d in decoded) < 1e-5
+    wide = model(x, num_aggregate=400, bandwidth=1.0).aggregate_samples
+    assert wide.shape == (400, *x.shape[1:])
+    step = trainer.train_step
+    step.generator_backward(x, step.generator.module(x, **step.objective.forward_kwargs(x.shape[0])), 0)
+    assert all(p.grad is None or p.grad.abs().sum() == 0 for p in model.encoder.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.decoder.parameters())
 
 
 def test_adaptive_weight_is_logged_finite_and_matches_the_gradient_ratio(tiny):

@@ -52,3 +52,5 @@ class VAEOutput:
     perturbed: Optional[Tensor] = None  # decode(z + sigma * u), for the smoothness regulariser
     perturbation: Optional[Tensor] = None  # sigma * u, like z
     prior_samples: Optional[Tensor] = None  # decode(z ~ prior), for a discriminator's fakes
+    # decode(z ~ a kernel density of the batch's detached posterior means): where fitted samplers draw
+    aggregate_samples: Optional[Tensor] = None

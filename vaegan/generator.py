@@ -174,15 +174,19 @@ class VAE(nn.Module, metaclass=_GeneratorMeta):
         """Images (B, C, H, W) in the output range for latents ``z`` (B, *latent_shape)."""
         return self.activate(self.decode_logits(z))
 
-    def forward(self, x: Tensor, perturb_std: float = 0.0, num_prior: int = 0, decoder_only: bool = False) -> VAEOutput:
-        """Encode, sample, decode; optionally decode a perturbed latent, prior samples, and a copy of
-        the reconstruction whose gradient reaches only the decoder.
+    def forward(self, x: Tensor, perturb_std: float = 0.0, num_prior: int = 0, decoder_only: bool = False,
+                num_aggregate: int = 0, bandwidth: float = 0.5) -> VAEOutput:
+        """Encode, sample, decode; optionally decode a perturbed latent, prior samples, samples of the
+        aggregate posterior, and a copy of the reconstruction whose gradient reaches only the decoder.
 
         Args:
             x: Images (B, C, H, W) in the output range.
             perturb_std: When > 0, also decode ``z + perturb_std * u`` with ``u ~ N(0, I)``.
             num_prior: When > 0, also decode that many latents from the prior.
             decoder_only: Also decode ``z.detach()`` (same values as ``recon``, no encoder gradient).
+            num_aggregate: When > 0, also decode that many draws of a Gaussian kernel density of the batch's
+                posterior means (detached: no encoder gradient): the region a fitted sampler draws from.
+            bandwidth: The kernels' standard deviation, per latent element, as a fraction of the means' spread.
 
         Returns:
             A :class:`VAEOutput`; ``recon`` is ``activate(recon_logits)``: in the output range when the
@@ -199,6 +203,11 @@ class VAE(nn.Module, metaclass=_GeneratorMeta):
             zs.append(z + delta)
         if num_prior > 0:
             zs.append(self.sample_prior(num_prior, device=z.device, dtype=z.dtype))
+        if num_aggregate > 0:
+            means = posterior.mean.detach().to(z.dtype)  # (B, *latent_shape)
+            pick = means[torch.randint(means.shape[0], (num_aggregate,), device=z.device)]
+            spread = means.std(dim=0, keepdim=True) if means.shape[0] > 1 else torch.ones_like(means[:1])
+            zs.append(pick + bandwidth * spread * torch.randn_like(pick))
         # One decoder call for all latents: one kernel launch per layer instead of three.
         logits = self.decode_logits(torch.cat(zs))
         images = self.activate(logits)
@@ -212,7 +221,10 @@ class VAE(nn.Module, metaclass=_GeneratorMeta):
             out.perturbed, out.perturbation = images[offset : offset + b], delta
             offset += b
         if num_prior > 0:
-            out.prior_samples = images[offset:]
+            out.prior_samples = images[offset : offset + num_prior]
+            offset += num_prior
+        if num_aggregate > 0:
+            out.aggregate_samples = images[offset:]
         return out
 
     @torch.no_grad()

@@ -127,7 +127,9 @@ class Objective(nn.Module):
         adv = self.adversarial
         if adv is not None:
             kwargs["num_prior"] = batch_size if adv.fake in ("prior", "both") else 0
-            kwargs["decoder_only"] = adv.fake != "prior" and not adv.train_encoder
+            kwargs["decoder_only"] = adv.fake in ("reconstruction", "both") and not adv.train_encoder
+            if adv.fake == "aggregate":
+                kwargs.update(num_aggregate=batch_size, bandwidth=adv.bandwidth)
         return kwargs
 
     def fakes(self, output: api.VAEOutput, for_discriminator: bool) -> Optional[Tensor]:
@@ -143,11 +145,11 @@ class Objective(nn.Module):
         recon = output.recon
         if not for_discriminator and output.recon_decoder_only is not None:
             recon = output.recon_decoder_only
-        if adv.fake != "reconstruction" and output.prior_samples is None:
-            raise RuntimeError("adversarial.fake needs prior samples: call the generator with "
-                               "**objective.forward_kwargs(batch_size)")
-        parts = {"reconstruction": [recon], "prior": [output.prior_samples],
-                 "both": [recon, output.prior_samples]}[adv.fake]
+        parts = {"reconstruction": [recon], "prior": [output.prior_samples], "both": [recon, output.prior_samples],
+                 "aggregate": [output.aggregate_samples]}[adv.fake]
+        if any(p is None for p in parts):
+            raise RuntimeError(f"adversarial.fake: {adv.fake} needs generated images the forward did not make: call "
+                               "the generator with **objective.forward_kwargs(batch_size)")
         images = parts[0] if len(parts) == 1 else torch.cat(parts)
         return images.detach() if for_discriminator else images
 

@@ -197,7 +197,10 @@ class AdversarialConfig:
     # What D is shown as fake. Prior samples are what must look like data (reconstructions-only fakes
     # leave them as fragments); "prior" also skips the decoder-only reconstruction pass, 1.6x faster
     # than "both" and better at 20 epochs (FD 13 vs 25, sharpness 1.12 vs 1.71; docs/training.md).
-    fake: Literal["reconstruction", "prior", "both"] = "prior"
+    fake: Literal["reconstruction", "prior", "both", "aggregate"] = "prior"
+    # With fake: aggregate, D judges decoded draws of a kernel density of each batch's posterior means: the
+    # region a fitted sampler (`sampler`) draws from. The kernels' std, as a fraction of the means' spread.
+    bandwidth: float = 0.5
     train_encoder: bool = False  # Larsen et al.: no GAN gradient reaches the encoder
     adaptive: bool = False  # VQGAN/LDM: scale by |grad rec| / |grad adv| at the decoder's last layer
     adaptive_eps: float = 1e-4
@@ -207,13 +210,15 @@ class AdversarialConfig:
     def __post_init__(self) -> None:
         if self.disc_start < 0:
             raise ConfigError(f"adversarial.disc_start must be >= 0, got {self.disc_start}.")
-        if self.train_encoder and self.fake == "prior":
+        if self.train_encoder and self.fake in ("prior", "aggregate"):
             raise ConfigError(
-                "adversarial.train_encoder: true has no effect with adversarial.fake: prior: prior samples "
-                "never pass through the encoder. Set fake to 'reconstruction' or 'both' for the GAN gradient "
+                f"adversarial.train_encoder: true has no effect with adversarial.fake: {self.fake}: those latents "
+                "carry no gradient to the encoder. Set fake to 'reconstruction' or 'both' for the GAN gradient "
                 "to reach the encoder, or drop train_encoder."
             )
         _positive(self, "adaptive_eps", "adaptive_max")
+        if not (math.isfinite(self.bandwidth) and self.bandwidth >= 0):
+            raise ConfigError(f"adversarial.bandwidth must be a number >= 0, got {self.bandwidth!r}.")
 
 
 @dataclass(frozen=True)
