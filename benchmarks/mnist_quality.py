@@ -52,13 +52,9 @@ from vaegan.samplers import (
 )
 
 sys.path.insert(0, str(Path(__file__).parent))
-from machine import hardware, write_block  # noqa: E402  (run as a script from benchmarks/)
+from machine import DEFAULTS_0_2, hardware, write_block  # noqa: E402  (run as a script from benchmarks/)
 
 ROOT = Path(__file__).resolve().parents[1]
-# vaegan 0.2's MNIST defaults for every key the current recipe changed (written out: the comparison must not
-# move when the defaults do).
-DEFAULTS_0_2 = ["adversarial.fake=prior", "adversarial.weight=0.05",
-                "losses=[{name: bce}, {name: kl, weight: {value: 1.0, warmup: 1000}}]", "sampler=null"]
 VARIANTS: Dict[str, List[str]] = {
     "plain_vae": ["losses=[{name: mse}, {name: kl}]", "discriminator=null", "adversarial=null", "sampler=null"],
     "vae_perceptual": ["losses=[{name: mse}, {name: kl}, {name: ssim, weight: 0.5}, {name: focal_frequency, weight: 1.0}]",

@@ -24,6 +24,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile, schedule
 
 sys.path.insert(0, str(Path(__file__).parent))
+from machine import DEFAULTS_0_2  # noqa: E402
 from throughput import _data, _rgb_data, run_bare, run_bare_spatial, spatial_config  # noqa: E402  (the same work)
 
 import vaegan  # noqa: E402
@@ -63,7 +64,7 @@ def main(argv=None) -> int:
             bare(args.batch, args.steps + 2, args.warmup, args.precision, after_step=prof.step)
         else:
             with tempfile.TemporaryDirectory() as out:
-                base = spatial_config(32) if spatial else ExperimentConfig()
+                base = spatial_config(32) if spatial else apply_overrides(ExperimentConfig(), DEFAULTS_0_2)
                 cfg = apply_overrides(base, [
                     f"train.output_dir={out}", f"train.batch_size={args.batch}", "train.epochs=1000",
                     f"train.max_steps={args.warmup + args.steps + 2}", "train.log_every=50", "train.sample_every=0",

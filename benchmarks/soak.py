@@ -34,6 +34,9 @@ from typing import Dict, List, Optional, Set
 import torch
 from safetensors.torch import load_file
 
+sys.path.insert(0, str(Path(__file__).parent))
+from machine import DEFAULTS_0_2  # noqa: E402  (run as a script from benchmarks/)
+
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "vaegan_mnist.py"
 WEIGHT_FILES = ("model.safetensors", "model_1.safetensors", "ema.safetensors")
@@ -64,7 +67,7 @@ def recipe_command(args: argparse.Namespace, out: Path, keep: int) -> List[str]:
             "--epochs", str(args.epochs), "--batch-size", str(args.batch_size), "data.download=false",
             f"data.limit={args.limit}", f"train.checkpoint_every={args.checkpoint_every}",
             f"train.checkpoints_total_limit={keep}", "train.log_every=1", "train.sample_every=0",
-            "train.num_samples=16", *args.overrides]
+            "train.num_samples=16", *DEFAULTS_0_2, *args.overrides]
 
 
 def names(out: Path) -> List[str]:
@@ -92,7 +95,7 @@ class Verifier:
         self.list_checkpoints = list_checkpoints
         cmd = recipe_command(args, chaos, keep=3)
         overrides = [a for a in cmd if "=" in a and not a.startswith("-")]
-        cfg = vaegan.apply_overrides(vaegan.ExperimentConfig(), [
+        cfg = vaegan.apply_overrides(vaegan.ExperimentConfig(), [*DEFAULTS_0_2,
             f"data.root={args.data_dir}", f"train.output_dir={tempfile.mkdtemp()}", f"train.epochs={args.epochs}",
             f"train.batch_size={args.batch_size}", *overrides])
         self.trainer = vaegan.build_trainer(cfg)

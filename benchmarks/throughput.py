@@ -37,6 +37,9 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).parent))
+from machine import DEFAULTS_0_2  # noqa: E402  (run as a script from benchmarks/)
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -86,7 +89,7 @@ def run_trainer(batch: int, steps: int, warmup: int, precision: str, out_dir: Pa
         rows = [r for r in trainer.history if r["step"] > warmup]
         ips = sum(r["images_per_sec"] for r in rows) / len(rows)
         return {"images_per_s": ips, "peak_memory_mb": _peak_memory_mb(trainer.accelerator.device)}
-    cfg = apply_overrides(ExperimentConfig(), [
+    cfg = apply_overrides(ExperimentConfig(), [*DEFAULTS_0_2,  # the step the bare loop below mirrors
         f"train.output_dir={out_dir}", f"train.batch_size={batch}", f"train.max_steps={warmup + steps}",
         "train.epochs=1000", f"train.log_every={log_every}", "train.sample_every=0", "train.checkpoint_every=0",
         "train.plot_loss_curves=false",

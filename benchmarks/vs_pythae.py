@@ -45,6 +45,9 @@ from vaegan.discriminators import SimpleDiscriminator
 from vaegan.evaluation import evaluate
 from vaegan.model import ConvDecoder, ConvEncoder
 
+sys.path.insert(0, str(Path(__file__).parent))
+from machine import DEFAULTS_0_2  # noqa: E402  (run as a script from benchmarks/)
+
 
 def _conv_options(model_cfg) -> dict:
     """The conv generator's resolved options (latent size, widths, depth): the nets both libraries train."""
@@ -94,7 +97,7 @@ def _pythae_model(model_cfg, opts: dict):
 def train_pythae(args, train_images: torch.Tensor, out: Path, epochs: int):
     from pythae.trainers import CoupledOptimizerAdversarialTrainer, CoupledOptimizerAdversarialTrainerConfig
 
-    model_cfg = ExperimentConfig().model
+    model_cfg = apply_overrides(ExperimentConfig(), DEFAULTS_0_2).model
     opts = _conv_options(model_cfg)
     torch.manual_seed(args.seed)
     model = _pythae_model(model_cfg, opts)
@@ -130,7 +133,7 @@ class _Budget(vaegan.Callback):
 
 
 def train_vaegan(args, seconds: float, out: Path):
-    cfg = apply_overrides(ExperimentConfig(), [
+    cfg = apply_overrides(ExperimentConfig(), [*DEFAULTS_0_2,  # the recipe as measured (docs/benchmarks.md)
         f"data.root={args.data_dir}", "data.download=false", f"train.output_dir={out}", "train.epochs=1000",
         f"train.seed={args.seed}", "train.checkpoint_every=0", "train.sample_every=0", "train.log_every=100",
         "train.plot_loss_curves=false", *args.set])
@@ -172,7 +175,7 @@ def main(argv=None) -> int:
                    help="vaegan config overrides, e.g. train.mixed_precision=bf16 train.channels_last=true")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    model_cfg = ExperimentConfig().model
+    model_cfg = apply_overrides(ExperimentConfig(), DEFAULTS_0_2).model
     train = build_dataset(DataConfig(root=args.data_dir, download=False), model_cfg)
     train_images = train[torch.arange(len(train))]  # (N, 1, 28, 28) floats in [0, 1], as pythae takes them
     if args.speed_repeats:

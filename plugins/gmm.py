@@ -54,6 +54,7 @@ class GaussianMixtureSampler(LatentSampler):
             raise ValueError("n_components, max_iter and n_init must be >= 1 and reg_covar >= 0")
         self.n_components, self.covariance_type = int(n_components), covariance_type
         self.reg_covar, self.max_iter, self.n_init = float(reg_covar), int(max_iter), int(n_init)
+        self.min_latents = max(2, self.n_components)
         k, d = self.n_components, self.dim
         full = covariance_type in ("full", "tied")
         check_size(self, k * d * (d if full else 1),
@@ -67,7 +68,7 @@ class GaussianMixtureSampler(LatentSampler):
         from sklearn.mixture import GaussianMixture
 
         x = latents.detach().flatten(1).double().cpu().numpy()  # (N, D)
-        if x.shape[0] < max(2, self.n_components):
+        if x.shape[0] < self.min_latents:
             raise DataError(f"A mixture of {self.n_components} components needs at least that many latents to fit; got "
                             f"{x.shape[0]}. Fit on more images or lower n_components.")
         gm = GaussianMixture(self.n_components, covariance_type=self.covariance_type, reg_covar=self.reg_covar,

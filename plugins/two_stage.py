@@ -64,6 +64,7 @@ class TwoStageVAE(LatentSampler):
         if min(hidden, depth, epochs, batch_size) < 1 or not lr > 0 or (latent_dim is not None and latent_dim < 1):
             raise ValueError("hidden, depth, latent_dim, epochs and batch_size must be >= 1 and lr > 0")
         d = self.dim
+        self.min_latents = 2  # standardisation needs a spread
         self.latent_dim = int(latent_dim or d)
         self.epochs, self.batch_size, self.lr = int(epochs), int(batch_size), float(lr)
         check_size(self, 2 * (d + self.latent_dim) * hidden + 2 * depth * hidden * hidden,

@@ -154,7 +154,10 @@ def test_training_fits_the_configured_sampler_and_makes_it_the_default(tmp_path,
     assert record["fitted_on"]["images"] == 64 and record["fitted_on"]["dataset"] == "mnist"
     assert (tmp_path / "run" / "samples" / "final_samples.png").is_file()
     assert (tmp_path / "run" / "samples" / "final_samples_gmm.png").is_file()
-    assert "Default sampler: `gmm`" in (final / "README.md").read_text()
+    card = (final / "README.md").read_text()
+    assert "Default sampler: `gmm`" in card and "model.decode(sampler.sample(4))" in card
+    code = card.split("```python\n")[1].split("```")[0]  # the card's "Load it" snippet runs as written
+    exec(compile(code, "README.md", "exec"), {})
     out = tmp_path / "s.npz"
     assert cli(["sample", "--model", str(tmp_path / "run"), "--num", "6", "--out", str(out)]) == 0
     assert "the 'gmm' sampler" in capsys.readouterr().out
@@ -163,9 +166,16 @@ def test_training_fits_the_configured_sampler_and_makes_it_the_default(tmp_path,
     assert "N(0, I)" in capsys.readouterr().out
 
 
-def test_a_bad_sampler_in_a_config_fails_before_training(tmp_path):
-    with pytest.raises(ConfigError, match="n_components"):
-        vaegan.build_trainer(tiny_config(tmp_path / "run", "sampler={name: gmm, options: {n_components: -1}}"))
+@pytest.mark.parametrize("sampler, words", [
+    ("{name: gmm, options: {n_components: -1}}", ["n_components", "sampler: null"]),
+    ("{name: gmm, options: {n_components: 100}}", ["at least 100 training images", "64", "sampler: null"]),
+    ("{name: gmm, limit: 8, options: {n_components: 10}}", ["at least 10", "would see 8"]),
+    ("{name: nope}", ["No samplers plugin named 'nope'"]),
+])
+def test_a_bad_sampler_in_a_config_fails_before_training(tmp_path, sampler, words):
+    with pytest.raises((ConfigError, PluginError)) as info:
+        vaegan.build_trainer(tiny_config(tmp_path / "run", f"sampler={sampler}"))
+    assert all(w in str(info.value) for w in words), str(info.value)
     assert not (tmp_path / "run").exists()
 
 
@@ -198,3 +208,24 @@ def test_eval_and_interpolate_use_the_sampler(saved_run, tmp_path, capsys):
     assert json.loads(out.read_text())["protocol"]["sampler"] == "gmm"
     assert cli(["interpolate", "--model", str(saved_run), "--out", str(tmp_path / "i.npz"), "--num-pairs", "2"]) == 0
     capsys.readouterr()
+
+
+class BrokenFit(LatentSampler):
+    """A sampler whose fit always fails (a numerical failure in a third-party plugin, say)."""
+
+    def fit_latents(self, latents, seed):
+        raise RuntimeError("the fit diverged")
+
+    def draw(self, n, generator, temperature):  # pragma: no cover - never fitted
+        raise AssertionError
+
+
+def test_a_failed_fit_at_the_end_of_training_keeps_the_model(tmp_path, caplog):
+    registry.register("vaegan.samplers", "broken_fit", "test_samplers:BrokenFit")
+    cfg = tiny_config(tmp_path / "run", "train.max_steps=2", "sampler.name=broken_fit")
+    trainer = vaegan.build_trainer(cfg)
+    final = trainer.fit()
+    assert (final / "model.safetensors").is_file() and (final / "README.md").is_file()
+    assert trainer.sampler is None and saved_samplers(final) == () and default_sampler_name(final) == "normal"
+    assert "the fit diverged" in caplog.text and "vaegan fit-sampler" in caplog.text
+    assert (tmp_path / "run" / "samples" / "final_samples.png").is_file()

@@ -191,8 +191,13 @@ def write_model_card(final: Path, config: ExperimentConfig, model: VAE, steps: i
         lines += [f"| {k} | {v:.4g} |" for k, v in results.items() if isinstance(v, float)]
         lines += ["", f"Protocol: `{json.dumps(results.get('protocol', {}))}`"]
     lines += ["", "## Load it", "", "```python", "import vaegan", "",
-              f'model = vaegan.VAE.from_pretrained("{final}")',
-              "images = model.sample(4)  # or model.reconstruct(x), model.encode(x).mean, model.decode(z)", "```"]
+              f'model = vaegan.VAE.from_pretrained("{final}")']
+    if (final / "samplers" / "samplers.json").is_file():  # latents from the fitted default sampler, not N(0, I)
+        lines += ["from vaegan.samplers import load_sampler", "",
+                  f'sampler = load_sampler("{final}", latent_shape=model.latent_shape)  # the default sampler',
+                  "images = model.decode(sampler.sample(4))  # or model.reconstruct(x), model.encode(x).mean", "```"]
+    else:
+        lines += ["images = model.sample(4)  # or model.reconstruct(x), model.encode(x).mean, model.decode(z)", "```"]
     if (final / "diffusers").is_dir():
         scale, shift = mc.options.get("scaling_factor"), mc.options.get("shift_factor")
         # Pipelines normalise latents as (z - shift_factor) * scaling_factor (SD3, Flux); SD/SDXL have no shift.

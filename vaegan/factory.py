@@ -41,7 +41,7 @@ from .step import PlayerModule, Trainable, TrainStep
 from .trainer import Trainer
 
 __all__ = ["build_generator", "build_discriminator", "build_accelerator", "build_loader", "check_dataset",
-           "Components", "build_components", "build_trainer", "train", "build_model"]
+           "Components", "build_components", "build_trainer", "train", "build_model", "check_sampler"]
 
 
 def build_discriminator(config: ExperimentConfig) -> Optional[nn.Module]:
@@ -215,13 +215,32 @@ def build_trainer(config: ExperimentConfig, accelerator: Optional[Accelerator] =
     objective = Objective.from_config(config)
     model = build_generator(config.model)
     disc = build_discriminator(config)
-    if config.sampler is not None:  # a bad sampler name, option or size fails now, not after training
-        with torch.random.fork_rng():  # building one may draw initial weights: the run's RNG stays untouched
-            build_sampler(config.sampler.name, model.latent_shape, config.sampler.options)
     dataset = build_dataset(config.data, config.model) if dataset is None else dataset
+    if config.sampler is not None:  # a bad sampler name, option or size fails now, not after training
+        check_sampler(config, model, len(dataset))
     parts = build_components(config, model, objective, dataset, disc, accelerator)
     return Trainer(config, parts.train_step, parts.loader, parts.total_steps, callbacks=callbacks,
                    evaluation=parts.evaluation)
+
+
+def check_sampler(config: ExperimentConfig, model: api.VAE, num_images: int) -> None:
+    """Build ``config.sampler`` once (it is fitted at the end of training) and check it has enough images.
+
+    Raises:
+        ConfigError, PluginError: a name, option or latent size it refuses, or too few training images.
+    """
+    sc = config.sampler
+    skip = "or set `sampler: null` to train without fitting a latent sampler at the end"
+    try:
+        with torch.random.fork_rng():  # building one may draw initial weights: the run's RNG stays untouched
+            sampler = build_sampler(sc.name, model.latent_shape, sc.options)
+    except ConfigError as exc:
+        raise ConfigError(f"{exc} (The `sampler` section: fix its options, {skip}.)") from None
+    images = min(num_images, sc.limit or num_images)
+    if images < sampler.min_latents:
+        raise ConfigError(f"The '{sc.name}' sampler fitted at the end of training needs at least {sampler.min_latents} "
+                          f"training images, but it would see {images}. Use more images, fewer components "
+                          f"(sampler.options), {skip}.")
 
 
 def train(config: ExperimentConfig, callbacks: Sequence[Callback] = ()) -> Path:

@@ -201,7 +201,8 @@ class ConvVAE(_VAE):
     Args:
         image_shape: (C, H, W), passed by vaegan.
         output_range: ``unit`` or ``symmetric``, passed by vaegan.
-        latent_dim: Size of the latent vector (pythae's MNIST VAEGAN uses 16).
+        latent_dim: Size of the latent vector (32 since vaegan 0.3: MNIST samples need the room; 0.2 and
+            pythae's MNIST VAEGAN use 16; docs/training.md).
         channels: Conv widths per resolution; each level halves H and W (32/64: fast on a CPU).
         res_blocks: Residual blocks per resolution in encoder and decoder (0 keeps MNIST fast).
         norm_groups: GroupNorm groups; every width must be divisible by it (no batch statistics:
@@ -212,7 +213,7 @@ class ConvVAE(_VAE):
         ConfigError: widths not divisible by ``norm_groups``, or non-positive sizes.
     """
 
-    def __init__(self, image_shape: Tuple[int, int, int], output_range: str = "unit", latent_dim: int = 16,
+    def __init__(self, image_shape: Tuple[int, int, int], output_range: str = "unit", latent_dim: int = 32,
                  channels: Sequence[int] = (32, 64), res_blocks: int = 0, norm_groups: int = 8,
                  logvar_min: float = -30.0, logvar_max: float = 20.0) -> None:
         super().__init__(image_shape, output_range, (logvar_min, logvar_max))

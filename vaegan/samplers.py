@@ -36,7 +36,8 @@ from torch import Tensor, nn
 
 from .errors import CheckpointError, ConfigError, PluginError
 
-__all__ = ["LatentSampler", "NormalSampler", "build_sampler", "fit_sampler", "save_sampler", "load_sampler", "check_size",
+__all__ = ["LatentSampler", "NormalSampler", "build_sampler", "fit_sampler", "fit_after_training", "save_sampler",
+           "load_sampler", "check_size",
            "default_sampler_name", "saved_samplers", "sample_latents", "SAMPLERS_DIR", "GROUP"]
 
 logger = logging.getLogger(__name__)
@@ -61,12 +62,15 @@ class LatentSampler(nn.Module):
     Class attributes:
         requires_fit: False for a sampler with nothing to learn (``normal``).
 
+    A sampler that needs more than one latent to fit sets ``self.min_latents`` (checked before training).
+
     Attributes:
         name, options: The registry name and constructor options it was built with
             (:func:`build_sampler` sets them; :func:`save_sampler` writes them).
     """
 
     requires_fit: ClassVar[bool] = True
+    min_latents: int = 1  # the fewest latents fit() accepts (a mixture needs one per component)
 
     def __init__(self, latent_shape: Sequence[int]) -> None:
         super().__init__()
@@ -178,6 +182,27 @@ def fit_sampler(model, dataset, name: str, options: Optional[Mapping[str, Any]] 
               "seconds": round(time.perf_counter() - t0, 2), **{k: _plain(v) for k, v in summary.items()}}
     logger.info("Fitted the '%s' sampler to %d posterior means: %s", name, latents.shape[0], record)
     return sampler, record
+
+
+def fit_after_training(model, dataset, config, final: Union[str, Path]) -> Optional[str]:
+    """Fit ``config.sampler`` (an :class:`~vaegan.config.ExperimentConfig`'s) to ``dataset``'s posterior means under
+    ``model`` and save it in ``final`` as the default sampler; the trainer calls it once the model is saved.
+
+    Returns:
+        A line for the model card, or None when the fit failed: the error is logged with what to run instead,
+        and the saved model is kept (a failed fit never costs the training run).
+    """
+    sc = config.sampler
+    try:
+        sampler, record = fit_sampler(model, dataset, sc.name, sc.options, seed=config.train.seed, limit=sc.limit)
+        save_sampler(sampler, final, fitted_on={"dataset": config.data.name, "split": config.data.split, **record})
+    except Exception as exc:  # noqa: BLE001 - the model is saved; the sampler can be fitted again from it
+        logger.error("Fitting the '%s' sampler failed (%s: %s); the trained model is saved in %s. Fit one later with "
+                     "`vaegan fit-sampler --model %s --sampler %s`.", sc.name, type(exc).__name__, exc, final, final,
+                     sc.name)
+        return None
+    return (f"Default sampler: `{sc.name}`, fitted to {record['images']} posterior means (`final/samplers/{sc.name}`; "
+            "`--sampler normal` draws from N(0, I)).")
 
 
 def _plain(value: Any) -> Any:

@@ -38,7 +38,7 @@ from .generator import VAE
 from .guards import CollapseMonitor, GracefulStop, all_finite, stopped
 from .plots import write_loss_curves
 from .previews import preview_grids
-from .samplers import LatentSampler, fit_sampler, load_sampler, save_sampler
+from .samplers import LatentSampler, fit_after_training, load_sampler, saved_samplers
 from .step import RunningMeans, StepOutput, TrainStep  # RunningMeans: also public here, as in 0.1
 from .tracking import Tracking
 
@@ -254,14 +254,11 @@ class Trainer:
                 save_discriminator(self.train_step.disc_net, cfg, final)
             (final / "training_config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
             if cfg.sampler is not None:  # fitted to the EMA generator's posterior means, saved next to it
-                sampler, record = fit_sampler(self.ema_model, self.loader.dataset, cfg.sampler.name, cfg.sampler.options,
-                                              seed=cfg.train.seed, limit=cfg.sampler.limit)
-                save_sampler(sampler, final, fitted_on={"dataset": cfg.data.name, "split": cfg.data.split, **record})
-                notes += (f"Default sampler: `{cfg.sampler.name}`, fitted to {record['images']} posterior means "
-                          f"(`final/samplers/{cfg.sampler.name}`; `--sampler normal` draws from N(0, I)).",)
+                note = fit_after_training(self.ema_model, self.loader.dataset, cfg, final)
+                notes += (note,) if note else ()
         acc.wait_for_everyone()
-        if cfg.sampler is not None:
-            self.sampler = load_sampler(final, cfg.sampler.name, self.ema_model.latent_shape)  # every process
+        if cfg.sampler is not None and cfg.sampler.name in saved_samplers(final):  # every process
+            self.sampler = load_sampler(final, cfg.sampler.name, self.ema_model.latent_shape)
         results = None
         if cfg.eval.every:
             fresh = self._last_eval != self.state.step or self.sampler is not None
