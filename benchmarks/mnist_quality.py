@@ -155,14 +155,16 @@ def _verdict(ok: bool) -> str:
 
 
 def check_targets(rows: Dict[str, Dict[str, object]]) -> List[str]:
-    base, gan = rows.get("plain_vae"), next((r for r in rows.values() if r["variant"] == "vaegan" and r["default"]), None)
+    base = rows.get("plain_vae")
+    gan = next((r for r in rows.values() if r["variant"] == "vaegan" and r["default"]), None)
     old = rows.get("vaegan_0.2")
     if not base or not gan:
         return ["targets need both plain_vae and vaegan"]
     targets = [
         f"FD ratio {gan['fd_classifier'] / base['fd_classifier']:.3f} (target <= 0.30): "
         + _verdict(gan["fd_classifier"] <= 0.3 * base["fd_classifier"]),
-        f"sharpness ratio {gan['sharpness_ratio']:.3f} (target 0.85-1.15): " + _verdict(0.85 <= gan["sharpness_ratio"] <= 1.15),
+        f"sharpness ratio {gan['sharpness_ratio']:.3f} (target 0.85-1.15): "
+        + _verdict(0.85 <= gan["sharpness_ratio"] <= 1.15),
         f"PSNR {gan['psnr']:.2f} dB vs baseline {base['psnr']:.2f} dB (target >= baseline - 1): "
         + _verdict(gan["psnr"] >= base["psnr"] - 1.0),
     ]
@@ -171,7 +173,8 @@ def check_targets(rows: Dict[str, Dict[str, object]]) -> List[str]:
             f"FD vs vaegan 0.2's defaults {gan['fd_classifier']:.1f} / {old['fd_classifier']:.1f} = "
             f"{gan['fd_classifier'] / old['fd_classifier']:.3f} (target <= 0.5): "
             + _verdict(gan["fd_classifier"] <= 0.5 * old["fd_classifier"]),
-            f"sharpness {gan['sharpness_ratio']:.3f} (target 0.9-1.1): " + _verdict(0.9 <= gan["sharpness_ratio"] <= 1.1),
+            f"sharpness {gan['sharpness_ratio']:.3f} (target 0.9-1.1): "
+            + _verdict(0.9 <= gan["sharpness_ratio"] <= 1.1),
             f"recall {gan['recall']:.3f} vs vaegan 0.2's {old['recall']:.3f} (target not lower): "
             + _verdict(gan["recall"] >= old["recall"]),
             f"PSNR {gan['psnr']:.2f} dB (target >= 19.2): " + _verdict(gan["psnr"] >= 19.2),

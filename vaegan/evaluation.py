@@ -9,11 +9,11 @@ Protocol (written into every result as ``protocol``):
 - likelihood on the first ``nll_images`` images: negative ELBO and the IWAE bound with ``nll_samples``
   importance samples, in nats per image and bits per dimension, Bernoulli on inputs binarised at the
   middle of the range (or the decoder's Gaussian with a given log-variance);
-- ``num_samples`` generated images (latents drawn from ``seed``: the prior's, or a fitted sampler's) against the evaluation split: Fréchet distance in the
-  penultimate (128-d) layer of a small classifier trained once on the *training* split and cached under a
-  key made of dataset, split, image shape, size and a content hash (never a bare file name); sharpness
-  and high-frequency ratios; class histogram and the classifier's mean confidence; precision/recall
-  (k = 3) in the same feature space.
+- ``num_samples`` generated images (latents drawn from ``seed``: the prior's, or a fitted sampler's)
+  against the evaluation split: Fréchet distance in the penultimate (128-d) layer of a small classifier
+  trained once on the *training* split and cached under a key made of dataset, split, image shape, size
+  and a content hash (never a bare file name); sharpness and high-frequency ratios; class histogram and
+  the classifier's mean confidence; precision/recall (k = 3) in the same feature space.
 
 Everything is correct under DDP: each rank takes every ``world``-th image (no padding duplicates) and
 every ``world``-th generated latent, each image's importance noise has its own seed, and the torchmetrics
