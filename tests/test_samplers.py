@@ -229,3 +229,13 @@ def test_a_failed_fit_at_the_end_of_training_keeps_the_model(tmp_path, caplog):
     assert trainer.sampler is None and saved_samplers(final) == () and default_sampler_name(final) == "normal"
     assert "the fit diverged" in caplog.text and "vaegan fit-sampler" in caplog.text
     assert (tmp_path / "run" / "samples" / "final_samples.png").is_file()
+
+
+def test_evaluations_during_training_draw_from_the_runs_sampler(tmp_path):
+    cfg = tiny_config(tmp_path / "run", "train.max_steps=2", "sampler={name: gmm, options: {n_components: 2}}",
+                      "eval={every: 1, num_samples: 16, nll_images: 4, nll_samples: 2, classifier: false, "
+                      "lpips: false, limit: 16}")
+    final = vaegan.build_trainer(cfg).fit()
+    rows = [json.loads(line) for line in (tmp_path / "run" / "eval.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 2] and all(r["protocol"]["sampler"] == "gmm" for r in rows)
+    assert json.loads((final / "eval.json").read_text())["protocol"]["sampler"] == "gmm"

@@ -192,7 +192,7 @@ def _parser() -> argparse.ArgumentParser:
                  add_help=False)  # --help goes to the recipe's parser, which knows every flag
     t.add_argument("config_file", type=Path, nargs="?", metavar="CONFIG.yaml")
 
-    s = _command(sub, "sample", "draw images from the prior of a trained model",
+    s = _command(sub, "sample", "draw images from a trained model (its default sampler, or N(0, I))",
                  "Decode N latents with a trained generator (the EMA weights by default): from the model folder's "
                  "default sampler (one fitted with `vaegan fit-sampler` or at the end of training), else from "
                  "N(0, temperature^2 I). .png writes one grid; .npz writes the array 'images', uint8 (N, C, H, W).",

@@ -36,7 +36,8 @@ from torch import Tensor, nn
 
 from .errors import CheckpointError, ConfigError, PluginError
 
-__all__ = ["LatentSampler", "NormalSampler", "build_sampler", "fit_sampler", "fit_after_training", "save_sampler",
+__all__ = ["LatentSampler", "NormalSampler", "build_sampler", "fit_sampler", "fit_configured", "fit_after_training",
+           "save_sampler",
            "load_sampler", "check_size",
            "default_sampler_name", "saved_samplers", "sample_latents", "SAMPLERS_DIR", "GROUP"]
 
@@ -184,25 +185,33 @@ def fit_sampler(model, dataset, name: str, options: Optional[Mapping[str, Any]] 
     return sampler, record
 
 
-def fit_after_training(model, dataset, config, final: Union[str, Path]) -> Optional[str]:
-    """Fit ``config.sampler`` (an :class:`~vaegan.config.ExperimentConfig`'s) to ``dataset``'s posterior means under
-    ``model`` and save it in ``final`` as the default sampler; the trainer calls it once the model is saved.
-
-    Returns:
-        A line for the model card, or None when the fit failed: the error is logged with what to run instead,
-        and the saved model is kept (a failed fit never costs the training run).
-    """
+def fit_configured(model, dataset, config) -> Optional[Tuple[LatentSampler, Dict[str, Any]]]:
+    """Fit ``config.sampler`` (an :class:`~vaegan.config.ExperimentConfig`'s) to ``dataset``'s posterior means
+    under ``model``, as the trainer does: (sampler, record), or None when the fit fails (logged with what to
+    run instead: a failed fit never costs a training run)."""
     sc = config.sampler
     try:
-        sampler, record = fit_sampler(model, dataset, sc.name, sc.options, seed=config.train.seed, limit=sc.limit)
-        save_sampler(sampler, final, fitted_on={"dataset": config.data.name, "split": config.data.split, **record})
+        return fit_sampler(model, dataset, sc.name, sc.options, seed=config.train.seed, limit=sc.limit)
     except Exception as exc:  # noqa: BLE001 - the model is saved; the sampler can be fitted again from it
-        logger.error("Fitting the '%s' sampler failed (%s: %s); the trained model is saved in %s. Fit one later with "
-                     "`vaegan fit-sampler --model %s --sampler %s`.", sc.name, type(exc).__name__, exc, final, final,
-                     sc.name)
+        logger.error("Fitting the '%s' sampler failed (%s: %s). Fit one to the saved model later with `vaegan "
+                     "fit-sampler --model <output-dir> --sampler %s`.", sc.name, type(exc).__name__, exc, sc.name)
         return None
-    return (f"Default sampler: `{sc.name}`, fitted to {record['images']} posterior means (`final/samplers/{sc.name}`; "
-            "`--sampler normal` draws from N(0, I)).")
+
+
+def fit_after_training(model, dataset, config, final: Union[str, Path]) -> Optional[str]:
+    """Fit ``config.sampler`` (:func:`fit_configured`) and save it in ``final`` as the default sampler; the
+    trainer calls it once the model is saved.
+
+    Returns:
+        A line for the model card, or None when the fit failed (logged; the saved model is kept).
+    """
+    fitted = fit_configured(model, dataset, config)
+    if fitted is None:
+        return None
+    sampler, record = fitted
+    save_sampler(sampler, final, fitted_on={"dataset": config.data.name, "split": config.data.split, **record})
+    return (f"Default sampler: `{sampler.name}`, fitted to {record['images']} posterior means "
+            f"(`final/samplers/{sampler.name}`; `--sampler normal` draws from N(0, I)).")
 
 
 def _plain(value: Any) -> Any:

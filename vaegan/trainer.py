@@ -38,7 +38,7 @@ from .generator import VAE
 from .guards import CollapseMonitor, GracefulStop, all_finite, stopped
 from .plots import write_loss_curves
 from .previews import preview_grids
-from .samplers import LatentSampler, fit_after_training, load_sampler, saved_samplers
+from .samplers import LatentSampler, fit_after_training, fit_configured, load_sampler, saved_samplers
 from .step import RunningMeans, StepOutput, TrainStep  # RunningMeans: also public here, as in 0.1
 from .tracking import Tracking
 
@@ -277,7 +277,8 @@ class Trainer:
 
     # ---- evaluation, images --------------------------------------------------------------------------
     def evaluate(self) -> Dict[str, object]:
-        """Evaluate the EMA generator (``eval.ema``) with the ``eval`` config on every process.
+        """Evaluate the EMA generator (``eval.ema``) with the ``eval`` config on every process; generated images
+        come from the run's ``sampler``, fitted to the current generator for each evaluation before the end.
 
         Scalars go to the trackers as ``eval/<metric>`` and every result, with its step, is appended to
         ``<output_dir>/eval.jsonl``. Every process must call this (the metric states are reduced).
@@ -288,8 +289,12 @@ class Trainer:
             self._eval = prepare_evaluation(self.config.data, self.model.config, ec, accelerator=self.accelerator)
         model = self.ema_model if ec.ema else self.model
         t0 = time.perf_counter()
+        sampler = self.sampler
+        if sampler is None and self.config.sampler is not None:  # the sampler the run ends with, fitted for now
+            fitted = fit_configured(model, self.loader.dataset, self.config)  # deterministic: alike on every rank
+            sampler = fitted[0] if fitted is not None else None
         results = evaluate(model, self._eval.data, ec, resources=self._eval, accelerator=self.accelerator,
-                           sampler=self.sampler)
+                           sampler=sampler)
         logger.info("Evaluation at step %d took %.1f s: %s", self.state.step, time.perf_counter() - t0,
                     ", ".join(f"{k} {v:.4g}" for k, v in results.items() if isinstance(v, float)))
         if self.accelerator.is_main_process:
