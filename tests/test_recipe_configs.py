@@ -84,7 +84,8 @@ def test_rgb_folder_config_trains_and_saves_its_config_everywhere(tmp_path):
     out = tmp_path / "rgb"
     rc = main(["train", str(CONFIGS[0].parent / "rgb_folder_32.yaml"), "--data-dir", str(images),
                "--output-dir", str(out), "--max-steps", "2", "--batch-size", "4", "--checkpoint-every", "1",
-               "data.num_workers=0", "train.num_samples=4", "train.checkpoints_total_limit=2"])
+               "data.num_workers=0", "train.num_samples=4", "train.checkpoints_total_limit=2",
+               "sampler.options.n_components=4"])  # 16 images: the recipe's 50 components would be refused
     assert rc == 0
     cfg = vaegan.load_config(out / "config.yaml")
     assert cfg.model.image_shape == (3, 32, 32) and cfg.data.name == "image_folder"
@@ -93,5 +94,6 @@ def test_rgb_folder_config_trains_and_saves_its_config_everywhere(tmp_path):
     for path in saved:  # the resolved config (flags and overrides applied), reloadable as it was
         assert vaegan.load_config(path) == cfg, path
     model = vaegan.VAE.from_pretrained(out / "final")
+    assert (out / "final" / "samplers" / "gmm" / "sampler.json").is_file()  # fitted to the folder's images
     samples = model.sample(2)
     assert samples.shape == (2, 3, 32, 32) and samples.min() >= -1 and samples.max() <= 1

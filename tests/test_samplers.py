@@ -205,7 +205,7 @@ def test_eval_and_interpolate_use_the_sampler(saved_run, tmp_path, capsys):
     out = tmp_path / "eval.json"
     assert cli(["eval", "--model", str(saved_run), "--data-dir", str(MNIST_ROOT), "--num-samples", "32",
                 "--nll-images", "4", "--nll-samples", "2", "--lpips", "off", "--out", str(out)]) == 0
-    assert json.loads(out.read_text())["protocol"]["sampler"] == "gmm"
+    assert json.loads(out.read_text())["protocol"]["sampler"] == "gmm (temperature 1)"
     assert cli(["interpolate", "--model", str(saved_run), "--out", str(tmp_path / "i.npz"), "--num-pairs", "2"]) == 0
     capsys.readouterr()
 
@@ -237,5 +237,19 @@ def test_evaluations_during_training_draw_from_the_runs_sampler(tmp_path):
                       "lpips: false, limit: 16}")
     final = vaegan.build_trainer(cfg).fit()
     rows = [json.loads(line) for line in (tmp_path / "run" / "eval.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == [1, 2, 2] and all(r["protocol"]["sampler"] == "gmm" for r in rows)
-    assert json.loads((final / "eval.json").read_text())["protocol"]["sampler"] == "gmm"
+    used = "gmm (temperature 1.5)"  # the recipe's default temperature, during training and at the end
+    assert [r["step"] for r in rows] == [1, 2, 2] and all(r["protocol"]["sampler"] == used for r in rows)
+    assert json.loads((final / "eval.json").read_text())["protocol"]["sampler"] == used
+
+
+def test_a_samplers_temperature_is_saved_and_is_its_default(tmp_path):
+    sampler, _ = _fitted("gmm", (4,))
+    sampler.temperature = 1.5
+    save_sampler(sampler, tmp_path)
+    loaded = load_sampler(tmp_path, "gmm", latent_shape=(4,))
+    g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    assert loaded.temperature == 1.5
+    assert torch.equal(loaded.sample(5, generator=g()), sampler.sample(5, generator=g(), temperature=1.5))
+    assert not torch.equal(loaded.sample(5, generator=g()), loaded.sample(5, generator=g(), temperature=1.0))
+    model = tiny_generator()
+    assert torch.equal(sample_latents(model, 3, generator=g()), model.sample_prior(3, generator=g()))

@@ -195,14 +195,15 @@ def _parser() -> argparse.ArgumentParser:
     s = _command(sub, "sample", "draw images from a trained model (its default sampler, or N(0, I))",
                  "Decode N latents with a trained generator (the EMA weights by default): from the model folder's "
                  "default sampler (one fitted with `vaegan fit-sampler` or at the end of training), else from "
-                 "N(0, temperature^2 I). .png writes one grid; .npz writes the array 'images', uint8 (N, C, H, W).",
+                 "N(0, I). .png writes one grid; .npz writes the array 'images', uint8 (N, C, H, W).",
                  "vaegan sample --model outputs/vaegan_mnist --num 64 --out samples.png --seed 1")
     _model_flags(s, ".png (a grid) or .npz (array 'images', uint8 (N, C, H, W))")
     s.add_argument("--num", type=_positive_int, default=64, help="number of images (default 64)")
     s.add_argument("--seed", type=int, default=0, help="seed of the latents (default 0)")
     s.add_argument("--batch-size", type=_positive_int, default=256, help="images decoded at once (default 256)")
-    s.add_argument("--temperature", type=_non_negative_float, default=1.0,
-                   help="scale of the latents' standard deviation (default 1.0; lower: safer, less varied)")
+    s.add_argument("--temperature", type=_non_negative_float,
+                   help="scale of the latents' spread (default: the sampler's own, saved with it; 1.0 for N(0, I); "
+                        "lower: safer, less varied)")
     _sampler_flag(s, "the")
 
     r = _command(sub, "reconstruct", "reconstruct a dataset split with a trained model",
@@ -297,6 +298,8 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="a sampler option, YAML-typed (e.g. n_components=10 covariance_type=diag); repeatable")
     f.add_argument("--seed", type=int, default=0, help="seed of the fit (default 0)")
+    f.add_argument("--temperature", type=_non_negative_float, default=1.0,
+                   help="the spread it draws with by default, saved with it (default 1.0: as fitted)")
     f.add_argument("--no-default", action="store_true", help="save it without making it the folder's default")
     f.add_argument("--raw", action="store_true", help="fit for the raw weights (final/raw) instead of the EMA ones")
     f.add_argument("--device", help="torch device (default: cuda when available, else cpu)")

@@ -231,7 +231,7 @@ def fit_sampler_command(args: argparse.Namespace) -> int:
     if args.dataset is not None and trained is not None and args.dataset != trained.name:
         data = dataclasses.replace(data, options={})  # another plugin's options would not fit
     sampler, record = fit_sampler(model, build_dataset(data, model.config), args.sampler, options, seed=args.seed,
-                                  batch_size=args.batch_size)
+                                  batch_size=args.batch_size, temperature=args.temperature)
     folder = save_sampler(sampler, model_dir, default=not args.no_default,
                           fitted_on={"dataset": data.name, "root": str(data.root), "split": data.split, **record})
     default = "" if args.no_default else "; it is now the folder's default sampler"

@@ -151,10 +151,10 @@ def _device_of(model: VAE) -> torch.device:
 
 
 @torch.no_grad()
-def sample(model: VAE, num: int, seed: int = 0, batch_size: int = 256, temperature: float = 1.0,
+def sample(model: VAE, num: int, seed: int = 0, batch_size: int = 256, temperature: Optional[float] = None,
            sampler: Optional[LatentSampler] = None) -> Tensor:
-    """Draw ``num`` images: latents from ``sampler`` (a fitted :mod:`vaegan.samplers` one), or from the
-    prior ``z ~ N(0, temperature^2 I)`` when None, decoded.
+    """Draw ``num`` images: latents from ``sampler`` (a fitted :mod:`vaegan.samplers` one, at its own temperature
+    unless given one), or from the prior ``z ~ N(0, temperature^2 I)`` when None, decoded.
 
     The latents are drawn on the CPU from ``seed`` in one go, so the images do not depend on
     ``batch_size`` or the device.

@@ -387,7 +387,8 @@ def evaluate(model: VAE, data: DataConfig, config: EvalConfig = EvalConfig(), *,
         "fd_features": "penultimate layer (128-d) of vaegan's classifier trained on the train split" if clf is not None else None,
         "fid_inception": "torchmetrics FID, Inception-v3 pool3 (2048-d), grey images repeated to RGB" if inception is not None else None,
         "lpips": "mean LPIPS (lpips plugin) of reconstructions vs inputs" if lpips is not None else res.lpips_note,
-        "sampler": sampler.name if sampler is not None else "normal (the model's prior)",
+        "sampler": f"{sampler.name} (temperature {sampler.temperature:g})" if sampler is not None
+                   else "normal (the model's prior)",
         "seed": config.seed, "processes": world,
     }
     if output is not None and rank == 0:

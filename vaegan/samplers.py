@@ -68,6 +68,7 @@ class LatentSampler(nn.Module):
     Attributes:
         name, options: The registry name and constructor options it was built with
             (:func:`build_sampler` sets them; :func:`save_sampler` writes them).
+        temperature: The spread :meth:`sample` draws with by default (saved with the sampler; 1.0: as fitted).
     """
 
     requires_fit: ClassVar[bool] = True
@@ -77,6 +78,7 @@ class LatentSampler(nn.Module):
         super().__init__()
         self.latent_shape = tuple(int(s) for s in latent_shape)
         self.name, self.options = "", {}
+        self.temperature = 1.0  # what sample() draws with unless told otherwise; saved with the sampler
         self.register_buffer("fitted", torch.tensor(not self.requires_fit))
 
     @property
@@ -102,8 +104,10 @@ class LatentSampler(nn.Module):
         """``n`` latents (n, *latent_shape) on the CPU; ``temperature`` scales the spread around the modes."""
         raise NotImplementedError
 
-    def sample(self, n: int, *, generator: Optional[torch.Generator] = None, temperature: float = 1.0) -> Tensor:
-        """``n`` latents (n, *latent_shape), fp32 on the CPU, from ``generator`` (the same draws for the same seed).
+    def sample(self, n: int, *, generator: Optional[torch.Generator] = None,
+               temperature: Optional[float] = None) -> Tensor:
+        """``n`` latents (n, *latent_shape), fp32 on the CPU, from ``generator`` (the same draws for the same seed),
+        at ``temperature`` (default: the sampler's own, :attr:`temperature`).
 
         Raises:
             RuntimeError: the sampler has not been fitted.
@@ -111,7 +115,7 @@ class LatentSampler(nn.Module):
         if not bool(self.fitted):
             raise RuntimeError(f"The '{self.name or type(self).__name__}' sampler has not been fitted; call fit() "
                                "or load a fitted one with load_sampler().")
-        return self.draw(n, generator, temperature).float()
+        return self.draw(n, generator, self.temperature if temperature is None else temperature).float()
 
 
 class NormalSampler(LatentSampler):
@@ -152,13 +156,15 @@ def build_sampler(name: str, latent_shape: Sequence[int], options: Optional[Mapp
 
 @torch.no_grad()
 def fit_sampler(model, dataset, name: str, options: Optional[Mapping[str, Any]] = None, *, seed: int = 0,
-                batch_size: int = 256, limit: Optional[int] = None) -> Tuple[LatentSampler, Dict[str, Any]]:
+                batch_size: int = 256, limit: Optional[int] = None,
+                temperature: float = 1.0) -> Tuple[LatentSampler, Dict[str, Any]]:
     """Fit sampler ``name`` to the posterior means of ``dataset``'s images under ``model``.
 
     Args:
         model: A :class:`vaegan.VAE` (the EMA one, usually).
         dataset: The images the model was trained on (any dataset plugin's).
         limit: Fit on the first ``limit`` images only.
+        temperature: The spread the fitted sampler draws with by default.
 
     Returns:
         (the fitted sampler, a JSON-able record of the fit: images, seconds, the sampler's summary).
@@ -174,6 +180,7 @@ def fit_sampler(model, dataset, name: str, options: Optional[Mapping[str, Any]] 
     from .codec import encode
 
     sampler = build_sampler(name, model.latent_shape, options)
+    sampler.temperature = float(temperature)
     if limit is not None:
         dataset = Subset(dataset, range(min(limit, len(dataset))))
     t0 = time.perf_counter()
@@ -191,7 +198,8 @@ def fit_configured(model, dataset, config) -> Optional[Tuple[LatentSampler, Dict
     run instead: a failed fit never costs a training run)."""
     sc = config.sampler
     try:
-        return fit_sampler(model, dataset, sc.name, sc.options, seed=config.train.seed, limit=sc.limit)
+        return fit_sampler(model, dataset, sc.name, sc.options, seed=config.train.seed, limit=sc.limit,
+                           temperature=sc.temperature)
     except Exception as exc:  # noqa: BLE001 - the model is saved; the sampler can be fitted again from it
         logger.error("Fitting the '%s' sampler failed (%s: %s). Fit one to the saved model later with `vaegan "
                      "fit-sampler --model <output-dir> --sampler %s`.", sc.name, type(exc).__name__, exc, sc.name)
@@ -260,7 +268,8 @@ def save_sampler(sampler: LatentSampler, model_dir: Union[str, Path], *, default
     state = {k: v.detach().contiguous().cpu() for k, v in sampler.state_dict().items()}
     save_file(state, str(folder / WEIGHTS_NAME), metadata={"format": "pt", "library": "vaegan", "sampler": sampler.name})
     record = {"format_version": FORMAT_VERSION, "name": sampler.name, "options": to_dict(dict(sampler.options)),
-              "latent_shape": list(sampler.latent_shape), "model_weights_sha256": _weights_digest(model_dir),
+              "latent_shape": list(sampler.latent_shape), "temperature": sampler.temperature,
+              "model_weights_sha256": _weights_digest(model_dir),
               "fitted_on": dict(fitted_on or {})}
     _write_atomic(folder / CONFIG_NAME, json.dumps(record, indent=2) + "\n")
     if default:
@@ -334,6 +343,7 @@ def load_sampler(model_dir: Union[str, Path], name: Optional[str] = None,
             f"have shape {tuple(latent_shape)}: it belongs to another model. Re-fit it for this one with `vaegan "
             f"fit-sampler --model {model_dir} --sampler {name}`.")
     sampler = build_sampler(name, saved_shape, record.get("options") or {})
+    sampler.temperature = float(record.get("temperature", 1.0))
     try:
         sampler.load_state_dict(state)
     except RuntimeError as exc:
@@ -346,11 +356,12 @@ def load_sampler(model_dir: Union[str, Path], name: Optional[str] = None,
     return sampler
 
 
-def sample_latents(model, n: int, *, generator: Optional[torch.Generator] = None, temperature: float = 1.0,
+def sample_latents(model, n: int, *, generator: Optional[torch.Generator] = None, temperature: Optional[float] = None,
                    sampler: Optional[LatentSampler] = None) -> Tensor:
-    """``n`` latents (n, *latent_shape) on the CPU: from ``sampler``, or the model's own prior when None."""
+    """``n`` latents (n, *latent_shape) on the CPU: from ``sampler`` (at its own temperature unless given one), or
+    the model's own prior when None (temperature 1 unless given)."""
     if sampler is None:
-        return model.sample_prior(n, generator=generator) * temperature
+        return model.sample_prior(n, generator=generator) * (1.0 if temperature is None else temperature)
     if tuple(sampler.latent_shape) != tuple(model.latent_shape):
         raise ConfigError(f"The '{sampler.name}' sampler draws latents of shape {sampler.latent_shape}, but the model's "
                           f"latents have shape {tuple(model.latent_shape)}; fit a sampler for this model.")
