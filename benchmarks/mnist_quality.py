@@ -32,7 +32,7 @@ import logging
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -41,7 +41,7 @@ import vaegan
 from vaegan.config import DataConfig, EvalConfig, ExperimentConfig, apply_overrides
 from vaegan.data import build_dataset
 from vaegan.evaluation import _Features, evaluate, load_or_train_classifier
-from vaegan.metrics import ClassHistogram, HighFrequencyRatio, SharpnessRatio
+from vaegan.metrics import ClassHistogram, HighFrequencyRatio, PrecisionRecall, SharpnessRatio
 from vaegan.samplers import (
     default_sampler_name,
     fit_sampler,
@@ -66,9 +66,23 @@ POST_HOC = {"vaegan_0.2": ("gmm", {"n_components": 50})}  # a sampler fitted aft
 BEGIN, END = "<!-- mnist_quality:begin -->", "<!-- mnist_quality:end -->"
 
 
+def _previous_run(name: str, args) -> Optional[Dict[str, object]]:
+    """With --reuse: this variant's training record from the work dir's results.json, when its model is there."""
+    results = Path(args.work_dir) / "results.json"
+    if not args.reuse or not results.is_file() or not (Path(args.work_dir) / name / "final" / "config.json").is_file():
+        return None
+    return next((r for r in json.loads(results.read_text())["runs"] if r["variant"] == name), None)
+
+
 def train_variant(name: str, extra: List[str], args) -> List[Dict[str, object]]:
-    """Train one variant; one row per way of drawing its latents (N(0, I), then every fitted sampler)."""
+    """Train one variant; one row per way of drawing its latents (N(0, I), then every fitted sampler).
+
+    With ``--reuse``, a variant trained by an earlier run of this script (same work dir) is not trained again:
+    its model and training time are read back, the configured sampler is fitted again as training ends (it is
+    deterministic), and a row is evaluated again unless its saved result used the same sampler and temperature.
+    """
     from vaegan._compat import reset_accelerate_state
+    from vaegan.samplers import fit_after_training
 
     reset_accelerate_state()  # one Accelerator per variant in this process
     out = Path(args.work_dir) / name
@@ -76,14 +90,24 @@ def train_variant(name: str, extra: List[str], args) -> List[Dict[str, object]]:
         f"data.root={args.data_dir}", "data.download=false", f"train.output_dir={out}", f"train.epochs={args.epochs}",
         f"train.seed={args.seed}", "train.checkpoint_every=0", "train.sample_every=0", "train.log_every=100",
         *VARIANTS[name], *extra])
-    t0 = time.perf_counter()
-    trainer = vaegan.build_trainer(cfg)
-    final = trainer.fit()
-    wall = time.perf_counter() - t0
-    ips = trainer.state.images_seen / wall
-    logging.info("%s: trained %d steps in %.0f s (%.0f images/s)", name, trainer.state.step, wall, ips)
+    previous = _previous_run(name, args)
+    if previous is None:
+        t0 = time.perf_counter()
+        trainer = vaegan.build_trainer(cfg)
+        final = trainer.fit()
+        wall = time.perf_counter() - t0
+        trained = {"wall_s": wall, "images_per_s": trainer.state.images_seen / wall, "steps": trainer.state.step,
+                   "images_seen": trainer.state.images_seen}
+        logging.info("%s: trained %d steps in %.0f s (%.0f images/s)", name, trainer.state.step, wall,
+                     trained["images_per_s"])
+    else:
+        final = out / "final"
+        trained = {k: previous[k] for k in ("wall_s", "images_per_s", "steps", "images_seen")}
+        logging.info("%s: reusing the model trained in %.0f s", name, trained["wall_s"])
     model = vaegan.VAE.from_pretrained(final)
-    if name in POST_HOC:
+    if previous is not None and cfg.sampler is not None:
+        fit_after_training(model, build_dataset(cfg.data, cfg.model), cfg, final)
+    if name in POST_HOC and (previous is None or POST_HOC[name][0] not in saved_samplers(final)):
         sampler_name, options = POST_HOC[name]
         sampler, record = fit_sampler(model, build_dataset(cfg.data, cfg.model), sampler_name, options, seed=args.seed)
         save_sampler(sampler, final, default=False, fitted_on=record)
@@ -91,17 +115,20 @@ def train_variant(name: str, extra: List[str], args) -> List[Dict[str, object]]:
     rows = []
     for sampler_name in ["normal", *saved_samplers(final)]:
         sampler = None if sampler_name == "normal" else load_sampler(final, sampler_name, model.latent_shape)
-        t1 = time.perf_counter()
         label = name if sampler is None else f"{name} + {sampler_name}"
-        metrics = evaluate(model, DataConfig(root=args.data_dir, download=False),
-                           EvalConfig(split="test", num_samples=args.num_samples, nll_images=args.nll_images,
-                                      nll_samples=args.nll_samples), output=out / f"eval_{sampler_name}.json",
-                           sampler=sampler)
-        logging.info("%s: evaluated in %.0f s", label, time.perf_counter() - t1)
+        saved = out / f"eval_{sampler_name}.json"
+        source = f"{sampler.name} (temperature {sampler.temperature:g})" if sampler else "normal (the model's prior)"
+        metrics = json.loads(saved.read_text()) if previous is not None and saved.is_file() else None
+        stale = metrics is None or metrics["protocol"]["sampler"] != source
+        if stale or metrics["protocol"]["num_samples"] != args.num_samples:
+            t1 = time.perf_counter()
+            metrics = evaluate(model, DataConfig(root=args.data_dir, download=False),
+                               EvalConfig(split="test", num_samples=args.num_samples, nll_images=args.nll_images,
+                                          nll_samples=args.nll_samples), output=saved, sampler=sampler)
+            logging.info("%s: evaluated in %.0f s", label, time.perf_counter() - t1)
         rows.append({"name": label, "variant": name, "sampler": sampler_name, "default": sampler_name == default,
-                     "overrides": VARIANTS[name] + extra, "wall_s": wall, "images_per_s": ips,
-                     "steps": trainer.state.step, "images_seen": trainer.state.images_seen, **metrics,
-                     "final": str(final)})
+                     "temperature": sampler.temperature if sampler else 1.0, "overrides": VARIANTS[name] + extra,
+                     **trained, **metrics, "final": str(final)})
     return rows
 
 
@@ -120,16 +147,18 @@ def reference_rows(args) -> List[Dict[str, object]]:
     for name, images in (("real train digits", fake_real),
                          ("3x3 box-blurred train digits", F.avg_pool2d(F.pad(fake_real, (1, 1, 1, 1), mode="replicate"), 3, 1))):
         fid, sharp, hf = FrechetInceptionDistance(feature=_Features(clf)), SharpnessRatio(), HighFrequencyRatio()
-        hist = ClassHistogram()
-        for batch in real.split(1000):
-            fid.update(batch, real=True), sharp.update(batch, real=True), hf.update(batch, real=True)
-        for batch in images.split(1000):
-            fid.update(batch, real=False), sharp.update(batch, real=False), hf.update(batch, real=False)
-            with torch.no_grad():
-                hist.update(clf(batch))
+        hist, pr = ClassHistogram(), PrecisionRecall()
+        with torch.no_grad():
+            for batch in real.split(1000):
+                fid.update(batch, real=True), sharp.update(batch, real=True), hf.update(batch, real=True)
+                pr.update(clf.features(batch), real=True)
+            for batch in images.split(1000):
+                fid.update(batch, real=False), sharp.update(batch, real=False), hf.update(batch, real=False)
+                hist.update(clf(batch)), pr.update(clf.features(batch), real=False)
         rows.append({"name": name, "fd_classifier": float(fid.compute()), "sharpness_ratio": float(sharp.compute()),
                      "high_frequency_ratio": float(hf.compute()),
-                     "classifier_confidence": float(hist.compute()["confidence"])})
+                     "classifier_confidence": float(hist.compute()["confidence"]),
+                     **{k: float(v) for k, v in pr.compute().items()}})
     return rows
 
 
@@ -188,15 +217,16 @@ def markdown(results, refs, targets, args, command: str) -> str:
     lines = [BEGIN, f"## MNIST quality ({date}; {hardware()}, torch {torch.__version__})", "",
              f"Command: `{command}`", "",
              f"{args.epochs} epochs over {results[0]['images_seen'] // max(1, args.epochs) if results else '?'} training "
-             f"digits each (batch 64, seed {args.seed}); evaluated on the test digits with {args.num_samples} prior "
-             f"samples (EMA generator), NLL on {args.nll_images} test digits with K = {args.nll_samples} "
+             f"digits each (batch 64, seed {args.seed}); evaluated on the test digits with {args.num_samples} "
+             f"samples (EMA generator; latents from N(0, I) or from the named sampler), NLL on {args.nll_images} "
+             f"test digits with K = {args.nll_samples} "
              "(Bernoulli, inputs binarised). FD: Fréchet distance in the penultimate layer of vaegan's digit "
              "classifier trained on the training split (not comparable with Inception FIDs).", "",
              "| run (latents from) | FD (lower) | sharpness ratio (1 = real) | HF ratio | classifier confidence | "
              "PSNR dB | SSIM | NLL nats (bits/dim) | classes covered | precision / recall | wall s | images/s |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in results:
-        source = "N(0, I)" if r["sampler"] == "normal" else r["sampler"]
+        source = "N(0, I)" if r["sampler"] == "normal" else f"{r['sampler']}, temperature {r['temperature']:g}"
         label = f"{r['variant']} ({source}{', default' if r['default'] and r['sampler'] != 'normal' else ''})"
         lines.append(
             f"| {label} | {r['fd_classifier']:.1f} | {r['sharpness_ratio']:.3f} | {r['high_frequency_ratio']:.3f} "
@@ -205,7 +235,8 @@ def markdown(results, refs, targets, args, command: str) -> str:
             f"| {r['wall_s']:.0f} | {r['images_per_s']:.0f} |")
     for r in refs:
         lines.append(f"| *{r['name']}* | {r['fd_classifier']:.1f} | {r['sharpness_ratio']:.3f} | "
-                     f"{r['high_frequency_ratio']:.3f} | {r['classifier_confidence']:.3f} | | | | | | | |")
+                     f"{r['high_frequency_ratio']:.3f} | {r['classifier_confidence']:.3f} | | | | | "
+                     f"{r['precision']:.2f} / {r['recall']:.2f} | | |")
     lines += ["", "Targets: " + "; ".join(targets), "",
               "Samples (the same seed), left to right: " + ", ".join(r["name"] for r in results) + ".", "",
               "![samples](images/mnist_quality_samples.png)", END]
@@ -229,6 +260,8 @@ def main(argv=None) -> int:
                    help="extra overrides for one variant (repeatable)")
     p.add_argument("--docs", default=str(ROOT / "docs" / "benchmarks.md"))
     p.add_argument("--no-docs", action="store_true", help="do not touch docs/")
+    p.add_argument("--reuse", action="store_true",
+                   help="do not retrain variants whose models an earlier run left in --work-dir (re-evaluates)")
     args = p.parse_args(argv)
     if args.quick:
         args.epochs, args.num_samples, args.nll_images = 2, 2000, 200
