@@ -198,8 +198,9 @@ def fit_configured(model, dataset, config) -> Optional[Tuple[LatentSampler, Dict
     run instead: a failed fit never costs a training run)."""
     sc = config.sampler
     try:
-        return fit_sampler(model, dataset, sc.name, sc.options, seed=config.train.seed, limit=sc.limit,
-                           temperature=sc.temperature)
+        with torch.random.fork_rng():  # a dataset's random flips or crops must not move the training's RNG
+            return fit_sampler(model, dataset, sc.name, sc.options, seed=config.train.seed, limit=sc.limit,
+                               temperature=sc.temperature)
     except Exception as exc:  # noqa: BLE001 - the model is saved; the sampler can be fitted again from it
         logger.error("Fitting the '%s' sampler failed (%s: %s). Fit one to the saved model later with `vaegan "
                      "fit-sampler --model <output-dir> --sampler %s`.", sc.name, type(exc).__name__, exc, sc.name)
