@@ -43,7 +43,7 @@ from .schedules import Schedule
 from .step import StepOutput, TrainStep
 from .trainer import Trainer
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 __all__ = [
     "AdversarialConfig", "DataConfig", "DiscriminatorConfig", "EvalConfig", "ExperimentConfig", "ModelConfig",
