@@ -22,14 +22,13 @@ Example:
 
 from __future__ import annotations
 
-import json
 import math
-import warnings
 from dataclasses import dataclass, field
-from typing import Any, Dict, Literal, Mapping, Optional, Tuple
+from typing import Any, Literal, Mapping, Optional, Tuple
 
 from ..errors import ConfigError
 from ..schedules import Schedule
+from .legacy import accept_legacy_keywords, legacy_model_attribute, normalize_model
 
 __all__ = [
     "ModelConfig",
@@ -51,18 +50,6 @@ def _positive(obj: Any, *names: str) -> None:
         if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
             section = type(obj).__name__.replace("Config", "").lower()
             raise ConfigError(f"{section}.{name} must be a positive number, got {value!r}.")
-
-
-# vaegan 0.1 kept the two built-in architectures' settings as fields of `model`; they are options of the
-# `conv` and `mlp` generator plugins now. Old key -> option name, per architecture (a key the chosen
-# architecture never read was ignored in 0.1, and is dropped).
-_LEGACY_MODEL_OPTIONS: Dict[str, Dict[str, str]] = {
-    "conv": {"latent_dim": "latent_dim", "channels": "channels", "res_blocks": "res_blocks",
-             "norm_groups": "norm_groups", "logvar_min": "logvar_min", "logvar_max": "logvar_max"},
-    "mlp": {"latent_dim": "latent_dim", "mlp_hidden": "hidden", "logvar_min": "logvar_min",
-            "logvar_max": "logvar_max"},
-}
-_LEGACY_MODEL_KEYS = frozenset(k for table in _LEGACY_MODEL_OPTIONS.values() for k in table) | {"arch"}
 
 
 @dataclass(frozen=True)
@@ -96,73 +83,13 @@ class ModelConfig:
 
     @classmethod
     def normalize_config(cls, value: Any, path: str) -> Any:
-        """Carry vaegan 0.1's ``model`` keys (``arch``, ``latent_dim``, ``channels``, ...) into ``name`` and
-        ``options``, warning with the new form. Keys given the old way win over the same option given
-        the new way (they can only come from a later override)."""
-        if not isinstance(value, Mapping) or not _LEGACY_MODEL_KEYS & set(value):
-            return value
-        data = dict(value)
-        arch = data.pop("arch", None)
-        name = data.get("name")
-        if arch is not None:
-            if name not in (None, cls.name, arch):
-                raise ConfigError(f"'{path}' sets both name: {name} and the old key arch: {arch}; keep only "
-                                  f"name (arch is vaegan 0.1's spelling of it).")
-            name = arch
-        name = name or cls.name
-        table = _LEGACY_MODEL_OPTIONS.get(name)
-        options = dict(data.get("options") or {})
-        previous = data.get("name")
-        if arch is not None and previous not in (None, arch) and table is not None:
-            # 0.1 ignored the fields the chosen architecture does not read (`arch: mlp` over a conv file).
-            options = {k: v for k, v in options.items() if k in table.values()}
-        moved = {}
-        for key in sorted(_LEGACY_MODEL_KEYS - {"arch"}):
-            if key in data:
-                old = data.pop(key)
-                if table is None or key in table:  # a third-party generator gets the key as it was written
-                    moved[table[key] if table else key] = old
-        options.update(moved)
-        data.update(name=name, options=options)
-        shown = ", ".join(f"{k}: {json.dumps(list(v) if isinstance(v, tuple) else v)}" for k, v in moved.items())
-        warnings.warn(
-            f"'{path}' uses vaegan 0.1's keys ({', '.join(sorted(_LEGACY_MODEL_KEYS & set(value)))}); write "
-            f"`{path}: {{name: {name}, options: {{{shown}}}}}` instead (the shared image_channels, image_size and "
-            "output_range stay where they are). The old keys will stop working in a future release.",
-            DeprecationWarning, stacklevel=2)
-        return data
+        """Carry vaegan 0.1's ``model`` keys into ``name`` and ``options``, with a warning
+        (:func:`vaegan.config.legacy.normalize_model`)."""
+        return normalize_model(cls, value, path)
 
 
-def _legacy_model_attribute(self: ModelConfig, name: str) -> Any:
-    """``config.latent_dim`` and the other 0.1 fields, read from ``options`` with a warning."""
-    if name not in _LEGACY_MODEL_KEYS:
-        raise AttributeError(f"'ModelConfig' object has no attribute '{name}'")
-    if name == "arch":
-        warnings.warn("ModelConfig.arch is deprecated; use ModelConfig.name.", DeprecationWarning, stacklevel=2)
-        return self.name
-    key = _LEGACY_MODEL_OPTIONS.get(self.name, {}).get(name, name)
-    warnings.warn(f"ModelConfig.{name} is deprecated; the generator's options hold it: "
-                  f"config.options['{key}'].", DeprecationWarning, stacklevel=2)
-    if key not in self.options:
-        raise AttributeError(f"This ModelConfig's options do not set '{key}' (the generator's default applies); "
-                             "read it from the built generator's config.options instead.")
-    return self.options[key]
-
-
-def _accept_legacy_keywords(init: Any) -> Any:
-    """Let ``ModelConfig(latent_dim=8, arch="mlp", ...)`` (vaegan 0.1) build the new form, with a warning."""
-
-    def __init__(self: ModelConfig, *args: Any, **kwargs: Any) -> None:
-        if _LEGACY_MODEL_KEYS & set(kwargs):
-            kwargs = dict(ModelConfig.normalize_config(kwargs, "ModelConfig"))
-        init(self, *args, **kwargs)
-
-    __init__.__doc__ = init.__doc__
-    return __init__
-
-
-ModelConfig.__getattr__ = _legacy_model_attribute  # type: ignore[attr-defined]
-ModelConfig.__init__ = _accept_legacy_keywords(ModelConfig.__init__)  # type: ignore[method-assign]
+ModelConfig.__getattr__ = legacy_model_attribute  # type: ignore[attr-defined]
+ModelConfig.__init__ = accept_legacy_keywords(ModelConfig.__init__)  # type: ignore[method-assign]
 
 
 @dataclass(frozen=True)
