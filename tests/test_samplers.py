@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from conftest import MNIST_ROOT, tiny_config, tiny_generator
@@ -206,7 +207,15 @@ def test_eval_and_interpolate_use_the_sampler(saved_run, tmp_path, capsys):
     assert cli(["eval", "--model", str(saved_run), "--data-dir", str(MNIST_ROOT), "--num-samples", "32",
                 "--nll-images", "4", "--nll-samples", "2", "--lpips", "off", "--out", str(out)]) == 0
     assert json.loads(out.read_text())["protocol"]["sampler"] == "gmm (temperature 1)"
+    strips = {}
+    for name in ("gmm", "normal"):  # the random end points come from the sampler
+        out = tmp_path / f"i_{name}.npz"
+        assert cli(["interpolate", "--model", str(saved_run), "--out", str(out), "--num-pairs", "2",
+                    "--sampler", name]) == 0
+        strips[name] = np.load(out)["images"]
     assert cli(["interpolate", "--model", str(saved_run), "--out", str(tmp_path / "i.npz"), "--num-pairs", "2"]) == 0
+    assert np.array_equal(np.load(tmp_path / "i.npz")["images"], strips["gmm"])  # the folder's default
+    assert not np.array_equal(strips["gmm"], strips["normal"])
     capsys.readouterr()
 
 
