@@ -91,6 +91,8 @@ CASES = [
     ("infinite_weight", ["losses.1.weight={value: .inf, warmup: 4}"], ConfigError, "finite number"),
     ("nan_weight", ["adversarial.weight=.nan"], ConfigError, "finite number"),
     ("unknown_loss", ["losses=[{name: bce}, {name: klx}]"], PluginError, "Installed in 'vaegan.losses'"),
+    ("bad_max_time", ["train.max_time=soon"], ConfigError, "'train.max_time' must be a duration"),
+    ("uncatchable_warning_signal", ["train.warning_signal=KILL"], ConfigError, "a signal a process can catch"),
     ("too_deep_discriminator", ["discriminator.options={channels: [8, 8, 8, 8, 8]}"], ConfigError,
      "needs images of at least 32x32"),
 ]

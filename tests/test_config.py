@@ -556,3 +556,47 @@ def test_legacy_model_keywords_and_attributes_in_python():
         cfg.res_blocks  # noqa: B018 - not set: the generator's default applies
     with pytest.raises(AttributeError):
         cfg.no_such_field  # noqa: B018
+
+
+@pytest.mark.parametrize("value, seconds", [
+    (90, 90.0), ("90", 90.0), (1.5, 1.5), ("45:00", 2700.0), ("23:30:00", 84600.0), ("1-00:30:00", 88200.0),
+    ("2-00", 172800.0), ("1-12:30", 131400.0),
+])
+def test_durations_take_seconds_or_slurm_clocks(value, seconds):
+    from vaegan.config.values import parse_duration
+
+    assert parse_duration(value, "train.max_time") == seconds
+    cfg = ExperimentConfig.from_dict({"train": {"max_time": value}})  # YAML reads 23:30:00 as 84600 itself
+    assert parse_duration(cfg.train.max_time, "train.max_time") == seconds
+
+
+@pytest.mark.parametrize("value, words", [
+    ("soon", "a duration.*23:30:00"), ("-5", "greater than zero"), (0, "greater than zero"), ("12:75", "duration"),
+    ("1-", "duration"), (True, "float or str"), (float("inf"), "float or str"),  # refused by the type check first
+])
+def test_bad_durations_name_the_key_and_the_forms(value, words):
+    with pytest.raises(ConfigError, match=rf"'train.max_time' must be .*{words}"):
+        ExperimentConfig.from_dict({"train": {"max_time": value}})
+
+
+def test_warning_signals_are_catchable_and_not_the_stop_signals():
+    assert ExperimentConfig.from_dict({"train": {"warning_signal": "SIGUSR2"}}).train.warning_signal == "SIGUSR2"
+    assert ExperimentConfig.from_dict({"train": {"warning_signal": None}}).train.warning_signal is None
+    for bad, words in (("KILL", "catch"), ("NOPE", "catch"), ("TERM", "differ from INT and TERM"),
+                       ("INT", "differ from INT and TERM")):
+        with pytest.raises(ConfigError, match=words):
+            ExperimentConfig.from_dict({"train": {"warning_signal": bad}})
+    for key, value in (("checkpoint_every_minutes", -1), ("progress_seconds", float("nan")), ("progress", "bars")):
+        with pytest.raises(ConfigError, match=key):
+            ExperimentConfig.from_dict({"train": {key: value}})
+
+
+def test_the_scheduler_flags_set_their_config_keys():
+    import argparse
+
+    from vaegan.cli import add_train_flags, config_from_flags
+
+    parser = argparse.ArgumentParser()
+    add_train_flags(parser)
+    cfg = config_from_flags(parser.parse_intermixed_args(["--resume", "auto", "--max-time", "1-00:00:00", "--requeue"]))
+    assert (cfg.train.resume, cfg.train.max_time, cfg.train.requeue) == ("auto", "1-00:00:00", True)

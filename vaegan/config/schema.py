@@ -23,12 +23,14 @@ Example:
 from __future__ import annotations
 
 import math
+import signal
 from dataclasses import dataclass, field
-from typing import Any, Literal, Mapping, Optional, Tuple
+from typing import Any, Literal, Mapping, Optional, Tuple, Union
 
 from ..errors import ConfigError
 from ..schedules import Schedule
 from .legacy import accept_legacy_keywords, legacy_model_attribute, normalize_model
+from .values import parse_duration, parse_signal
 
 __all__ = [
     "ModelConfig",
@@ -213,7 +215,16 @@ class TrainConfig:
     report_to: Literal["none", "wandb", "tensorboard"] = "none"
     plot_loss_curves: bool = True  # loss_curves.png at the end (matplotlib; ~1 s)
     project: str = "vaegan"  # tracker project name
-    resume: Optional[str] = None  # "latest" or a checkpoint directory
+    resume: Optional[str] = None  # "latest", "auto" (latest when there is one, else a fresh start) or a folder
+    # Wall-clock budget of this process's training (seconds or [D-]HH:MM:SS, from the start of fit): the run
+    # stops with a checkpoint before it (docs/distributed.md: SLURM). None: no limit.
+    max_time: Optional[Union[float, str]] = None
+    checkpoint_every_minutes: float = 0.0  # also checkpoint when this long has passed since the last one; 0: off
+    # A scheduler's advance warning (`#SBATCH --signal=USR1@90`): checkpoint, then stop. None: not caught.
+    warning_signal: Optional[str] = "USR1"
+    requeue: bool = False  # under SLURM, `scontrol requeue` the job after a warning-signal or max_time stop
+    progress: Literal["auto", "bar", "log", "off"] = "auto"  # auto: a bar on a terminal, else log lines
+    progress_seconds: float = 30.0  # log mode: at most one progress line per this many seconds (at log intervals)
     # At the end, set the generator's latent scaling_factor to 1/std of posterior samples of this many
     # training images (latent diffusion's rule; autoencoder_kl has the option); 0: off.
     estimate_scaling_factor: int = 0
@@ -228,6 +239,17 @@ class TrainConfig:
             raise ConfigError("train.checkpoints_total_limit must be >= 1: the last one is never deleted.")
         if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
             raise ConfigError(f"train.ema_decay must be in (0, 1) or null, got {self.ema_decay}.")
+        if self.max_time is not None:
+            parse_duration(self.max_time, "train.max_time")
+        if not (math.isfinite(self.checkpoint_every_minutes) and self.checkpoint_every_minutes >= 0):
+            raise ConfigError("train.checkpoint_every_minutes must be a number of minutes >= 0 (0: off), got "
+                              f"{self.checkpoint_every_minutes!r}.")
+        if not (math.isfinite(self.progress_seconds) and self.progress_seconds >= 0):
+            raise ConfigError(f"train.progress_seconds must be >= 0, got {self.progress_seconds!r}.")
+        if self.warning_signal is not None and parse_signal(self.warning_signal, "train.warning_signal") in (
+                signal.SIGINT, signal.SIGTERM):
+            raise ConfigError("train.warning_signal must differ from INT and TERM, which always stop the run with a "
+                              f"checkpoint; use USR1 or USR2 (got {self.warning_signal!r}).")
         if self.estimate_scaling_factor < 0:
             raise ConfigError("train.estimate_scaling_factor is a number of images (0: off), got "
                               f"{self.estimate_scaling_factor}.")
