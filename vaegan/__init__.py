@@ -36,7 +36,15 @@ from .config import (
     apply_overrides,
     load_config,
 )
-from .errors import CheckpointError, ConfigError, DataError, PluginError, TrainingDiverged, VaeganError
+from .errors import (
+    CheckpointError,
+    ConfigError,
+    DataError,
+    PluginError,
+    TrainingDiverged,
+    TrainingStopped,
+    VaeganError,
+)
 from .factory import build_components, build_discriminator, build_generator, build_model, build_trainer, train
 from .objective import Objective
 from .schedules import Schedule
@@ -50,7 +58,8 @@ __all__ = [
     "OptimConfig", "TermConfig", "TrainConfig", "apply_overrides", "load_config",
     "AdversarialLoss", "DatasetFactory", "DiagonalGaussian", "Discriminator", "DiscriminatorOutput", "LatentSampler", "LossTerm",
     "Player", "TermInputs", "VAE", "VAEOutput",
-    "CheckpointError", "ConfigError", "DataError", "PluginError", "TrainingDiverged", "VaeganError",
+    "CheckpointError", "ConfigError", "DataError", "PluginError", "TrainingDiverged", "TrainingStopped",
+    "VaeganError",
     "build_components", "build_discriminator", "build_generator", "build_model", "build_trainer", "train",
     "Callback", "Objective", "Schedule", "StepOutput", "TrainStep", "Trainer",
 ]

@@ -5,14 +5,13 @@ the oldest checkpoint *before* writing the new one (a crash then leaves fewer go
 the iteration back from folder names, and loads ``register_for_checkpointing`` objects with
 ``weights_only=False`` (a pickle that can run code). Here:
 
-- every rank writes into ``checkpoints/.tmp-step_XXXXXXXX``; the main process then writes
-  ``vaegan_checkpoint.json`` (the marker of a complete checkpoint, with the step) and renames the folder
-  to ``checkpoints/step_XXXXXXXX`` in one ``os.replace``;
-- only then are the oldest complete checkpoints beyond the limit deleted;
+- every rank writes into ``checkpoints/.tmp-step_XXXXXXXX``; the main process then writes the marker
+  ``vaegan_checkpoint.json`` (with the step) and renames the folder to ``checkpoints/step_XXXXXXXX`` in
+  one ``os.replace``; only then are the oldest complete ones beyond the limit deleted;
 - the trainer's own state (step counters, EMA weights) is JSON and safetensors, never pickle;
-- "latest" is the complete checkpoint with the highest step *recorded in its marker*;
-- leftovers of a killed save (``.tmp-*``) or of a killed rotation (``step_*`` without a marker) are
-  never picked and are deleted at the next save;
+- "latest" (and "auto") is the complete checkpoint with the highest step *recorded in its marker*;
+  leftovers of a killed save (``.tmp-*``) or rotation (``step_*`` without a marker) are never picked
+  and are deleted at the next save;
 - before anything is restored, :func:`verify_checkpoint` checks every file: safetensors headers
   against the live modules' keys and shapes, every pickled file (``optimizer.bin``, ``scheduler.bin``,
   ``random_states_*.pkl``, ...) with ``torch.load(weights_only=True)`` (a pickle that would run code is
@@ -38,7 +37,7 @@ import torch
 from . import _compat
 from .errors import CheckpointError
 
-__all__ = ["MARKER", "CheckpointManager", "list_checkpoints", "find_checkpoint", "verify_checkpoint",
+__all__ = ["MARKER", "CheckpointManager", "list_checkpoints", "find_checkpoint", "resolve_resume", "verify_checkpoint",
            "safe_torch_load", "RestorePoint", "read_counters", "restore"]
 
 logger = logging.getLogger(__name__)
@@ -91,6 +90,19 @@ def find_checkpoint(output_dir: Union[str, Path], resume: str) -> Path:
             "interrupted save; pass another folder under <output-dir>/checkpoints or use --resume latest."
         )
     return path
+
+
+def resolve_resume(output_dir: Union[str, Path], resume: Optional[str]) -> Optional[Path]:
+    """The checkpoint ``train.resume`` names, or None for a fresh start. ``"auto"``: the latest complete one
+    when there is one, else None, so one job script is right on its first run and after every requeue.
+
+    Raises:
+        CheckpointError: ``"latest"`` or a folder that names no complete checkpoint.
+    """
+    if resume != "auto":
+        return find_checkpoint(output_dir, resume) if resume else None
+    found = list_checkpoints(Path(output_dir) / "checkpoints")
+    return found[-1] if found else None
 
 
 class CheckpointManager:
@@ -192,7 +204,7 @@ _CUSTOM = re.compile(r"^custom_checkpoint_\d+\.pkl$")
 def _corrupt(path: Path, what: str) -> CheckpointError:
     return CheckpointError(
         f"Checkpoint file '{path}' {what}. Nothing was restored from it. Resume from another checkpoint "
-        "(they are kept under <output-dir>/checkpoints; --resume latest picks the newest complete one) or "
+        "(they are kept under <output-dir>/checkpoints; --resume auto picks the newest complete one) or "
         "start a new output directory."
     )
 
@@ -314,12 +326,8 @@ class RestorePoint:
     """A copy (on the CPU) of everything a resume mutates, to put back if the resume fails half-way.
 
     Args:
-        objects: Anything with ``state_dict``/``load_state_dict`` (models, optimizers, schedulers, EMA).
-
-    Example:
-        >>> point = RestorePoint([model, optimizer])  # doctest: +SKIP
-        >>> try: load_everything()  # doctest: +SKIP
-        ... except Exception: point.restore(); raise  # doctest: +SKIP
+        objects: Anything with ``state_dict``/``load_state_dict`` (models, optimizers, schedulers, EMA);
+            :func:`restore` shows the use.
     """
 
     def __init__(self, objects: Sequence[Any]) -> None:
@@ -382,7 +390,7 @@ def restore(accelerator: Any, path: Union[str, Path], models: Sequence[torch.nn.
     try:
         accelerator.load_state(str(path))
         for name, module in extra.items():
-            module.load_state_dict(load_file(str(path / name), device=str(accelerator.device)))
+            module.load_state_dict(load_file(str(path / name)))  # copied onto the module's own device
     except Exception as exc:  # an I/O error, or a file that passed verification but still does not fit
         point.restore()
         raise CheckpointError(

@@ -44,6 +44,8 @@ _FLAGS = {
     "checkpoint_every": ("train.checkpoint_every",),
     "sample_every": ("train.sample_every",),
     "resume": ("train.resume",),
+    "max_time": ("train.max_time",),
+    "requeue": ("train.requeue",),
     "report_to": ("train.report_to",),
     "mixed_precision": ("train.mixed_precision",),
     "compile": ("train.compile",),
@@ -62,7 +64,12 @@ def add_train_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int)
     parser.add_argument("--checkpoint-every", type=int, help="steps between checkpoints (0: off)")
     parser.add_argument("--sample-every", type=int, help="steps between PNG grids (0: off)")
-    parser.add_argument("--resume", help="'latest' or a checkpoint folder")
+    parser.add_argument("--resume", help="'auto' (the latest checkpoint if there is one, else from scratch), "
+                        "'latest' or a checkpoint folder")
+    parser.add_argument("--max-time", help="stop with a checkpoint before this much wall-clock time: seconds or "
+                        "[D-]HH:MM:SS, e.g. 23:30:00 (train.max_time)")
+    parser.add_argument("--requeue", action="store_const", const="true",
+                        help="under SLURM, requeue the job after a warning-signal or --max-time stop (train.requeue)")
     parser.add_argument("--report-to", choices=["none", "wandb", "tensorboard"])
     parser.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"],
                         help="default: as set by `accelerate launch` / `accelerate config`")

@@ -6,7 +6,8 @@ paragraph alone (no traceback) and exits with status 2.
 
 from __future__ import annotations
 
-__all__ = ["VaeganError", "ConfigError", "DataError", "PluginError", "CheckpointError", "TrainingDiverged"]
+__all__ = ["VaeganError", "ConfigError", "DataError", "PluginError", "CheckpointError", "TrainingDiverged",
+           "TrainingStopped"]
 
 
 class VaeganError(Exception):
@@ -31,3 +32,21 @@ class CheckpointError(VaeganError, OSError):
 
 class TrainingDiverged(VaeganError, RuntimeError):
     """Training cannot go on: too many non-finite steps in a row, or non-finite weights to save."""
+
+
+class TrainingStopped(SystemExit):
+    """A run stopped early, with a checkpoint of the step it reached: a signal, a scheduler's warning, ``max_time``.
+
+    A ``SystemExit``, so a script that does not catch it exits with :attr:`code` (128 + the signal's number,
+    e.g. 143 for SIGTERM; 124 for ``train.max_time``, as ``timeout`` does); ``--resume auto`` continues.
+
+    Attributes:
+        code: The exit status.
+        reason: What stopped the run, in words (``"stopped by SIGTERM"``, ``"max_time reached"``).
+        step: The last step taken; its checkpoint is saved.
+    """
+
+    def __init__(self, code: int, reason: str, step: int) -> None:
+        super().__init__(code)
+        self.reason = reason
+        self.step = step

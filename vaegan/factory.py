@@ -14,6 +14,7 @@ Example:
 from __future__ import annotations
 
 import math
+import signal
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,7 @@ from torch.utils.data import DataLoader, Dataset
 from . import api, registry
 from .callbacks import Callback
 from .config import ExperimentConfig, TrainConfig
+from .config.values import parse_signal
 from .data import TensorImages, build_dataset
 from .errors import ConfigError, DataError, PluginError
 from .evaluation import EvalResources, prepare_evaluation
@@ -36,6 +38,7 @@ from .generator import build_generator
 from .guards import StepGuard
 from .objective import Objective
 from .optim import WarmupEMA, build_optimizer, default_precision
+from .preemption import WorkerSignals
 from .samplers import build_sampler
 from .step import PlayerModule, Trainable, TrainStep
 from .trainer import Trainer
@@ -115,9 +118,13 @@ def build_loader(dataset: Dataset, config: ExperimentConfig, accelerator: Accele
     streamed = not isinstance(dataset, TensorImages)  # decoded per item
     # A private generator: DataLoader.__iter__ otherwise draws a seed from the global RNG, which would
     # shift the reparameterisation noise after a mid-epoch resume.
+    # Workers leave stop signals (a whole process group's SIGTERM, SLURM's warning) to the main process.
+    stops = (signal.SIGINT, signal.SIGTERM) + ((parse_signal(tc.warning_signal, "train.warning_signal"),)
+                                               if tc.warning_signal is not None else ())
     return DataLoader(dataset, batch_size=tc.batch_size, shuffle=True, drop_last=True, num_workers=workers,
                       generator=torch.Generator().manual_seed(tc.seed), pin_memory=on_gpu and streamed,
-                      persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None)
+                      persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None,
+                      worker_init_fn=WorkerSignals(stops) if workers > 0 else None)
 
 
 @dataclass

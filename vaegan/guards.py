@@ -12,10 +12,9 @@
 - :class:`CollapseMonitor` reads the metrics already averaged over processes at each log interval
   (no extra host sync) and warns when the discriminator wins everything for several intervals in a
   row or the generator's adversarial loss explodes.
-- :class:`GracefulStop` turns SIGINT/SIGTERM into a flag; the trainer writes a checkpoint at the next
-  step boundary (one process) or the next sync point (several processes, which must agree on the
-  step) and exits with status ``128 + signal`` (130 for SIGINT, 143 for SIGTERM). A second signal
-  while that happens stops at once (the checkpoint being written is atomic, so nothing is lost).
+- :class:`GracefulStop` turns signals into a call; :class:`vaegan.preemption.RunControl` makes every
+  process agree, through the flags the guard reduces with each step, on the step after which the run
+  saves or stops, and exits with status ``128 + signal`` (130 for SIGINT, 143 for SIGTERM).
 
 Example:
     >>> guard = StepGuard(max_consecutive=3)
@@ -34,13 +33,14 @@ import logging
 import os
 import signal
 import threading
+import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterable, List, Mapping, Optional
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from .errors import TrainingDiverged
+from .errors import TrainingDiverged, TrainingStopped
 
 __all__ = ["TrainingDiverged", "StepGuard", "CollapseMonitor", "GracefulStop", "all_finite", "stopped", "EXIT_CODES"]
 
@@ -70,24 +70,19 @@ class StepGuard:
         self.accelerator = accelerator
         self.fp16_scaler = fp16_scaler
         self.consecutive = 0  # skipped steps in a row, as of the last sync
-        self.stop_signal: Optional[int] = None  # set by GracefulStop
-        self.stop_agreed = False  # True once the processes agree that a stop signal arrived
+        # Host values summed over processes along with each step's flags (RunControl's stop/save requests):
+        # ``flags()`` is called in :meth:`check`, the sums are left in ``reduced_flags`` (device).
+        self.flags: Optional[Callable[[], Sequence[float]]] = None
+        self.reduced_flags: Optional[Tensor] = None
         self._ok: Dict[str, Tensor] = {}  # this step's watched values: name -> finite (device bool)
         # Device-side counters since the last sync (created on the first check, on the flags' device).
-        self._counters: Optional[Tensor] = None  # (5,): skipped, current run, longest run, stop, last bad step
+        self._counters: Optional[Tensor] = None  # (4,): skipped, current run, longest run, last bad step
         self._culprits: Dict[str, Tensor] = {}  # name -> steps it was non-finite in
         self._first_step: Optional[int] = None  # first step checked since the last sync
 
     @property
     def _single(self) -> bool:
         return self.accelerator is None or self.accelerator.num_processes == 1
-
-    def request_stop(self, signum: int) -> None:
-        """Ask for a stop (called from a signal handler). One process stops at the next step boundary;
-        several agree on the step at the next :meth:`sync`."""
-        self.stop_signal = signum
-        if self._single:
-            self.stop_agreed = True
 
     def watch(self, name: str, value: Tensor) -> None:
         """Remember whether ``value`` (a loss, a batch) is all finite; a device op, no host sync."""
@@ -109,20 +104,23 @@ class StepGuard:
         self._ok = {}
         names = list(values)
         device = values[names[0]].device if names else torch.device("cpu")
-        stop = torch.full((1,), float(self.stop_signal is not None), device=device)
-        # (n + 1,): 1 where something is wrong on this process, then the stop flag; summed over processes.
-        bad = torch.cat([(~torch.stack([values[n] for n in names])).float(), stop]) if names else stop
+        # Fill kernels, not a host-to-device copy: no sync. (n + k,): 1 where something is wrong on this
+        # process, then the control flags; summed over processes in the one collective of the step.
+        extra = [torch.full((1,), float(v), device=device) for v in (self.flags() if self.flags is not None else ())]
+        bad = torch.cat([(~torch.stack([values[n] for n in names])).float().reshape(-1), *extra]
+                        if names else [torch.zeros(0, device=device), *extra])
         if not self._single:
             bad = self.accelerator.reduce(bad, "sum")
-        found_inf = (bad[:-1].sum() > 0).float()
+        n = len(names)
+        self.reduced_flags = bad[n:]
+        found_inf = (bad[:n].sum() > 0).float()
         if self._counters is None:
-            self._counters = torch.zeros(5, device=device)
-        skipped, run, longest, stopped_, last = self._counters.unbind()
+            self._counters = torch.zeros(4, device=device)
+        skipped, run, longest, last = self._counters.unbind()
         run = (run + 1) * found_inf  # back to 0 on an applied step
         self._counters = torch.stack([skipped + found_inf, run, torch.maximum(longest, run),
-                                      torch.maximum(stopped_, (bad[-1] > 0).float()),
                                       torch.where(found_inf > 0, float(step), last)])
-        for name, flag in zip(names, bad[:-1].unbind()):
+        for name, flag in zip(names, bad[:n].unbind()):
             hit = (flag > 0).float()
             self._culprits[name] = self._culprits[name] + hit if name in self._culprits else hit
         if self._first_step is None:
@@ -142,13 +140,12 @@ class StepGuard:
             return 0
         names = list(self._culprits)
         values = torch.cat([self._counters, torch.stack([self._culprits[n] for n in names])]) if names else self._counters
-        skipped, run, longest, stop, last, *counts = values.tolist()  # the host read
+        skipped, run, longest, last, *counts = values.tolist()  # the host read
         first = self._first_step
         self._counters = torch.stack([torch.zeros_like(self._counters[0]), self._counters[1], self._counters[1],
-                                      torch.zeros_like(self._counters[0]), torch.full_like(self._counters[0], -1)])
+                                      torch.full_like(self._counters[0], -1)])
         self._culprits, self._first_step = {}, None
         self.consecutive = int(run)
-        self.stop_agreed = self.stop_agreed or stop > 0
         if not skipped:
             return 0
         failed = [f"{n} ({int(c)}x)" for n, c in zip(names, counts) if c > 0]
@@ -224,20 +221,28 @@ class CollapseMonitor:
 
 
 class GracefulStop:
-    """Context manager: SIGINT/SIGTERM set :attr:`signum` instead of killing the process at once.
+    """Context manager: the given signals call ``on_signal`` instead of killing the process at once.
 
-    Handlers are installed only in the main thread (Python's rule) and the previous ones are put
-    back on exit. A second signal while the first is being handled restores the previous handler
-    and re-sends itself, so an impatient user still gets an immediate stop.
+    Handlers are installed only in the main thread (Python's rule) and the previous ones are put back on
+    exit. The same signal arriving again is the same request: launchers (torchrun, ``accelerate launch``)
+    forward what they receive to their workers, which under SLURM or ``kill -- -PGID`` already got it,
+    and schedulers escalate to SIGKILL themselves. Only a second SIGINT more than ``repeat_window``
+    seconds after the first (a user pressing Ctrl-C again) restores the previous handler and re-sends
+    itself, so an impatient user still gets an immediate stop.
 
     Args:
-        on_signal: Called with the signal number from the handler (e.g. to set a flag elsewhere).
+        on_signal: Called with the signal number from the handler, every time one arrives.
+        signals: The signals to catch.
+        repeat_window: Seconds within which a repeated SIGINT counts as the forwarded copy of the first.
     """
 
-    def __init__(self, on_signal: Optional[Any] = None, signals: Iterable[int] = (signal.SIGINT, signal.SIGTERM)) -> None:
+    def __init__(self, on_signal: Optional[Callable[[int], None]] = None,
+                 signals: Iterable[int] = (signal.SIGINT, signal.SIGTERM), repeat_window: float = 1.0) -> None:
         self.signals = tuple(signals)
         self.on_signal = on_signal
-        self.signum: Optional[int] = None
+        self.repeat_window = repeat_window
+        self.signum: Optional[int] = None  # the first signal received
+        self._received: Dict[int, float] = {}  # signal -> when it first arrived (monotonic)
         self._previous: Dict[int, Any] = {}
 
     def __enter__(self) -> "GracefulStop":
@@ -245,7 +250,8 @@ class GracefulStop:
             for sig in self.signals:
                 self._previous[sig] = signal.signal(sig, self._handle)
         else:
-            logger.debug("Not in the main thread: SIGINT/SIGTERM keep their default behaviour.")
+            logger.debug("Not in the main thread: %s keep their default behaviour.",
+                         ", ".join(signal.Signals(s).name for s in self.signals))
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -254,27 +260,32 @@ class GracefulStop:
         self._previous = {}
 
     def _handle(self, signum: int, frame: object) -> None:
-        if self.signum is not None:  # second signal: stop now
+        now = time.monotonic()
+        first = self._received.setdefault(signum, now)
+        if signum == signal.SIGINT and now - first > self.repeat_window:  # Ctrl-C again: stop now
             signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
             os.kill(os.getpid(), signum)
             return
-        self.signum = signum
-        logger.warning("Received %s: a checkpoint is written at the end of the current step (with several "
-                       "processes: at the next log interval, where they agree), then training exits (send it "
-                       "again to stop immediately).", signal.Signals(signum).name)
+        if self.signum is None:
+            self.signum = signum
+        if first == now:
+            logger.warning("Received %s: a checkpoint is written after the current step (all processes agree on "
+                           "the step), then training exits%s.", signal.Signals(signum).name,
+                           " (press Ctrl-C again to stop immediately)" if signum == signal.SIGINT else "")
         if self.on_signal is not None:
             self.on_signal(signum)
 
 
-def stopped(signum: Optional[int], step: int) -> SystemExit:
+def stopped(signum: Optional[int], step: int) -> TrainingStopped:
     """The ``SystemExit`` that ends a run stopped by a signal (status ``128 + signum``).
 
     ``signum`` is None on a process that learnt of another process's signal; it exits like SIGTERM.
     """
     signum = signal.SIGTERM if signum is None else signum
+    name = signal.Signals(signum).name
     logger.warning("Stopped by %s after step %d; the checkpoint of that step is saved. Continue with "
-                   "--resume latest (train.resume=latest).", signal.Signals(signum).name, step)
-    return SystemExit(128 + int(signum))
+                   "--resume auto (train.resume=auto).", name, step)
+    return TrainingStopped(128 + int(signum), f"stopped by {name}", step)
 
 
 def all_finite(modules: Iterable[Optional[nn.Module]]) -> bool:

@@ -24,20 +24,22 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 import yaml
 from safetensors.torch import save_file
-from tqdm.auto import tqdm
 
 from ._deprecation import deprecated_names
+from ._trainer_compat import moved_to_step
 from .callbacks import Callback, CallbackList
-from .checkpointing import CheckpointManager, find_checkpoint, read_counters, restore
+from .checkpointing import CheckpointManager, read_counters, resolve_resume, restore
 from .config import ExperimentConfig, to_dict
 from .data import first_batch
 from .errors import TrainingDiverged
 from .evaluation import EvalResources, evaluate, prepare_evaluation
 from .export import estimate_and_store_scaling_factor, save_discriminator, write_model_card
 from .generator import VAE
-from .guards import CollapseMonitor, GracefulStop, all_finite, stopped
+from .guards import CollapseMonitor, all_finite
 from .plots import write_loss_curves
+from .preemption import RunControl
 from .previews import preview_grids
+from .progress import Progress
 from .samplers import LatentSampler, fit_after_training, fit_configured, load_sampler, saved_samplers
 from .step import RunningMeans, StepOutput, TrainStep  # RunningMeans: also public here, as in 0.1
 from .tracking import Tracking
@@ -104,6 +106,8 @@ class Trainer:
         self._last_eval, self._last_results = -1, {}
         self.sampler: Optional[LatentSampler] = None  # config.sampler, once fitted at the end of training
         self._stop_requested = False
+        self._control: Optional[RunControl] = None  # while fit() runs
+        self._progress: Optional[Progress] = None
 
     @property
     def model(self) -> VAE:
@@ -125,20 +129,22 @@ class Trainer:
     def fit(self) -> Path:
         """Train until ``max_steps``, ``epochs`` or :meth:`stop`; returns ``<output-dir>/final``.
 
-        On SIGINT/SIGTERM a checkpoint is written at the end of the current step and the process exits
-        with status 130/143 (``SystemExit``); ``train.resume=latest`` continues from it.
+        A signal (SIGINT, SIGTERM, the scheduler's ``train.warning_signal``) or ``train.max_time`` stops the
+        run after the current step with a checkpoint, on every process at the same step
+        (:mod:`vaegan.preemption`), and raises :class:`~vaegan.errors.TrainingStopped`, a ``SystemExit``
+        with status 130/143 (128 + the signal) or 124 (``max_time``); ``train.resume=auto`` continues.
 
         Raises:
             CheckpointError: ``train.resume`` names no usable checkpoint.
             TrainingDiverged: ``train.max_nonfinite_steps`` steps in a row were NaN/inf.
+            TrainingStopped: stopped early, with a checkpoint of the step reached.
         """
         acc, tc = self.accelerator, self.config.train
-        with GracefulStop(self.train_step.guard.request_stop):
-            self._start()  # a resume replaces self.state
+        with RunControl(tc, acc, self.train_step.guard, self.loader) as self._control:
+            last_saved = self._start()  # a resume replaces self.state
             state = self.state
-            last_saved = state.step if tc.resume else -1  # a resumed run starts from a saved state
-            bar = tqdm(total=self.total_steps, initial=state.step, disable=not acc.is_local_main_process, desc="train")
-            with bar:  # closed on any exit, a signal's SystemExit included
+            with Progress(self.total_steps, state.step, tc.progress, tc.progress_seconds,
+                          enabled=acc.is_local_main_process) as self._progress:
                 while state.step < self.total_steps and state.epoch < tc.epochs and not self._stop_requested:
                     self.loader.set_epoch(state.epoch)
                     batches = self.loader  # mid-epoch after a resume: the batches this epoch has not seen yet
@@ -153,9 +159,8 @@ class Trainer:
                         self.callbacks.on_batch_end(self, out)
                         if out is not None:  # an optimizer step of both players (applied, or skipped on the device)
                             state.step += 1
-                            bar.update(1)
-                            last_saved = self._after_step(out, bar, last_saved)
-                        self._stop_if_asked(last_saved)
+                            self._progress.update(1)
+                            last_saved = self._after_step(out, last_saved)
                         if state.step >= self.total_steps or self._stop_requested:
                             break
                     else:
@@ -163,15 +168,17 @@ class Trainer:
                         continue
                     break
                 if self._logged != state.step:  # stopped by a callback between log intervals: log the tail
-                    self._log(bar)
+                    self._log()
             if last_saved != state.step:
                 self.save_checkpoint()
             return self._finish()
 
-    def _start(self) -> None:
+    def _start(self) -> int:
+        """Resume (``train.resume``), write the run's config, start the trackers; returns the step last saved."""
         acc, tc = self.accelerator, self.config.train
-        if tc.resume:
-            self.load_checkpoint(find_checkpoint(self.output_dir, tc.resume))
+        resume = resolve_resume(self.output_dir, tc.resume)
+        if resume is not None:
+            self.load_checkpoint(resume)
         if acc.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             (self.output_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(self.config), sort_keys=False))
@@ -184,18 +191,27 @@ class Trainer:
         self.tracking.start(self.config)
         self._t0, self._images0, self._logged = time.perf_counter(), self.state.images_seen, self.state.step
         self.callbacks.on_train_start(self)
+        return self.state.step if resume is not None else -1  # a resumed run starts from a saved state
 
-    def _after_step(self, out: StepOutput, bar: tqdm, last_saved: int) -> int:
-        """Everything the loop does after an optimizer step; returns the step of the last checkpoint."""
+    def _after_step(self, out: StepOutput, last_saved: int) -> int:
+        """Everything the loop does after an optimizer step; returns the step of the last checkpoint.
+
+        Raises:
+            TrainingStopped: a signal or ``max_time`` stopped the run (after this step's checkpoint).
+        """
         tc, step = self.config.train, self.state.step
+        decision = self._control.after_step()
         self.means.add(out.metrics, out.found_inf)
-        if step % tc.log_every == 0 or step == self.total_steps:
-            self._log(bar)
+        if step % tc.log_every == 0 or step == self.total_steps or decision.stop:
+            self._log()
         if tc.sample_every and step % tc.sample_every == 0:
             self.write_images(f"step_{step:08d}")
-        if tc.checkpoint_every and step % tc.checkpoint_every == 0:
+        if (tc.checkpoint_every and step % tc.checkpoint_every == 0) or decision.save or decision.stop:
             self.save_checkpoint()
             last_saved = step
+        if decision.stop:
+            self.tracking.finish()
+            raise self._control.stop(decision.stop, step)
         if self.config.eval.every and step % self.config.eval.every == 0:
             self.evaluate()
         self.callbacks.on_step_end(self, out)
@@ -205,15 +221,7 @@ class Trainer:
         """Count the skipped steps since the last sync (raises TrainingDiverged after too many in a row)."""
         self.state.skipped_steps += self.train_step.guard.sync(self.state.step)
 
-    def _stop_if_asked(self, last_saved: int) -> None:
-        guard = self.train_step.guard
-        if guard.stop_agreed:  # SIGINT/SIGTERM reached some process: checkpoint this step, then exit
-            if last_saved != self.state.step:
-                self.save_checkpoint()
-            self.tracking.finish()
-            raise stopped(guard.stop_signal, self.state.step)
-
-    def _log(self, bar: tqdm) -> None:
+    def _log(self) -> None:
         """The log interval: the one host read of the step metrics and the guard's counters."""
         acc = self.accelerator
         self._sync_guard()
@@ -235,7 +243,7 @@ class Trainer:
             self.history.append(record)
             with open(self.output_dir / "metrics.jsonl", "a") as fh:
                 fh.write(json.dumps(record) + "\n")
-            bar.set_postfix({k: f"{v:.3g}" for k, v in metrics.items() if k in ("g/total", "d/total", "images_per_sec")})
+            self._progress.report(step, metrics)
         self.tracking.log(metrics, step)
         self.callbacks.on_log(self, metrics)
 
@@ -342,7 +350,11 @@ class Trainer:
             ema_state = {k: v.detach().contiguous().cpu() for k, v in ema.state_dict().items()}
             extra["ema.safetensors"] = lambda p: save_file(ema_state, str(p))
         extra["config.yaml"] = lambda p: p.write_text(yaml.safe_dump(to_dict(self.config), sort_keys=False))
-        return self.checkpoints.save(self.accelerator, self.state.step, extra, {"epoch": self.state.epoch})
+        t0 = time.perf_counter()
+        path = self.checkpoints.save(self.accelerator, self.state.step, extra, {"epoch": self.state.epoch})
+        if self._control is not None:  # the time a save takes is kept free before train.max_time
+            self._control.saved(time.perf_counter() - t0)
+        return path
 
     def load_checkpoint(self, path: Path) -> None:
         """Restore weights, optimizers, schedulers, scaler, RNG, EMA and counters from ``path``.
@@ -369,31 +381,10 @@ class Trainer:
     def __getattr__(self, name: str) -> Any:
         # Only reached for names the trainer does not have: the players, optimizers and step methods that
         # moved to TrainStep keep working, with a warning that names their new place.
-        moved = _MOVED_TO_STEP.get(name)
-        if moved is None or name == "train_step" or "train_step" not in self.__dict__:
+        if name == "train_step" or "train_step" not in self.__dict__:
             raise AttributeError(f"'Trainer' object has no attribute '{name}'")
-        warnings.warn(f"Trainer.{name} is deprecated; use trainer.train_step.{moved[0]}.", DeprecationWarning,
-                      stacklevel=2)
-        return moved[1](self)
+        return moved_to_step(self, name)
 
-
-_MOVED_TO_STEP = {  # old Trainer attribute -> (its new spelling, how to get it)
-    "gen": ("generator.module", lambda t: t.train_step.generator.module),
-    "g_opt": ("generator.optimizer", lambda t: t.train_step.generator.optimizer),
-    "g_sched": ("generator.scheduler", lambda t: t.train_step.generator.scheduler),
-    "disc": ("discriminator.module", lambda t: t.train_step.discriminator.module),
-    "d_opt": ("discriminator.optimizer", lambda t: t.train_step.discriminator.optimizer),
-    "d_sched": ("discriminator.scheduler", lambda t: t.train_step.discriminator.scheduler),
-    "disc_net": ("disc_net", lambda t: t.train_step.disc_net),
-    "has_disc": ("discriminator is not None", lambda t: t.train_step.discriminator is not None),
-    "objective": ("objective", lambda t: t.train_step.objective),
-    "ema": ("ema", lambda t: t.train_step.ema),
-    "guard": ("guard", lambda t: t.train_step.guard),
-    "discriminator_backward": ("discriminator_backward(x, out, step)",
-                               lambda t: lambda x, out: t.train_step.discriminator_backward(x, out, t.state.step)),
-    "generator_backward": ("generator_backward(x, out, step)",
-                           lambda t: lambda x, out: t.train_step.generator_backward(x, out, t.state.step)),
-}
 
 # vaegan 0.1 called the player wrapper vaegan.trainer.Player, a name the plugin API also uses (a Literal).
 __getattr__ = deprecated_names(__name__, {"Player": "vaegan.step:PlayerModule"})
