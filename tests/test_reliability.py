@@ -10,12 +10,10 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import random
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Dict, List
@@ -23,6 +21,20 @@ from typing import Dict, List
 import pytest
 import torch
 from conftest import MNIST_ROOT, TINY
+from processes import (
+    ROOT,
+    WEIGHT_FILES,
+    assert_same_weights,
+    complete,
+    finish,
+    names,
+    once_training,
+    recipe,
+    side_by_side,
+    start,
+    tmp_dirs,
+    wait_for,
+)
 from safetensors.torch import load_file
 
 import vaegan
@@ -31,11 +43,6 @@ from vaegan.api import LossTerm
 from vaegan.checkpointing import MARKER, find_checkpoint, list_checkpoints
 from vaegan.errors import TrainingDiverged, VaeganError
 from vaegan.guards import CollapseMonitor
-
-ROOT = Path(__file__).parents[1]
-RECIPE = ROOT / "recipes" / "vaegan_mnist.py"
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
-WEIGHT_FILES = ("model.safetensors", "model_1.safetensors", "ema.safetensors")
 
 
 class NonFiniteOnCalls(LossTerm):
@@ -304,67 +311,27 @@ def test_saving_the_same_step_again_replaces_it_atomically(tiny):
     assert not any(p.name.startswith(".tmp") for p in trainer.checkpoints.root.iterdir())
 
 
-# ---- real processes: signals and kill -9 --------------------------------------------------------------
+# ---- real processes: signals to the main process and kill -9 -------------------------------------------
+# (process groups, every process of a 2-process run and SLURM job scripts: test_preemption.py)
 
-ARGS = [*TINY, "data.download=false", "train.epochs=6"]  # 4 steps per epoch: 24 steps
+ARGS = [*TINY, "--data-dir", str(MNIST_ROOT), "data.download=false", "train.epochs=6"]  # 4 steps per epoch: 24
 TOTAL = 24
 
 
 def _start(out: Path, *extra: str) -> subprocess.Popen:
-    cmd = [sys.executable, str(RECIPE), "--data-dir", str(MNIST_ROOT), "--output-dir", str(out), *ARGS, *extra]
-    return subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def _wait_for(proc: subprocess.Popen, condition, timeout: float = 240.0, every: float = 0.02) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if condition():
-            return True
-        if proc.poll() is not None:
-            return False
-        time.sleep(every)
-    return False
-
-
-def _finish(proc: subprocess.Popen, timeout: float = 240.0) -> Dict[str, object]:
-    stdout, stderr = proc.communicate(timeout=timeout)
-    return {"rc": proc.returncode, "stderr": stderr}
-
-
-def _names(out: Path) -> List[str]:
-    try:
-        return os.listdir(out / "checkpoints")
-    except FileNotFoundError:
-        return []
-
-
-def _tmp_dirs(out: Path) -> List[str]:
-    return [n for n in _names(out) if n.startswith(".tmp")]
-
-
-def _complete(out: Path) -> List[int]:
-    return [json.loads((p / MARKER).read_text())["step"] for p in list_checkpoints(out / "checkpoints")]
-
-
-def _steps_logged(out: Path) -> int:
-    try:
-        return len((out / "metrics.jsonl").read_text().splitlines())
-    except FileNotFoundError:
-        return 0
+    return start(recipe(out, *ARGS, *extra))
 
 
 def _signals(out: Path) -> Dict[str, object]:
     """SIGTERM during the first run, SIGINT during its resumed run, then a resume to the end."""
     stops = []
     for sig in (signal.SIGTERM, signal.SIGINT):
-        logged = _steps_logged(out)
         proc = _start(out, *(["--resume", "latest"] if stops else []))
-        # Once a new step is logged the handlers are installed and training is under way.
-        started = _wait_for(proc, lambda: _steps_logged(out) > logged)
+        started = once_training(proc, out)
         proc.send_signal(sig)
-        stops.append({"signal": signal.Signals(sig).name, "started": started, **_finish(proc),
-                      "complete": _complete(out)})
-    return {"stops": stops, "resumed": _finish(_start(out, "--resume", "latest"))}
+        stops.append({"signal": signal.Signals(sig).name, "started": started, **finish(proc),
+                      "complete": complete(out)})
+    return {"stops": stops, "resumed": finish(_start(out, "--resume", "latest"))}
 
 
 def _stop_inside_a_save(proc: subprocess.Popen, out: Path, tries: int = 200) -> bool:
@@ -373,11 +340,11 @@ def _stop_inside_a_save(proc: subprocess.Popen, out: Path, tries: int = 200) -> 
     save. Deterministic where a bare kill on sight is a race: every step saves, so a save that ended
     before the freeze only costs a retry, and the kill that follows lands inside a save for sure."""
     for _ in range(tries):
-        seen = set(_tmp_dirs(out))
-        if not _wait_for(proc, lambda: any(n not in seen for n in _tmp_dirs(out)), every=0.001):
+        seen = set(tmp_dirs(out))
+        if not wait_for(proc, lambda: any(n not in seen for n in tmp_dirs(out)), every=0.001):
             return False  # the run ended first
         proc.send_signal(signal.SIGSTOP)
-        if any(n not in seen for n in _tmp_dirs(out)):
+        if any(n not in seen for n in tmp_dirs(out)):
             return True
         proc.send_signal(signal.SIGCONT)
     return False
@@ -390,34 +357,16 @@ def _kill_9(out: Path) -> Dict[str, object]:
     kills: List[Dict[str, object]] = []
     proc = _start(out, "train.checkpoint_every=1")
     # anywhere after the third checkpoint
-    started = _wait_for(proc, lambda: any(n >= "step_00000003" for n in _names(out) if n.startswith("step_")))
+    started = wait_for(proc, lambda: any(n >= "step_00000003" for n in names(out) if n.startswith("step_")))
     time.sleep(rng.uniform(0.0, 0.3))
     proc.kill()
-    kills.append({"started": started, **_finish(proc), "tmp_left": _tmp_dirs(out), "complete": _complete(out)})
+    kills.append({"started": started, **finish(proc), "tmp_left": tmp_dirs(out), "complete": complete(out)})
     proc = _start(out, "train.checkpoint_every=1", "--resume", "latest")
     started = _stop_inside_a_save(proc, out)
     proc.kill()  # a frozen process dies of SIGKILL too
-    kills.append({"started": started, **_finish(proc), "tmp_left": _tmp_dirs(out), "complete": _complete(out)})
-    resumed = _finish(_start(out, "train.checkpoint_every=1", "--resume", "latest"))
-    return {"kills": kills, "resumed": resumed, "tmp_after_resume": _tmp_dirs(out)}
-
-
-def _ddp_signal_to_one_rank(out: Path) -> Dict[str, object]:
-    """Two gloo processes (torchrun); SIGTERM reaches rank 1 only. Both must stop after the same step and
-    write one complete checkpoint together (the stop flag travels in the guard's per-step reduce, read by
-    the host at the next log interval)."""
-    env = {**ENV, "ACCELERATE_USE_CPU": "true"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(RECIPE),
-           "--data-dir", str(MNIST_ROOT), "--output-dir", str(out), *ARGS]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    started = _wait_for(proc, lambda: _steps_logged(out) > 0)
-    rank1 = None
-    for pid in subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split():
-        if b"RANK=1\0" in Path(f"/proc/{pid}/environ").read_bytes():
-            rank1 = int(pid)
-    if rank1 is not None:
-        os.kill(rank1, signal.SIGTERM)
-    return {"started": started, "rank1": rank1, **_finish(proc), "complete": _complete(out)}
+    kills.append({"started": started, **finish(proc), "tmp_left": tmp_dirs(out), "complete": complete(out)})
+    resumed = finish(_start(out, "train.checkpoint_every=1", "--resume", "latest"))
+    return {"kills": kills, "resumed": resumed, "tmp_after_resume": tmp_dirs(out)}
 
 
 @pytest.fixture(scope="module")
@@ -425,44 +374,18 @@ def chains(tmp_path_factory) -> Dict[str, Dict[str, object]]:
     """Every process test of this file, side by side: an uninterrupted reference run; SIGTERM, then SIGINT
     in the resumed run; kill -9 during training, then during a save; each followed by ``--resume latest``."""
     base = tmp_path_factory.mktemp("processes")
-    jobs = {
-        "reference": lambda: {"run": _finish(_start(base / "reference"))},
+    results = side_by_side({
+        "reference": lambda: {"run": finish(_start(base / "reference"))},
         "signals": lambda: _signals(base / "signals"),
         "kill_9": lambda: _kill_9(base / "kill_9"),
-        "ddp": lambda: _ddp_signal_to_one_rank(base / "ddp"),
-    }
-    results: Dict[str, Dict[str, object]] = {}
-
-    def run(name):
-        t0 = time.monotonic()
-        try:
-            results[name] = jobs[name]()
-        except Exception as exc:  # reported by the test that reads it
-            results[name] = {"error": repr(exc)}
-        results[name]["seconds"] = time.monotonic() - t0
-
-    threads = [threading.Thread(target=run, args=(name,)) for name in jobs]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    for name in jobs:
+    })
+    for name in results:
         results[name]["out"] = base / name
     return results
 
 
-def _final_weights(out: Path) -> Dict[str, Dict[str, torch.Tensor]]:
-    ckpt = find_checkpoint(out, "latest")
-    assert ckpt.name == f"step_{TOTAL:08d}"
-    return {f: load_file(str(ckpt / f)) for f in WEIGHT_FILES}
-
-
 def _assert_same_final_weights(chains, name: str) -> None:
-    ref, got = _final_weights(chains["reference"]["out"]), _final_weights(chains[name]["out"])
-    for file in WEIGHT_FILES:
-        assert ref[file].keys() == got[file].keys()
-        for key in ref[file]:
-            assert torch.equal(ref[file][key], got[file][key]), f"{name}: {file}:{key} differs from the reference"
+    assert_same_weights(chains["reference"]["out"], chains[name]["out"], TOTAL)
 
 
 @pytest.mark.slow
@@ -512,16 +435,3 @@ def test_kill_9_during_training_and_during_a_save_then_resume_equals_an_uninterr
     assert f"at step {max(last['complete'])}" in chain["resumed"]["stderr"]  # the newest complete one
     assert chain["tmp_after_resume"] == []  # the leftover was cleaned by the next save
     _assert_same_final_weights(chains, "kill_9")
-
-
-@pytest.mark.slow
-def test_ddp_ranks_agree_to_stop_when_only_one_receives_sigterm(chains):
-    run = chains["ddp"]
-    assert "error" not in run, run
-    assert run["started"] and run["rank1"] is not None, run["stderr"][-3000:]
-    stops = [int(line.split("after step ")[1].split(";")[0]) for line in run["stderr"].splitlines()
-             if "Stopped by SIGTERM after step" in line]
-    assert len(stops) == 2 and stops[0] == stops[1], run["stderr"][-3000:]  # rank 0 learnt of it at the same step
-    assert run["complete"] and run["complete"][-1] == stops[0]
-    ckpt = find_checkpoint(chains["ddp"]["out"], "latest")
-    assert (ckpt / "random_states_0.pkl").is_file() and (ckpt / "random_states_1.pkl").is_file()
