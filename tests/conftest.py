@@ -8,6 +8,7 @@ test parametrised over the generators meets a latent that is not a vector.
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -21,8 +22,21 @@ MNIST_ROOT = FIXTURES  # torchvision layout: FIXTURES/MNIST/raw/*-ubyte (256 tra
 
 os.environ.setdefault("WANDB_MODE", "offline")  # never try the network from a test
 os.environ.setdefault("WANDB_SILENT", "true")
-# The evaluation classifier is cached here, once per test session, never under the user's ~/.cache.
-os.environ.setdefault("VAEGAN_CACHE", tempfile.mkdtemp(prefix="vaegan-test-cache-"))
+
+# Everything the suite's libraries and subprocesses would write outside pytest's tmp_path goes into one
+# folder, removed when the session ends (pytest_unconfigure): the evaluation classifier's cache, W&B's
+# logs and caches, matplotlib's font cache, torch.compile's, and the temporary files of every process
+# the tests start (torchrun's torchelastic_*, multiprocessing's pymp-* of processes killed on purpose).
+SANDBOX = Path(tempfile.mkdtemp(prefix="vaegan-tests-"))
+for _var, _sub in (("VAEGAN_CACHE", "vaegan"), ("WANDB_CACHE_DIR", "wandb-cache"), ("WANDB_CONFIG_DIR", "wandb-config"),
+                   ("WANDB_DATA_DIR", "wandb-data"), ("MPLCONFIGDIR", "matplotlib"),
+                   ("TORCHINDUCTOR_CACHE_DIR", "inductor"), ("TRITON_CACHE_DIR", "triton"), ("TMPDIR", "tmp")):
+    (SANDBOX / _sub).mkdir()
+    os.environ[_var] = str(SANDBOX / _sub)  # TMPDIR: for child processes (this one's tempdir is already set)
+
+
+def pytest_unconfigure(config) -> None:
+    shutil.rmtree(SANDBOX, ignore_errors=True)
 
 
 spatial_generator.register()

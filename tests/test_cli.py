@@ -22,6 +22,7 @@ from PIL import Image
 import vaegan
 from vaegan import commands
 from vaegan.cli import main
+from vaegan.previews import LABEL_HEIGHT
 
 ROOT = Path(__file__).parents[1]
 VAEGAN = [shutil.which("vaegan")] if shutil.which("vaegan") else [sys.executable, "-m", "vaegan.cli"]
@@ -87,6 +88,37 @@ def test_help_says_what_each_command_does_with_an_example(command, capsys):
     text = capsys.readouterr().out
     assert "Example:" in text and f"vaegan {command}" in text.split("Example:")[1]
     assert "--model" in text if command in ("sample", "reconstruct", "interpolate") else True
+    if command == "train":  # its config is the positional CONFIG.yaml: --config (the recipe's) is not offered too
+        assert "CONFIG.yaml" in text and "--config" not in text
+
+
+# Imported by `import vaegan` or `vaegan --help` they cost seconds (torch alone about 1.2 s here): only the
+# commands that compute import them (docs/benchmarks.md, "Start-up").
+HEAVY = ("torch", "torchvision", "torchmetrics", "accelerate", "lpips", "wandb", "sklearn", "scipy", "matplotlib",
+         "diffusers", "PIL", "numpy", "safetensors", "einops", "tqdm")
+
+
+@pytest.mark.parametrize("code", [
+    "import vaegan; vaegan.ExperimentConfig(); vaegan.load_config",
+    "import sys, runpy; sys.argv = ['vaegan', '--help']\ntry: runpy.run_module('vaegan.cli', run_name='__main__')\n"
+    "except SystemExit: pass",
+    "import sys, runpy; sys.argv = ['vaegan', 'train', '--help']\ntry: runpy.run_module('vaegan.cli', "
+    "run_name='__main__')\nexcept SystemExit: pass",
+], ids=["import vaegan", "vaegan --help", "vaegan train --help"])
+def test_import_and_help_load_no_heavy_module(code):
+    probe = f"{code}\nimport sys\nprint('MODULES', sorted({{m.split('.')[0] for m in sys.modules}}))"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    loaded = set(eval(out.split("MODULES ", 1)[1]))
+    assert not loaded & set(HEAVY), sorted(loaded & set(HEAVY))
+
+
+def test_lazy_names_resolve_to_their_modules_and_typos_still_fail():
+    from vaegan.trainer import Trainer
+
+    assert vaegan.Trainer is Trainer and "Trainer" in dir(vaegan) and vaegan.metrics.__name__ == "vaegan.metrics"
+    assert all(getattr(vaegan, name) is not None for name in vaegan.__all__)
+    with pytest.raises(AttributeError, match="has no attribute 'Trainr'"):
+        vaegan.Trainr
 
 
 def test_top_level_help_lists_every_command(capsys):
@@ -166,8 +198,11 @@ def test_reconstruct_png_shows_input_reconstruction_pairs(run_dir, tmp_path):
                  "--out", str(tmp_path / "r.png")]) == 0
     assert main(["reconstruct", "--model", str(run_dir), "--data-dir", str(MNIST_ROOT), "--limit", "10",
                  "--out", str(tmp_path / "r.npz")]) == 0
-    grid, data = _png(tmp_path / "r.png"), _npz(tmp_path / "r.npz")
-    assert grid.shape[:2] == _grid_shape(20, 16)
+    labelled, data = _png(tmp_path / "r.png"), _npz(tmp_path / "r.npz")
+    band, grid = labelled[:LABEL_HEIGHT], labelled[LABEL_HEIGHT:]  # "real", "recon" over the columns
+    assert grid.shape[:2] == _grid_shape(20, 16) and band.min() < 100 and band.max() == 255
+    for column in range(2):  # text over each of the first two columns
+        assert band[:, PAD + column * 30:(column + 1) * 30].min() < 100
     for i in range(10):
         np.testing.assert_array_equal(_cell(grid, 2 * i, 16), data["inputs"][i, 0])
         np.testing.assert_array_equal(_cell(grid, 2 * i + 1, 16), data["images"][i, 0])
@@ -200,8 +235,10 @@ def test_interpolate_between_given_dataset_images(run_dir, tmp_path, test_digits
     ends = commands.to_uint8(model.reconstruct(test_digits[[0, 3, 7, 5], None].float() / 255), model.value_range)
     np.testing.assert_array_equal(data["images"][:, 0], ends[:2].numpy())  # t = 0: the first image's code
     np.testing.assert_array_equal(data["images"][:, -1], ends[2:].numpy())  # t = 1: the second's
-    grid = _png(tmp_path / "i.png")
+    labelled = _png(tmp_path / "i.png")
+    band, grid = labelled[:LABEL_HEIGHT], labelled[LABEL_HEIGHT:]  # "real" over the first and last columns
     assert grid.shape[:2] == _grid_shape(2 * 8, 8)  # real | 6 steps | real
+    assert band[:, :30].min() < 100 and band[:, 7 * 30:].min() < 100 and band[:, 60:180].min() == 255
     np.testing.assert_array_equal(_cell(grid, 8 + 7, 8), test_digits[5].numpy())
 
 

@@ -36,24 +36,39 @@ def test_classifier_is_cached_by_dataset_key(tmp_path):
     b = load_or_train_classifier(DATA, TINY_MODEL, tmp_path, epochs=1)
     assert files[0].stat().st_mtime_ns == mtime  # loaded, not retrained
     assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))
-    limited = DataConfig(**{**DATA.__dict__, "limit": 128})
-    load_or_train_classifier(limited, TINY_MODEL, tmp_path, epochs=1)
+    other = DataConfig(**{**DATA.__dict__, "options": {"classes": [0, 1, 2]}})
+    load_or_train_classifier(other, TINY_MODEL, tmp_path, epochs=1)
     assert len(list(tmp_path.glob("classifier-*.safetensors"))) == 2  # other data, other key
+
+
+def test_the_feature_classifier_learns_from_the_whole_train_split_whatever_the_limit(tmp_path):
+    """`vaegan eval --limit 500` once trained the classifier on 500 images (FD 16.8 for blobs): never again."""
+    limited = prepare_evaluation(dataclasses.replace(DATA, limit=64), TINY_MODEL, dataclasses.replace(SMALL, limit=20),
+                                 cache_dir=tmp_path)
+    whole = prepare_evaluation(DATA, TINY_MODEL, SMALL, cache_dir=tmp_path)
+    assert len(limited.dataset) == 20 and limited.classifier.trained_on == whole.classifier.trained_on == 256
+    assert len(list(tmp_path.glob("classifier-*-n256-*.safetensors"))) == 1  # one classifier for both
+    assert all(torch.equal(p, q) for p, q in zip(limited.classifier.state_dict().values(),
+                                                 whole.classifier.state_dict().values()))
+    r = evaluate(tiny_generator(), DATA, dataclasses.replace(SMALL, limit=20), resources=limited, cache_dir=tmp_path)
+    protocol = r["protocol"]
+    assert protocol["images"] == 20 and protocol["limit"] == 20 and protocol["num_samples"] == 64
+    assert "all 256 images of the mnist train split (never limited)" in protocol["fd_features"]
 
 
 def test_identical_images_give_perfect_scores(tmp_path):
     """A 'model' that reconstructs perfectly: PSNR inf, SSIM 1; real vs real features: FD ~ 0."""
     from torchmetrics.image.fid import FrechetInceptionDistance
 
+    from vaegan.classifier import Features
     from vaegan.data import build_dataset, first_batch
-    from vaegan.evaluation import _Features
 
     x = first_batch(build_dataset(DATA, TINY_MODEL), 128)
     from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
     assert peak_signal_noise_ratio(x, x, data_range=1.0) == float("inf")
     assert float(structural_similarity_index_measure(x, x, data_range=1.0)) == pytest.approx(1.0)
-    fid = FrechetInceptionDistance(feature=_Features(DigitClassifier().eval()))
+    fid = FrechetInceptionDistance(feature=Features(DigitClassifier().eval()))
     fid.update(x, real=True)
     fid.update(x, real=False)
     assert abs(float(fid.compute())) < 1e-2

@@ -312,3 +312,18 @@ def test_loss_curves_cover_every_logged_term(tiny):
     assert sorted(k for g in groups.values() for k in g) == sorted(logged)  # each term in one subplot
     assert {"g", "d", "d_logits", "weight", "grad_norm", "lr"} <= set(groups)
     assert "g/adaptive_weight" in groups["weight"]
+
+
+def test_identical_series_stay_visible_and_say_so(tiny):
+    """With the same schedule for both players, lr/d would hide under lr/g: it is dashed and labelled."""
+    from vaegan.plots import loss_curves_figure
+
+    cfg = tiny("train.max_steps=4")
+    vaegan.build_trainer(cfg).fit()
+    fig = loss_curves_figure(Path(cfg.train.output_dir) / "metrics.jsonl")
+    lines = {line.get_label(): line for ax in fig.axes for line in ax.get_lines()}
+    twins = [label for label in lines if label.startswith("lr/") and "(= " in label]
+    assert twins in (["lr/d (= lr/g)"], ["lr/g (= lr/d)"]), list(lines)
+    original = twins[0].split("(= ")[1].rstrip(")")
+    assert lines[original].get_linestyle() == "-" and lines[twins[0]].get_linestyle() == "--"
+    assert "g/total" in lines and not any("(= g/total)" in label for label in lines)  # different series: plain

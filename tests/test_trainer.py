@@ -6,6 +6,7 @@ Each test runs the real trainer (real Accelerate, real torch) on real digits fro
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -335,3 +336,20 @@ def test_every_component_can_be_built_apart_and_injected(tiny):
     assert parts.train_step.accelerator is accelerator and parts.loader.dataset is images
     trainer = vaegan.Trainer(cfg, parts.train_step, parts.loader, parts.total_steps)
     assert trainer.total_steps == 2 and trainer.fit().is_dir()
+
+
+@pytest.mark.parametrize("env, local, setting, expected", [
+    ({"ACCELERATE_DYNAMO_BACKEND": "NO", "OMP_NUM_THREADS": "1"}, 1, None, "cores"),  # accelerate's default: replaced
+    ({"ACCELERATE_DYNAMO_BACKEND": "NO", "OMP_NUM_THREADS": "1"}, 2, None, "half"),  # shared by the node's processes
+    ({"ACCELERATE_DYNAMO_BACKEND": "NO", "OMP_NUM_THREADS": "3"}, 1, None, None),  # a choice: respected
+    ({"OMP_NUM_THREADS": "1"}, 2, None, None),  # torchrun's default or the user's: respected
+    ({}, 1, None, None),  # plain python: torch's own default
+    ({"ACCELERATE_DYNAMO_BACKEND": "NO", "OMP_NUM_THREADS": "1"}, 1, 1, 1),  # train.cpu_threads wins
+])
+def test_cpu_threads_replace_only_accelerates_default(env, local, setting, expected):
+    from vaegan.config import TrainConfig
+    from vaegan.factory import cpu_threads
+
+    cores = len(os.sched_getaffinity(0))
+    want = {"cores": cores, "half": max(1, cores // 2)}.get(expected, expected)
+    assert cpu_threads(TrainConfig(cpu_threads=setting), local, env) == want

@@ -52,9 +52,11 @@ _FLAGS = {
 }
 
 
-def add_train_flags(parser: argparse.ArgumentParser) -> None:
-    """The recipe flags; each overrides the matching config key (see ``_FLAGS``)."""
-    parser.add_argument("--config", type=Path, help="YAML config file; flags override it")
+def add_train_flags(parser: argparse.ArgumentParser, config_flag: bool = True) -> None:
+    """The recipe flags; each overrides the matching config key (see ``_FLAGS``). ``config_flag=False`` keeps
+    ``--config`` out of the help, for ``vaegan train`` whose config is its positional argument."""
+    parser.add_argument("--config", type=Path,
+                        help="YAML config file; flags override it" if config_flag else argparse.SUPPRESS)
     parser.add_argument("--data-dir", help="dataset root (MNIST is downloaded here when missing)")
     parser.add_argument("--output-dir", help="where checkpoints, samples and final/ go")
     parser.add_argument("--epochs", type=int)
@@ -100,18 +102,19 @@ def _guard(fn: Callable[[], int]) -> int:
 
 
 def run_recipe(argv: Optional[Sequence[str]] = None, default_config: Optional[Path] = None, description: str = "",
-               prog: Optional[str] = None) -> int:
-    """Parse recipe flags and train; used by ``recipes/*.py`` and ``vaegan train``."""
-    from .factory import train
-
+               prog: Optional[str] = None, config_flag: bool = True) -> int:
+    """Parse recipe flags and train; used by ``recipes/*.py`` and ``vaegan train`` (``config_flag=False``: the
+    config is a positional argument, see :func:`add_train_flags`)."""
     parser = argparse.ArgumentParser(prog=prog, description=description,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_train_flags(parser)
+    add_train_flags(parser, config_flag)
     args = parser.parse_intermixed_args(argv)  # KEY=VALUE overrides may sit before and after flags
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("accelerate").setLevel(logging.WARNING)  # one line per saved file otherwise
 
     def go() -> int:
+        from .factory import train  # torch and the rest: not needed for --help or a config error
+
         try:
             final = train(config_from_flags(args, default_config))
         finally:
@@ -273,7 +276,8 @@ def _parser() -> argparse.ArgumentParser:
                  "reconstructions; negative ELBO and the IWAE NLL in nats and bits/dim; Fréchet distance in a "
                  "cached classifier's features, class histogram and precision/recall (labelled data); "
                  "sharpness and high-frequency ratios of generated images (latents from --sampler). Prints a table; --out "
-                 "writes JSON. "
+                 "writes JSON. --limit bounds the evaluated images only: --num-samples sets the generated images, "
+                 "--nll-images the likelihood's, and the feature classifier always learns from the whole train split. "
                  "Under `accelerate launch` / torchrun the work is split over the processes and the numbers "
                  "are the same as on one.",
                  "vaegan eval --model outputs/vaegan_mnist --data-dir data --num-samples 10000 --out eval.json")
@@ -342,7 +346,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.config_file is None and not {"-h", "--help"} & set(rest):
             return _guard(_missing_config)
         config = ["--config", str(args.config_file)] if args.config_file is not None else []
-        return run_recipe([*config, *rest], description=_TRAIN_HELP, prog="vaegan train CONFIG.yaml")
+        return run_recipe([*config, *rest], description=_TRAIN_HELP, prog="vaegan train CONFIG.yaml",
+                          config_flag=False)
     if rest:
         _parser().parse_args(argv)  # reports the unknown arguments and exits 2
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")

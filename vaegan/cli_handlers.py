@@ -138,7 +138,8 @@ def eval_command(args: argparse.Namespace) -> int:
     logvar = None if args.logvar is None else torch.tensor(args.logvar)
     try:
         results = evaluate(model, data, eval_config, logvar=logvar, accelerator=accelerator, output=args.out,
-                           sampler=sampler)
+                           sampler=sampler, progress=sys.stderr.isatty() and (
+                               accelerator is None or accelerator.is_local_main_process))
     finally:
         shutdown_distributed()
     if accelerator is None or accelerator.is_main_process:

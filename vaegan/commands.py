@@ -27,6 +27,7 @@ from .config import DataConfig, from_dict, load_config
 from .data import build_dataset
 from .errors import CheckpointError, ConfigError, DataError, VaeganError
 from .generator import CONFIG_NAME, VAE
+from .previews import PAIR_LABELS, label_columns, strip_labels
 from .samplers import LatentSampler, sample_latents
 
 __all__ = [
@@ -243,7 +244,8 @@ def _image(item) -> Tensor:
     return item[0] if isinstance(item, (list, tuple)) else item
 
 
-def save_images(path: Union[str, Path], images: Tensor, nrow: Optional[int] = None, **arrays: Tensor) -> Path:
+def save_images(path: Union[str, Path], images: Tensor, nrow: Optional[int] = None,
+                labels: Optional[Sequence[str]] = None, **arrays: Tensor) -> Path:
     """Write uint8 images as a ``.png`` grid or as the array ``images`` of a ``.npz`` archive.
 
     Args:
@@ -251,6 +253,7 @@ def save_images(path: Union[str, Path], images: Tensor, nrow: Optional[int] = No
         images: uint8 (N, C, H, W), or (P, S, C, H, W) for rows of S images (a .png lays out one
             row per P; a .npz keeps the shape).
         nrow: Images per row of a .png grid (default: about square).
+        labels: Column names written in a band above a .png grid (:func:`vaegan.previews.label_columns`).
         arrays: Further uint8 arrays stored in a .npz next to ``images`` (ignored for .png).
 
     Returns:
@@ -276,6 +279,8 @@ def save_images(path: Union[str, Path], images: Tensor, nrow: Optional[int] = No
                 images = images.flatten(0, 1)
             nrow = nrow or math.ceil(math.sqrt(images.shape[0]))
             grid = make_grid(images, nrow=nrow, padding=2, pad_value=0)  # uint8 (3, H', W')
+            if labels:
+                grid = label_columns(grid, labels, images.shape[-1])
             Image.fromarray(grid.permute(1, 2, 0).numpy()).save(path)
     except OSError as exc:
         raise VaeganError(f"Cannot write '{path}': {exc}. Choose another --out path.") from None
@@ -286,17 +291,20 @@ def save_reconstructions(path: Union[str, Path], inputs: Tensor, recons: Tensor)
     """``.npz``: ``images`` (the reconstructions) and ``inputs``; ``.png``: a grid of input |
     reconstruction pairs, eight pairs per row. Both uint8 (N, C, H, W)."""
     if check_output(path) == ".png":
-        return save_images(path, torch.stack([inputs, recons], dim=1).flatten(0, 1), nrow=16)  # in, out, in, ...
+        return save_images(path, torch.stack([inputs, recons], dim=1).flatten(0, 1), nrow=16,  # in, out, in, ...
+                           labels=PAIR_LABELS)
     return save_images(path, recons, inputs=inputs)
 
 
 def save_interpolations(path: Union[str, Path], strips: Tensor, ends: Optional[Tensor] = None) -> Path:
     """``.npz``: ``images`` (P, steps, C, H, W) and, for dataset images, ``inputs`` (P, 2, C, H, W);
-    ``.png``: one strip per row, with the real images at both ends when there are any."""
+    ``.png``: one strip per row, with the real images at both ends (so labelled) when there are any."""
     if check_output(path) == ".npz":
         return save_images(path, strips, **({"inputs": ends} if ends is not None else {}))
-    rows = strips if ends is None else torch.cat([ends[:, :1], strips, ends[:, 1:]], dim=1)  # (P, S(+2), C, H, W)
-    return save_images(path, rows)
+    if ends is None:
+        return save_images(path, strips)
+    rows = torch.cat([ends[:, :1], strips, ends[:, 1:]], dim=1)  # (P, S + 2, C, H, W)
+    return save_images(path, rows, labels=strip_labels(rows.shape[1]))
 
 
 # The trainer's preview panels moved to their own module (the trainer no longer imports this CLI-side one).

@@ -21,6 +21,7 @@ from __future__ import annotations
 import gzip
 import logging
 import math
+import re
 import shutil
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple, Union
@@ -210,18 +211,23 @@ def mnist(root: str, split: str, download: bool, limit: Optional[int], image_sha
     try:
         ds = MNIST(root=root, train=train, download=False)
     except RuntimeError:
-        ds = None
+        ds, why = None, " (download is off)"
         if download:
+            made = [p for p in (Path(root), Path(root) / "MNIST", raw) if not p.exists()]  # removed if left empty
             try:
                 ds = MNIST(root=root, train=train, download=True)
             except Exception as exc:  # URLError, HTTPError, timeouts: all mean "no network here"
-                logger.warning("MNIST download failed: %s", exc)
+                logger.debug("MNIST download failed: %s", exc)  # the error below says it in one line
+                why = f" (download failed: {_first_reason(exc)})"
+                for folder in reversed(made):  # a failed download leaves no empty MNIST/raw behind
+                    if folder.is_dir() and not any(folder.iterdir()):
+                        folder.rmdir()
         if ds is None:
             files = ", ".join(all_files)
             raise DataError(
-                f"MNIST ({split} split) is not in '{raw}' and could not be downloaded"
-                f"{'' if download else ' (download is off)'}. Put the files {files} (or their .gz "
-                f"versions) in '{raw}', or point --data-dir at the folder that contains MNIST/raw."
+                f"MNIST ({split} split) is not in '{raw}' and could not be downloaded{why}. Put the files "
+                f"{files} (or their .gz versions) in '{raw}', or point --data-dir at the folder that contains "
+                "MNIST/raw."
             ) from None
     images, labels = ds.data, ds.targets
     if classes is not None:
@@ -229,6 +235,13 @@ def mnist(root: str, split: str, download: bool, limit: Optional[int], image_sha
         images, labels = images[keep], labels[keep]
     images = images[:limit].unsqueeze(1).contiguous()  # (N, 1, 28, 28) uint8
     return TensorImages(images, value_range, labels=labels[:limit].clone())
+
+
+def _first_reason(exc: BaseException) -> str:
+    """The innermost cause of a failed download in a few words (``Name or service not known``)."""
+    text = str(exc)
+    inner = re.findall(r"<urlopen error (?:\[Errno [-\d]+\] )?([^>]+)>", text)
+    return (inner[-1] if inner else text.splitlines()[0] if text else type(exc).__name__)[:200]
 
 
 def image_folder(root: str, split: str, download: bool, limit: Optional[int], image_shape: Tuple[int, int, int],

@@ -11,8 +11,8 @@ Protocol (written into every result as ``protocol``):
   middle of the range (or the decoder's Gaussian with a given log-variance);
 - ``num_samples`` generated images (latents drawn from ``seed``: the prior's, or a fitted sampler's)
   against the evaluation split: Fréchet distance in the penultimate (128-d) layer of a small classifier
-  trained once on the *training* split and cached under a key made of dataset, split, image shape, size
-  and a content hash (never a bare file name); sharpness and high-frequency ratios; class histogram and
+  trained once on the whole *training* split (never limited: :mod:`vaegan.classifier`) and cached;
+  sharpness and high-frequency ratios; class histogram and
   the classifier's mean confidence; precision/recall (k = 3) in the same feature space.
 
 Everything is correct under DDP: each rank takes every ``world``-th image (no padding duplicates) and
@@ -27,24 +27,29 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Dict, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 from einops import rearrange
-from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from torch.utils.data import Dataset
+from tqdm.auto import tqdm
 
 from . import registry
+from .classifier import (  # noqa: F401  (DigitClassifier, load_or_train_classifier: public here since 0.1)
+    CLASSIFIER_VERSION,
+    DigitClassifier,
+    Features,
+    classifier_for,
+    default_cache_dir,
+    load_or_train_classifier,
+)
 from .config import DataConfig, EvalConfig, ModelConfig
 from .data import TensorImages, build_dataset
-from .errors import DataError, PluginError
+from .errors import PluginError
 from .generator import VAE
 from .metrics import (
     ClassHistogram,
@@ -60,119 +65,6 @@ __all__ = ["DigitClassifier", "load_or_train_classifier", "EvalResources", "prep
            "default_cache_dir"]
 
 logger = logging.getLogger(__name__)
-
-
-CLASSIFIER_VERSION = "v2"  # v2: batch 32, 4 epochs (96.5% MNIST test accuracy from 12,000 training digits)
-
-
-def default_cache_dir() -> Path:
-    """``$VAEGAN_CACHE`` or ``~/.cache/vaegan``."""
-    return Path(os.environ.get("VAEGAN_CACHE", Path.home() / ".cache" / "vaegan"))
-
-
-class DigitClassifier(nn.Module):
-    """A small CNN classifier whose penultimate layer is the feature space for Fréchet distances.
-
-    Args:
-        image_shape: (C, H, W) of its inputs (images in the VAE's output range).
-        num_classes: Output classes.
-    """
-
-    num_features = 128  # read by torchmetrics' FrechetInceptionDistance
-
-    def __init__(self, image_shape=(1, 28, 28), num_classes: int = 10) -> None:
-        super().__init__()
-        c = image_shape[0]
-        self.body = nn.Sequential(
-            nn.Conv2d(c, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(64 * 16, self.num_features), nn.ReLU(),
-        )
-        self.head = nn.Linear(self.num_features, num_classes)
-
-    def features(self, x: Tensor) -> Tensor:
-        """(N, 128) features of images (N, C, H, W)."""
-        return self.body(x.float())
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.head(self.features(x))
-
-
-class _Features(nn.Module):
-    """The classifier's feature layer as a module, the form torchmetrics' FID accepts."""
-
-    def __init__(self, classifier: DigitClassifier) -> None:
-        super().__init__()
-        self.classifier = classifier
-        self.num_features = classifier.num_features
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.classifier.features(x)
-
-
-def _dataset_key(dataset: TensorImages, data: DataConfig) -> str:
-    digest = hashlib.sha256(dataset.images.numpy().tobytes()).hexdigest()[:16]
-    c, h, w = dataset.images.shape[1:]
-    return f"{data.name}-{data.split}-{c}x{h}x{w}-n{len(dataset)}-{digest}"
-
-
-def load_or_train_classifier(data: DataConfig, model: ModelConfig, cache_dir: Optional[Path] = None,
-                             epochs: int = 4, seed: int = 0) -> DigitClassifier:
-    """The feature classifier for ``data``'s *training* split, trained once and cached.
-
-    Raises:
-        DataError: the dataset has no labels (only labelled in-memory datasets such as MNIST do).
-    """
-    train_cfg = DataConfig(**{**data.__dict__, "split": "train"})
-    ds = build_dataset(train_cfg, model)
-    if not isinstance(ds, TensorImages) or ds.labels is None:
-        raise DataError(
-            f"The '{data.name}' dataset has no class labels, so vaegan cannot train its feature classifier. "
-            "Use a labelled dataset (mnist) or evaluate without classifier metrics (classifier=False)."
-        )
-    # The recipe's version is part of the name: changing how the classifier is trained invalidates old files.
-    path = Path(cache_dir or default_cache_dir()) / f"classifier-{CLASSIFIER_VERSION}-e{epochs}-{_dataset_key(ds, train_cfg)}.safetensors"
-    clf = DigitClassifier(tuple(ds.images.shape[1:]))
-    if path.is_file():
-        clf.load_state_dict(load_file(str(path)))
-        return clf.eval()
-    logger.info("Training the feature classifier on %d images (cached at %s)", len(ds), path)
-    gen = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
-    opt = torch.optim.Adam(clf.parameters(), lr=1e-3)
-    labels = ds.labels
-    with torch.enable_grad():  # also when called from evaluate(), which runs under no_grad
-        _fit_classifier(clf, ds, labels, opt, epochs, gen)
-    clf.eval()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    save_file({k: v.contiguous() for k, v in clf.state_dict().items()}, str(tmp))
-    os.replace(tmp, path)  # atomic: concurrent ranks/processes never read a half-written file
-    return clf
-
-
-def _fit_classifier(clf: DigitClassifier, ds: TensorImages, labels: Tensor, opt, epochs: int, gen) -> None:
-    for _ in range(epochs):
-        for idx in torch.randperm(len(ds), generator=gen).split(32):
-            x = ds[idx]  # (b, C, H, W) floats in the value range
-            loss = F.cross_entropy(clf(x), labels[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-
-
-def _classifier_for(data: DataConfig, model_config: ModelConfig, ds: Dataset, wanted: Optional[bool],
-                    cache_dir: Optional[Path], accelerator) -> Optional[DigitClassifier]:
-    """The cached feature classifier, or None when ``wanted`` is False (or None and ``ds`` has no labels)."""
-    if wanted is False or (wanted is None and getattr(ds, "labels", None) is None):
-        if wanted is None:
-            logger.info("The '%s' dataset has no labels: classifier metrics (FD, histogram, precision/recall) "
-                        "are skipped.", data.name)
-        return None
-    if accelerator is None:
-        return load_or_train_classifier(data, model_config, cache_dir)
-    with accelerator.main_process_first():  # rank 0 trains and caches it; the others then load the file
-        return load_or_train_classifier(data, model_config, cache_dir)
 
 
 def _lpips_for(wanted: Optional[bool]) -> Tuple[Optional[nn.Module], Optional[str]]:
@@ -237,7 +129,7 @@ def prepare_evaluation(data: DataConfig, model_config: ModelConfig, config: Eval
     """
     data = dataclasses.replace(data, split=config.split, limit=config.limit)
     ds = build_dataset(data, model_config)
-    clf = _classifier_for(data, model_config, ds, config.classifier, cache_dir, accelerator)
+    clf = classifier_for(data, model_config, ds, config.classifier, cache_dir, accelerator)
     lpips, note = _lpips_for(config.lpips)
     inception = _inception_fid() if config.inception else None
     return EvalResources(data, ds, clf, lpips, note, inception)
@@ -256,7 +148,8 @@ def _batches(ds: Dataset, indices: Tensor, batch_size: int):
 @torch.no_grad()
 def evaluate(model: VAE, data: DataConfig, config: EvalConfig = EvalConfig(), *, logvar: Optional[Tensor] = None,
              resources: Optional[EvalResources] = None, cache_dir: Optional[Path] = None, accelerator=None,
-             output: Optional[Path] = None, sampler: Optional[LatentSampler] = None) -> Dict[str, object]:
+             output: Optional[Path] = None, sampler: Optional[LatentSampler] = None,
+             progress: bool = False) -> Dict[str, object]:
     """Compute every metric for ``model`` on the ``config.split`` split of ``data``'s dataset.
 
     The results do not depend on the number of processes: each rank takes every ``world``-th image, the
@@ -277,6 +170,7 @@ def evaluate(model: VAE, data: DataConfig, config: EvalConfig = EvalConfig(), *,
         output: When given, the main process writes the results there as JSON.
         sampler: Where the generated images' latents come from (a fitted :mod:`vaegan.samplers` sampler);
             None: the model's prior, N(0, I).
+        progress: Show a progress bar (images evaluated and generated) on stderr.
 
     Returns:
         A JSON-able dict of metrics and the ``protocol`` they were measured with.
@@ -322,7 +216,7 @@ def evaluate(model: VAE, data: DataConfig, config: EvalConfig = EvalConfig(), *,
 
     if clf is not None:
         clf = clf.to(device).eval()
-        fid = FrechetInceptionDistance(feature=_Features(clf), reset_real_features=False).to(device)
+        fid = FrechetInceptionDistance(feature=Features(clf), reset_real_features=False).to(device)
         hist, pr = ClassHistogram().to(device), PrecisionRecall().to(device)
 
     # Prior latents drawn once for all processes and sharded; each image's importance noise comes from its
@@ -331,7 +225,10 @@ def evaluate(model: VAE, data: DataConfig, config: EvalConfig = EvalConfig(), *,
     prior_z = sample_latents(model, config.num_samples, generator=torch.Generator().manual_seed(config.seed),
                              sampler=sampler)  # (S, *latent_shape)
 
-    for idx, x in _batches(ds, torch.arange(rank, len(ds), world), config.batch_size):
+    mine = torch.arange(rank, len(ds), world)
+    bar = tqdm(total=len(mine) + len(prior_z[rank::world]), desc="eval", unit="img", disable=not progress)
+    for idx, x in _batches(ds, mine, config.batch_size):
+        bar.update(len(idx))
         x = x.to(device)
         recon = model.reconstruct(x).clamp(low, high)  # what a saved image holds (an identity decoder may overshoot)
         mse.update(rearrange(recon, "b c h w -> (b c h w)"), rearrange(x, "b c h w -> (b c h w)"))
@@ -353,6 +250,7 @@ def evaluate(model: VAE, data: DataConfig, config: EvalConfig = EvalConfig(), *,
             inception.update(to_rgb_unit(x), real=True)
 
     for z in prior_z[rank::world].split(config.batch_size):
+        bar.update(len(z))
         fake = model.decode(z.to(device)).float().clamp(low, high)
         sharp.update(fake, real=False)
         hf.update(fake, real=False)
@@ -363,6 +261,7 @@ def evaluate(model: VAE, data: DataConfig, config: EvalConfig = EvalConfig(), *,
         if inception is not None:
             inception.update(to_rgb_unit(fake), real=False)
 
+    bar.close()
     results: Dict[str, object] = {
         "mse": float(mse.compute()), "psnr": float(psnr.compute()), "ssim": float(ssim.compute()),
         "sharpness_ratio": float(sharp.compute()), "high_frequency_ratio": float(hf.compute()),
@@ -384,7 +283,9 @@ def evaluate(model: VAE, data: DataConfig, config: EvalConfig = EvalConfig(), *,
         "dataset": data.name, "split": data.split, "images": len(ds), "num_samples": config.num_samples,
         "nll_images": n_nll, "nll_samples": config.nll_samples,
         "likelihood": config.likelihood + (" (inputs binarised)" if config.likelihood == "bernoulli" else ""),
-        "fd_features": "penultimate layer (128-d) of vaegan's classifier trained on the train split" if clf is not None else None,
+        "fd_features": (f"penultimate layer (128-d) of vaegan's classifier, trained on all {clf.trained_on} images "
+                        f"of the {data.name} train split (never limited)") if clf is not None else None,
+        "limit": config.limit,  # bounds "images" only: num_samples and nll_images are set on their own
         "fid_inception": "torchmetrics FID, Inception-v3 pool3 (2048-d), grey images repeated to RGB" if inception is not None else None,
         "lpips": "mean LPIPS (lpips plugin) of reconstructions vs inputs" if lpips is not None else res.lpips_note,
         "sampler": f"{sampler.name} (temperature {sampler.temperature:g})" if sampler is not None

@@ -14,11 +14,12 @@ Example:
 from __future__ import annotations
 
 import math
+import os
 import signal
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import torch
 from accelerate import Accelerator
@@ -70,12 +71,31 @@ def build_model(config: ExperimentConfig) -> api.VAE:
     return build_generator(config.model)
 
 
+def cpu_threads(train: TrainConfig, local_processes: int, env: Optional[Mapping[str, str]] = None) -> Optional[int]:
+    """The intra-op threads each process of a CPU run should use, or None to leave torch's setting alone.
+
+    ``train.cpu_threads`` when set. Otherwise only ``accelerate launch``'s default is overridden: without an
+    accelerate config it sets ``OMP_NUM_THREADS=1``, which halves the speed of a one-process run on a
+    2-core machine; the cores this process may use are then shared among the node's processes. An
+    ``OMP_NUM_THREADS`` set any other way (torchrun's default, the user's) is respected.
+    """
+    env = os.environ if env is None else env
+    if train.cpu_threads is not None:
+        return train.cpu_threads
+    launched_by_accelerate = "ACCELERATE_DYNAMO_BACKEND" in env  # set by `accelerate launch` for its processes
+    if launched_by_accelerate and env.get("OMP_NUM_THREADS") == "1":
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        return max(1, cores // max(1, local_processes))
+    return None
+
+
 def build_accelerator(train: TrainConfig) -> Accelerator:
-    """The run's Accelerator: precision, gradient accumulation, trackers, seeded data order (and TF32)."""
+    """The run's Accelerator: precision, gradient accumulation, trackers, seeded data order (and TF32, and on a
+    CPU the threads per process: :func:`cpu_threads`)."""
     if train.tf32 and torch.cuda.is_available():  # fp32 matmuls and convs on tensor cores (Ampere+)
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    return Accelerator(
+    accelerator = Accelerator(
         mixed_precision=default_precision(train.mixed_precision),
         gradient_accumulation_steps=train.grad_accum,
         log_with=None if train.report_to == "none" else train.report_to,
@@ -83,6 +103,12 @@ def build_accelerator(train: TrainConfig) -> Accelerator:
         step_scheduler_with_optimizer=False,  # schedules count optimizer updates, stepped by the step
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=train.seed),
     )
+    if accelerator.device.type == "cpu":
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
+        threads = cpu_threads(train, local)
+        if threads is not None and threads != torch.get_num_threads():
+            torch.set_num_threads(threads)
+    return accelerator
 
 
 def check_dataset(model: api.VAE, dataset: Dataset, global_batch: int) -> None:

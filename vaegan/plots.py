@@ -10,9 +10,9 @@ import json
 import logging
 import math
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
-__all__ = ["read_metrics", "group_metrics", "plot_loss_curves", "write_loss_curves"]
+__all__ = ["read_metrics", "group_metrics", "plot_loss_curves", "loss_curves_figure", "write_loss_curves"]
 
 logger = logging.getLogger(__name__)
 
@@ -84,6 +84,19 @@ def plot_loss_curves(metrics_path: Union[str, Path], out: Union[str, Path]) -> P
         OSError: ``metrics_path`` cannot be read or ``out`` cannot be written.
         ValueError: the file holds no metrics.
     """
+    fig = loss_curves_figure(metrics_path)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=100)
+    return out
+
+
+def loss_curves_figure(metrics_path: Union[str, Path]) -> Any:
+    """The figure :func:`plot_loss_curves` saves (a ``matplotlib.figure.Figure``, one axis per group).
+
+    Raises:
+        OSError: ``metrics_path`` cannot be read. ValueError: it holds no metrics.
+    """
     # Figure + the Agg canvas directly, not pyplot: no global state, no GUI backend, safe in threads.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -96,8 +109,12 @@ def plot_loss_curves(metrics_path: Union[str, Path], out: Union[str, Path]) -> P
     FigureCanvasAgg(fig)
     axes = fig.subplots(len(groups), 1, sharex=True, squeeze=False)[:, 0]
     for ax, (name, series) in zip(axes, groups.items()):
-        for key, (steps, values) in series.items():
-            ax.plot(steps, values, label=key, linewidth=1.2, marker="." if len(steps) < 20 else None)
+        drawn: Dict[Tuple, str] = {}  # a series equal to one already drawn (lr/d = lr/g): dashed, and said
+        for i, (key, (steps, values)) in enumerate(series.items()):
+            same = drawn.setdefault((tuple(steps), tuple(values)), key)
+            twin = same != key
+            ax.plot(steps, values, label=f"{key} (= {same})" if twin else key, linewidth=2.4 if twin else 1.2,
+                    linestyle=(0, (4, 3)) if twin else "-", zorder=2 + i, marker="." if len(steps) < 20 else None)
         finite = [v for _, values in series.values() for v in values if math.isfinite(v)]
         # Loss terms span decades (a KL of 1e-3 next to a BCE of 0.2): log scale when it can apply.
         if finite and min(finite) > 0 and max(finite) / min(finite) > 50:
@@ -109,10 +126,7 @@ def plot_loss_curves(metrics_path: Union[str, Path], out: Union[str, Path]) -> P
     # Fixed margins (legends on the right) rather than constrained layout, which measures every
     # tick label again and takes seconds for a figure this size.
     fig.subplots_adjust(left=0.08, right=0.76, top=1 - 0.35 / height, bottom=0.5 / height, hspace=0.35)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100)
-    return out
+    return fig
 
 
 def write_loss_curves(output_dir: Union[str, Path]) -> Optional[Path]:

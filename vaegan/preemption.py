@@ -45,7 +45,8 @@ from .config.values import parse_duration, parse_signal
 from .errors import TrainingStopped
 from .guards import GracefulStop, StepGuard
 
-__all__ = ["RunControl", "Decision", "WorkerSignals", "requeue_slurm_job", "slurm_job_id", "TrainingStopped"]
+__all__ = ["RunControl", "Decision", "WorkerSignals", "requeue_slurm_job", "slurm_job_id", "shutdown_workers",
+           "TrainingStopped"]
 
 logger = logging.getLogger(__name__)
 
@@ -86,6 +87,8 @@ class WorkerSignals:
         self.active = multiprocessing.RawValue("b", 0)
 
     def __call__(self, worker_id: int) -> None:
+        # multiprocessing's temporary folder as inherited from the parent (None, or the parent's own)
+        self._inherited_tmp = multiprocessing.current_process()._config.get("tempdir")
         for sig in self.signals:
             signal.signal(sig, self._handle)
         if self.inner is not None:
@@ -94,9 +97,28 @@ class WorkerSignals:
     def _handle(self, signum: int, frame: object) -> None:
         if self.active.value:
             return  # the main process got it too (or will learn of it from its peers): it decides
-        # Training is over and this is the shutdown's SIGTERM (Python's exit terminates daemonic children):
-        # end with status 0, which the loader's SIGCHLD check accepts; death by a signal it reports as an error.
+        # Training is over and this is a shutdown's SIGTERM (Python's exit terminates daemonic children):
+        # end with status 0, which the loader's SIGCHLD check accepts (a death by signal is reported as an
+        # error), removing the pymp-* folder this worker made for passing tensors, which os._exit would leave.
+        own = multiprocessing.current_process()._config.get("tempdir")
+        if own and own != getattr(self, "_inherited_tmp", None):
+            shutil.rmtree(own, ignore_errors=True)
         os._exit(0)
+
+
+def shutdown_workers(loader: Any) -> None:
+    """End a DataLoader's persistent worker processes now, the way the loader itself does (no signal).
+
+    Left to Python's exit, daemonic workers are terminated with SIGTERM and leave their temporary
+    folders (``pymp-*``) behind. PyTorch has no public call for this: a persistent loader keeps its
+    iterator in ``_iterator`` (under Accelerate's ``base_dataloader``) and its workers end when that
+    iterator is shut down; the loader makes a new one if it is iterated again.
+    """
+    base = getattr(loader, "base_dataloader", loader)
+    iterator = getattr(base, "_iterator", None)
+    if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+        base._iterator = None
+        iterator._shutdown_workers()
 
 
 def slurm_job_id(env: Mapping[str, str] = os.environ) -> Optional[str]:
@@ -144,7 +166,8 @@ class RunControl:
         accelerator: The run's Accelerator (number of processes, main process).
         guard: The step guard whose per-step reduce carries the requests of every process.
         loader: The training loader; when its ``worker_init_fn`` is a :class:`WorkerSignals` its workers are
-            told to ignore stop signals while training.
+            told to ignore stop signals while training. Its workers (and those of :attr:`loaders`) are shut
+            down when training ends, however it ends.
     """
 
     def __init__(self, train: TrainConfig, accelerator: Any, guard: StepGuard, loader: Any = None) -> None:
@@ -158,6 +181,8 @@ class RunControl:
         self.save_every = train.checkpoint_every_minutes * 60.0 or None
         self.signals = (signal.SIGINT, signal.SIGTERM) + ((self.warning_signal,) if self.warning_signal else ())
         self.signum: Optional[int] = None  # the first stopping signal this process received
+        self.loader = loader
+        self.loaders: List[Any] = []  # more loaders whose workers end with training (a resumed epoch's)
         worker_init = getattr(loader, "worker_init_fn", None)
         self._workers = worker_init if isinstance(worker_init, WorkerSignals) else None
         self._catch = GracefulStop(self._on_signal, self.signals)
@@ -183,8 +208,10 @@ class RunControl:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        for loader in (self.loader, *self.loaders):  # before Python's exit would terminate them with SIGTERM
+            shutdown_workers(loader)
         if self._workers is not None:
-            self._workers.active.value = 0  # from now on a signal ends the workers again (and Python's shutdown)
+            self._workers.active.value = 0  # from now on a signal ends the workers again
         self.guard.flags = None
         self._catch.__exit__(*exc)
 

@@ -1,5 +1,8 @@
 """The preview panels the trainer draws: real | reconstruction pairs, prior samples, interpolations.
 
+Panels a person reads without the docs say what they show: the pairs and the interpolation strips carry
+a band on top naming their columns (:func:`label_columns`).
+
 Example:
     >>> grids = preview_grids(model, real, model.sample_prior(64))  # doctest: +SKIP
     >>> sorted(grids)  # doctest: +SKIP
@@ -8,14 +11,54 @@ Example:
 
 from __future__ import annotations
 
-from typing import Dict, Mapping, Optional
+from typing import Dict, Mapping, Optional, Sequence
 
 import torch
 from torch import Tensor
 
 from .generator import VAE
 
-__all__ = ["preview_grids"]
+__all__ = ["preview_grids", "label_columns", "LABEL_HEIGHT", "PAIR_LABELS", "strip_labels"]
+
+LABEL_HEIGHT = 12  # pixels of the band above a labelled grid
+PAIR_LABELS = ("real", "recon")  # the columns of a real | reconstruction grid, repeated
+
+
+def strip_labels(columns: int) -> Sequence[str]:
+    """Column labels of interpolation strips whose first and last columns are real images."""
+    return ["real", *([""] * (columns - 2)), "real"]
+
+
+def label_columns(grid: Tensor, labels: Sequence[str], cell: int, padding: int = 2) -> Tensor:
+    """``grid`` with a white band of :data:`LABEL_HEIGHT` pixels on top naming its columns.
+
+    Args:
+        grid: (C, H, W) image grid from ``make_grid``: float in [0, 1] or uint8.
+        labels: Column names, repeated along the row when there are more columns (``("real", "recon")``).
+        cell: Width of one image of the grid, without padding.
+        padding: ``make_grid``'s padding.
+
+    Returns:
+        (C, LABEL_HEIGHT + H, W), the same dtype. A label wider than its column is written once, as a caption
+        ``"real | recon"`` at the left, so small images stay readable.
+    """
+    import numpy as np
+    from PIL import Image, ImageDraw, ImageFont
+
+    c, h, w = grid.shape
+    band = Image.new("L", (w, LABEL_HEIGHT), 255)
+    draw, font = ImageDraw.Draw(band), ImageFont.load_default()
+    step = cell + padding
+    if max(draw.textlength(t, font=font) for t in labels) <= step:
+        for i in range((w - padding) // step):
+            text = labels[i % len(labels)]
+            x = padding + i * step + (cell - draw.textlength(text, font=font)) / 2
+            draw.text((x, 0), text, fill=0, font=font)
+    else:
+        draw.text((padding, 0), " | ".join(t for t in dict.fromkeys(labels) if t), fill=0, font=font)
+    pixels = torch.from_numpy(np.asarray(band).copy())  # (LABEL_HEIGHT, W) uint8
+    top = pixels.to(grid.dtype) if grid.dtype == torch.uint8 else pixels.to(grid.dtype) / 255.0
+    return torch.cat([top.expand(c, -1, -1).to(grid.device), grid], dim=1)
 
 
 @torch.no_grad()
@@ -51,5 +94,11 @@ def preview_grids(model: VAE, real: Tensor, noise: Tensor,
         rows = torch.cat([real[:k, None], strip, real[k:2 * k, None]], dim=1)  # (k, 10, C, H, W): ends are real
         panels["interpolations"] = (rows.flatten(0, 1), rows.shape[1])
     model.train(was_training)
-    return {key: make_grid(images.float(), nrow=nrow, normalize=True, value_range=model.value_range)
-            for key, (images, nrow) in panels.items()}
+    grids = {key: make_grid(images.float(), nrow=nrow, normalize=True, value_range=model.value_range)
+             for key, (images, nrow) in panels.items()}
+    width = real.shape[-1]
+    grids["reconstructions"] = label_columns(grids["reconstructions"], PAIR_LABELS, width)
+    if "interpolations" in grids:
+        grids["interpolations"] = label_columns(grids["interpolations"], strip_labels(panels["interpolations"][1]),
+                                                width)
+    return grids

@@ -150,6 +150,7 @@ class Trainer:
                     batches = self.loader  # mid-epoch after a resume: the batches this epoch has not seen yet
                     if state.batch_in_epoch:
                         batches = acc.skip_first_batches(self.loader, state.batch_in_epoch)
+                        self._control.loaders.append(batches)  # its workers end with training too
                     for batch in batches:
                         x = batch[0] if isinstance(batch, (list, tuple)) else batch
                         self.callbacks.on_batch_start(self, x)
@@ -185,8 +186,10 @@ class Trainer:
             self._fixed_real = first_batch(self.loader.dataset, tc.num_samples).to(acc.device)
             self._fixed_noise = self.model.sample_prior(
                 tc.num_samples, generator=torch.Generator().manual_seed(tc.seed)).to(acc.device)
+        threads = torch.get_num_threads()
+        where = f"{acc.device}, {threads} thread{'s' * (threads != 1)}" if acc.device.type == "cpu" else str(acc.device)
         logger.info("Training %d steps with mixed precision %s on %d process(es) (%s), %d images per step",
-                    self.total_steps, acc.mixed_precision, acc.num_processes, acc.device,
+                    self.total_steps, acc.mixed_precision, acc.num_processes, where,
                     tc.batch_size * acc.num_processes * tc.grad_accum)
         self.tracking.start(self.config)
         self._t0, self._images0, self._logged = time.perf_counter(), self.state.images_seen, self.state.step

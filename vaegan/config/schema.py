@@ -204,6 +204,9 @@ class TrainConfig:
     mixed_precision: Optional[Literal["no", "fp16", "bf16"]] = None
     tf32: bool = True  # TF32 for fp32 matmuls/convs on Ampere+ GPUs (no effect on CPUs)
     channels_last: bool = False  # NHWC memory format for the conv nets (GPU tensor cores; bf16 on AMX CPUs)
+    # Intra-op threads per process on a CPU; None: torch's choice, except that accelerate launch's default of one
+    # thread is replaced by this process's share of the cores (vaegan.factory.cpu_threads)
+    cpu_threads: Optional[int] = None
     compile: Optional[Literal["inductor", "aot_eager", "eager"]] = None  # torch.compile backend; None: off
     ema_decay: Optional[float] = 0.999  # EMA of the generator for sampling; None disables it
     checkpoint_every: int = 1000  # steps; 0 disables periodic checkpoints
@@ -239,6 +242,8 @@ class TrainConfig:
             raise ConfigError("train.checkpoints_total_limit must be >= 1: the last one is never deleted.")
         if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
             raise ConfigError(f"train.ema_decay must be in (0, 1) or null, got {self.ema_decay}.")
+        if self.cpu_threads is not None and self.cpu_threads < 1:
+            raise ConfigError(f"train.cpu_threads must be >= 1 or null (automatic), got {self.cpu_threads}.")
         if self.max_time is not None:
             parse_duration(self.max_time, "train.max_time")
         if not (math.isfinite(self.checkpoint_every_minutes) and self.checkpoint_every_minutes >= 0):
