@@ -27,11 +27,12 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 WEIGHT_FILES = ("model.safetensors", "model_1.safetensors", "ema.safetensors")
 
 
-def start(cmd: Sequence[str], env: Optional[Mapping[str, str]] = None, new_session: bool = False) -> subprocess.Popen:
+def start(cmd: Sequence[str], env: Optional[Mapping[str, str]] = None, new_session: bool = False,
+          **popen: object) -> subprocess.Popen:
     """Start ``cmd`` in the repository root, capturing its output; ``new_session``: as ``setsid`` does, so
-    ``os.killpg(proc.pid, sig)`` reaches it and every process it starts."""
+    ``os.killpg(proc.pid, sig)`` reaches it and every process it starts; ``popen``: e.g. ``preexec_fn``."""
     return subprocess.Popen(list(cmd), cwd=ROOT, env=dict(env or ENV), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=new_session)
+                            stderr=subprocess.PIPE, text=True, start_new_session=new_session, **popen)
 
 
 def recipe(out: Path, *args: str) -> List[str]:

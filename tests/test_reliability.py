@@ -41,7 +41,7 @@ import vaegan
 from vaegan import registry
 from vaegan.api import LossTerm
 from vaegan.checkpointing import MARKER, find_checkpoint, list_checkpoints
-from vaegan.errors import TrainingDiverged, VaeganError
+from vaegan.errors import OutputError, TrainingDiverged, VaeganError
 from vaegan.guards import CollapseMonitor
 
 
@@ -281,11 +281,15 @@ def test_a_save_that_fails_half_way_leaves_the_complete_checkpoints_alone(tiny):
         path.write_bytes(b"\0" * 10)
         raise OSError(28, "No space left on device")
 
-    with pytest.raises(OSError, match="No space"):
+    with pytest.raises(OutputError, match="No space left on device") as failed:
         manager.save(acc, 3, {"trainer_state.json": disk_full}, {})
+    assert f"The last complete checkpoint, {good}, is intact" in str(failed.value)
     assert list_checkpoints(manager.root) == [good]  # with total_limit=1 the only complete one survives
-    assert (manager.root / ".tmp-step_00000003").is_dir()
+    assert not (manager.root / ".tmp-step_00000003").exists()  # the half-written folder is removed
     assert find_checkpoint(trainer.output_dir, "latest") == good
+    # A save killed half-way (kill -9: nothing could clean up) leaves its temporary folder ...
+    (manager.root / ".tmp-step_00000003").mkdir()
+    (manager.root / ".tmp-step_00000003" / "model.safetensors").write_bytes(b"partial")
     # A rotation killed half-way: marker gone, folder left. Neither leftover is ever picked...
     half_deleted = manager.root / "step_00000009"
     half_deleted.mkdir()

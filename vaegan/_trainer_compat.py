@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import warnings
-from typing import Any
+from typing import Any, Tuple
 
-__all__ = ["moved_to_step"]
+__all__ = ["moved_to_step", "legacy_components"]
 
 _MOVED_TO_STEP = {  # old Trainer attribute -> (its new spelling, how to get it)
     "gen": ("generator.module", lambda t: t.train_step.generator.module),
@@ -38,3 +38,15 @@ def moved_to_step(trainer: Any, name: str) -> Any:
     warnings.warn(f"Trainer.{name} is deprecated; use trainer.train_step.{moved[0]}.", DeprecationWarning,
                   stacklevel=3)
     return moved[1](trainer)
+
+
+def legacy_components(config: Any, model: Any, objective: Any, dataset: Any, *legacy: Any) -> Tuple[Any, ...]:
+    """vaegan 0.1's ``Trainer(config, model, objective, dataset, discriminator, accelerator)``: the step, loader,
+    total steps and evaluation built from those, with a DeprecationWarning naming the new way."""
+    warnings.warn("Trainer(config, model, objective, dataset, discriminator, accelerator) is deprecated; "
+                  "use vaegan.build_trainer(config) or vaegan.factory.build_components(...).",
+                  DeprecationWarning, stacklevel=3)
+    from .factory import build_components
+
+    parts = build_components(config, model, objective, dataset, *legacy)
+    return parts.train_step, parts.loader, parts.total_steps, parts.evaluation

@@ -21,6 +21,7 @@ from __future__ import annotations
 import gzip
 import logging
 import math
+import multiprocessing
 import re
 import shutil
 from pathlib import Path
@@ -111,11 +112,18 @@ class ImageFolder(Dataset):
         crop: ``"center"`` or ``"random"``: where the (H, W) window is cut from the (resized) image.
         resize: Scale the short side to cover (H, W) before cropping; False crops at full resolution.
         jpeg_draft: Let the JPEG decoder downscale large JPEGs while decoding (see above).
+        skip_unreadable: A file that cannot be read (deleted, truncated, a network file system's hiccup) is
+            replaced by the next readable one, with a warning, instead of stopping training; the reads that
+            failed are counted in :attr:`unreadable` (shared by the data workers; logged as
+            ``data/unreadable_images``).
+        max_unreadable: With ``skip_unreadable``, the fraction of reads that may fail (after 100 reads) before
+            a :class:`DataError` stops training anyway: a folder that lost most of its files must not train on
+            the few left.
     """
 
     def __init__(self, files: Sequence[Path], image_shape: Tuple[int, int, int], value_range: Tuple[float, float],
                  random_flip: bool = False, crop: str = "center", resize: bool = True,
-                 jpeg_draft: bool = True) -> None:
+                 jpeg_draft: bool = True, skip_unreadable: bool = False, max_unreadable: float = 0.01) -> None:
         from torchvision.transforms import v2
 
         self.files = list(files)
@@ -132,6 +140,9 @@ class ImageFolder(Dataset):
         self.resize = bool(resize)
         self.jpeg_draft = bool(jpeg_draft)
         self.to_tensor = v2.PILToTensor()
+        self.skip_unreadable, self.max_unreadable = bool(skip_unreadable), float(max_unreadable)
+        # Shared memory: the data workers count into the main process's numbers.
+        self.reads, self.unreadable = multiprocessing.Value("q", 0), multiprocessing.Value("q", 0)
 
     def __len__(self) -> int:
         return len(self.files)
@@ -155,6 +166,26 @@ class ImageFolder(Dataset):
         return int(round((h1 - h) / 2.0)), int(round((w1 - w) / 2.0))
 
     def __getitem__(self, index: int) -> Tensor:
+        if not self.skip_unreadable:
+            return self._read(index)
+        for attempt in range(len(self.files)):
+            with self.reads.get_lock():
+                self.reads.value += 1
+            try:
+                return self._read((index + attempt) % len(self.files))
+            except DataError as exc:
+                reason = exc.args[0].split("; restore")[0]  # "Image '...' cannot be read (...)"
+                with self.unreadable.get_lock():
+                    self.unreadable.value += 1
+                    failed, reads = self.unreadable.value, self.reads.value
+                if reads >= 100 and failed > self.max_unreadable * reads:
+                    raise DataError(f"{failed} of the last {reads} image reads failed (the last: {reason}), more than "
+                                    f"data.options.max_unreadable = {self.max_unreadable:g} allows: the folder lost "
+                                    "too many files to go on. Restore the images, or raise max_unreadable.") from None
+                logger.warning("%s: skipped (data.options.skip_unreadable), the next image is used instead.", reason)
+        raise DataError(f"None of the {len(self.files)} images can be read any more; restore the image folder.")
+
+    def _read(self, index: int) -> Tensor:
         from PIL import Image, UnidentifiedImageError
         from torchvision.transforms.v2 import functional as TF
 
@@ -175,7 +206,8 @@ class ImageFolder(Dataset):
                     pixels = self.to_tensor(img.convert(self.mode))  # uint8 (C, H0', W0')
                     resized = TF.resize(pixels, [h1, w1], antialias=True)
         except (UnidentifiedImageError, OSError) as exc:
-            raise DataError(f"Image '{path}' cannot be read ({exc}); delete or replace the file.") from None
+            raise DataError(f"Image '{path}' cannot be read ({exc}); restore, replace or delete the file (or set "
+                            "data.options.skip_unreadable: true to skip such files).") from None
         if resized is not None:
             top, left = self._offsets(h1, w1)
             pixels = resized[:, top:top + h, left:left + w]
@@ -246,12 +278,13 @@ def _first_reason(exc: BaseException) -> str:
 
 def image_folder(root: str, split: str, download: bool, limit: Optional[int], image_shape: Tuple[int, int, int],
                  value_range: Tuple[float, float], random_flip: bool = False, crop: str = "center",
-                 resize: bool = True) -> ImageFolder:
+                 resize: bool = True, skip_unreadable: bool = False, max_unreadable: float = 0.01) -> ImageFolder:
     """All images under ``root/split`` if that folder exists, else under ``root``.
 
     Options (``data.options``): ``random_flip`` (flip horizontally with probability 1/2), ``crop``
     (``"center"`` or ``"random"``: where the (H, W) window is cut), ``resize`` (false: crop from the
-    full-resolution image, as LDM trains on patches of large photos). The test split is never
+    full-resolution image, as LDM trains on patches of large photos), ``skip_unreadable`` and
+    ``max_unreadable`` (see :class:`ImageFolder`). The test split is never
     augmented, whatever the options say: it is centre-cropped and not flipped, so evaluation sees the
     same images every time (``resize`` still applies: it sets the scale, not a random draw).
 
@@ -259,9 +292,11 @@ def image_folder(root: str, split: str, download: bool, limit: Optional[int], im
         ValueError: an option value that is not allowed (the registry reports it as a ConfigError).
         DataError: the folder is missing or holds no images.
     """
-    for option, value in (("random_flip", random_flip), ("resize", resize)):
+    for option, value in (("random_flip", random_flip), ("resize", resize), ("skip_unreadable", skip_unreadable)):
         if not isinstance(value, bool):
             raise ValueError(f"{option} must be true or false, got {value!r}.")
+    if not (isinstance(max_unreadable, (int, float)) and 0 <= max_unreadable < 1):
+        raise ValueError(f"max_unreadable must be a fraction in [0, 1), got {max_unreadable!r}.")
     _check_crop(crop)  # before the folder is listed: a bad option is reported first
     base = Path(root)
     if (base / split).is_dir():
@@ -276,7 +311,8 @@ def image_folder(root: str, split: str, download: bool, limit: Optional[int], im
         )
     if split == "test":  # evaluation: the same images every time
         random_flip, crop = False, "center"
-    return ImageFolder(files[:limit], image_shape, value_range, random_flip=random_flip, crop=crop, resize=resize)
+    return ImageFolder(files[:limit], image_shape, value_range, random_flip=random_flip, crop=crop, resize=resize,
+                       skip_unreadable=skip_unreadable, max_unreadable=max_unreadable)
 
 
 def build_dataset(data: DataConfig, model: ModelConfig) -> Dataset:

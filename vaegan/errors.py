@@ -7,7 +7,7 @@ paragraph alone (no traceback) and exits with status 2.
 from __future__ import annotations
 
 __all__ = ["VaeganError", "ConfigError", "DataError", "PluginError", "CheckpointError", "TrainingDiverged",
-           "TrainingStopped"]
+           "TrainingStopped", "OutputError", "ResourceError"]
 
 
 class VaeganError(Exception):
@@ -50,3 +50,11 @@ class TrainingStopped(SystemExit):
         super().__init__(code)
         self.reason = reason
         self.step = step
+
+
+class OutputError(VaeganError, OSError):
+    """The output folder cannot take the run: a file in its place, read-only, too little space, a failed save."""
+
+
+class ResourceError(VaeganError, RuntimeError):
+    """The machine ran out of something the step needs (GPU or CPU memory); the last completed step is saved."""

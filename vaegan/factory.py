@@ -35,6 +35,7 @@ from .config.values import parse_signal
 from .data import TensorImages, build_dataset
 from .errors import ConfigError, DataError, PluginError
 from .evaluation import EvalResources, prepare_evaluation
+from .faults import check_output, output_estimate
 from .generator import build_generator
 from .guards import StepGuard
 from .objective import Objective
@@ -248,6 +249,8 @@ def build_trainer(config: ExperimentConfig, accelerator: Optional[Accelerator] =
     objective = Objective.from_config(config)
     model = build_generator(config.model)
     disc = build_discriminator(config)
+    # Before any data is read: a folder that cannot take the run (a file, read-only, too little space) is refused.
+    check_output(config.train.output_dir, output_estimate(config, model, disc), config.train.checkpoints_total_limit)
     dataset = build_dataset(config.data, config.model) if dataset is None else dataset
     if config.sampler is not None:  # a bad sampler name, option or size fails now, not after training
         check_sampler(config, model, len(dataset))

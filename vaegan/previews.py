@@ -11,6 +11,7 @@ Example:
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Dict, Mapping, Optional, Sequence
 
 import torch
@@ -18,7 +19,7 @@ from torch import Tensor
 
 from .generator import VAE
 
-__all__ = ["preview_grids", "label_columns", "LABEL_HEIGHT", "PAIR_LABELS", "strip_labels"]
+__all__ = ["preview_grids", "write_previews", "label_columns", "LABEL_HEIGHT", "PAIR_LABELS", "strip_labels"]
 
 LABEL_HEIGHT = 12  # pixels of the band above a labelled grid
 PAIR_LABELS = ("real", "recon")  # the columns of a real | reconstruction grid, repeated
@@ -101,4 +102,20 @@ def preview_grids(model: VAE, real: Tensor, noise: Tensor,
     if "interpolations" in grids:
         grids["interpolations"] = label_columns(grids["interpolations"], strip_labels(panels["interpolations"][1]),
                                                 width)
+    return grids
+
+
+def write_previews(folder: Path, name: str, model: VAE, real: Tensor, noise: Tensor,
+                   sampled: Optional[Mapping[str, Tensor]] = None) -> Dict[str, Tensor]:
+    """:func:`preview_grids` written as ``folder/<name>_<panel>.png``; returns the grids (for the trackers).
+
+    Raises:
+        OSError: a grid cannot be written (the trainer warns and goes on).
+    """
+    from torchvision.utils import save_image
+
+    grids = preview_grids(model, real, noise, sampled)
+    folder.mkdir(parents=True, exist_ok=True)
+    for key, grid in grids.items():
+        save_image(grid, folder / f"{name}_{key}.png")
     return grids

@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import logging
 import time
-import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -26,19 +25,20 @@ import yaml
 from safetensors.torch import save_file
 
 from ._deprecation import deprecated_names
-from ._trainer_compat import moved_to_step
+from ._trainer_compat import legacy_components, moved_to_step
 from .callbacks import Callback, CallbackList
 from .checkpointing import CheckpointManager, read_counters, resolve_resume, restore
 from .config import ExperimentConfig, to_dict
 from .data import first_batch
-from .errors import TrainingDiverged
+from .errors import DataError, TrainingDiverged
 from .evaluation import EvalResources, evaluate, prepare_evaluation
 from .export import estimate_and_store_scaling_factor, save_discriminator, write_model_card
+from .faults import Boundary, SoftWrites, save_after_fault, writing_final
 from .generator import VAE
 from .guards import CollapseMonitor, all_finite
 from .plots import write_loss_curves
 from .preemption import RunControl
-from .previews import preview_grids
+from .previews import write_previews
 from .progress import Progress
 from .samplers import LatentSampler, fit_after_training, fit_configured, load_sampler, saved_samplers
 from .step import RunningMeans, StepOutput, TrainStep  # RunningMeans: also public here, as in 0.1
@@ -81,14 +81,8 @@ class Trainer:
                  *legacy: Any, callbacks: Sequence[Callback] = (), tracking: Optional[Tracking] = None,
                  evaluation: Optional[EvalResources] = None) -> None:
         if not isinstance(train_step, TrainStep):  # vaegan 0.1: Trainer(config, model, objective, dataset, ...)
-            warnings.warn("Trainer(config, model, objective, dataset, discriminator, accelerator) is deprecated; "
-                          "use vaegan.build_trainer(config) or vaegan.factory.build_components(...).",
-                          DeprecationWarning, stacklevel=2)
-            from .factory import build_components
-
-            parts = build_components(config, train_step, loader, total_steps, *legacy)
-            train_step, loader, total_steps, evaluation = (parts.train_step, parts.loader, parts.total_steps,
-                                                           parts.evaluation)
+            train_step, loader, total_steps, evaluation = legacy_components(config, train_step, loader, total_steps,
+                                                                            *legacy)
         self.config = config
         self.train_step = train_step
         self.loader = loader
@@ -106,8 +100,10 @@ class Trainer:
         self._last_eval, self._last_results = -1, {}
         self.sampler: Optional[LatentSampler] = None  # config.sampler, once fitted at the end of training
         self._stop_requested = False
+        self._last_saved = -1  # the step of the newest checkpoint this run wrote or resumed from
         self._control: Optional[RunControl] = None  # while fit() runs
         self._progress: Optional[Progress] = None
+        self.soft_writes = SoftWrites()  # sample grids, metrics.jsonl, eval.jsonl: warn once and go on
 
     @property
     def model(self) -> VAE:
@@ -141,38 +137,44 @@ class Trainer:
         """
         acc, tc = self.accelerator, self.config.train
         with RunControl(tc, acc, self.train_step.guard, self.loader) as self._control:
-            last_saved = self._start()  # a resume replaces self.state
-            state = self.state
-            with Progress(self.total_steps, state.step, tc.progress, tc.progress_seconds,
+            self._last_saved = self._start()  # a resume replaces self.state
+            with Progress(self.total_steps, self.state.step, tc.progress, tc.progress_seconds,
                           enabled=acc.is_local_main_process) as self._progress:
-                while state.step < self.total_steps and state.epoch < tc.epochs and not self._stop_requested:
-                    self.loader.set_epoch(state.epoch)
-                    batches = self.loader  # mid-epoch after a resume: the batches this epoch has not seen yet
-                    if state.batch_in_epoch:
-                        batches = acc.skip_first_batches(self.loader, state.batch_in_epoch)
-                        self._control.loaders.append(batches)  # its workers end with training too
-                    for batch in batches:
-                        x = batch[0] if isinstance(batch, (list, tuple)) else batch
-                        self.callbacks.on_batch_start(self, x)
-                        out = self.train_step(x, state.step)
-                        state.batch_in_epoch += 1
-                        state.images_seen += x.shape[0] * acc.num_processes
-                        self.callbacks.on_batch_end(self, out)
-                        if out is not None:  # an optimizer step of both players (applied, or skipped on the device)
-                            state.step += 1
-                            self._progress.update(1)
-                            last_saved = self._after_step(out, last_saved)
-                        if state.step >= self.total_steps or self._stop_requested:
-                            break
-                    else:
-                        state.epoch, state.batch_in_epoch = state.epoch + 1, 0
-                        continue
-                    break
-                if self._logged != state.step:  # stopped by a callback between log intervals: log the tail
+                try:
+                    self._epochs()
+                except (DataError, torch.OutOfMemoryError) as exc:  # a file vanished, the memory ran out
+                    raise save_after_fault(self, exc) from exc
+                if self._logged != self.state.step:  # stopped by a callback between log intervals: log the tail
                     self._log()
-            if last_saved != state.step:
+            if self._last_saved != self.state.step:
                 self.save_checkpoint()
             return self._finish()
+
+    def _epochs(self) -> None:
+        """The loop over epochs and batches, until ``total_steps``, ``epochs`` or :meth:`stop`."""
+        acc, state, tc = self.accelerator, self.state, self.config.train
+        self._boundary = Boundary(self.train_step.players()).take(state)
+        while state.step < self.total_steps and state.epoch < tc.epochs and not self._stop_requested:
+            self.loader.set_epoch(state.epoch)
+            batches = self.loader  # mid-epoch after a resume: the batches this epoch has not seen yet
+            if state.batch_in_epoch:
+                batches = acc.skip_first_batches(self.loader, state.batch_in_epoch)
+                self._control.loaders.append(batches)  # its workers end with training too
+            for batch in batches:
+                x = batch[0] if isinstance(batch, (list, tuple)) else batch
+                self.callbacks.on_batch_start(self, x)
+                out = self.train_step(x, state.step)
+                state.batch_in_epoch += 1
+                state.images_seen += x.shape[0] * acc.num_processes
+                self.callbacks.on_batch_end(self, out)
+                if out is not None:  # an optimizer step of both players (applied, or skipped on the device)
+                    state.step += 1
+                    self._progress.update(1)
+                    self._last_saved = self._after_step(out, self._last_saved)
+                    self._boundary.take(state)  # what a fault in the next step saves
+                if state.step >= self.total_steps or self._stop_requested:
+                    return
+            state.epoch, state.batch_in_epoch = state.epoch + 1, 0
 
     def _start(self) -> int:
         """Resume (``train.resume``), write the run's config, start the trackers; returns the step last saved."""
@@ -239,13 +241,14 @@ class Trainer:
         metrics["images_per_sec"] = (self.state.images_seen - self._images0) / max(now - self._t0, 1e-9)
         metrics["epoch"] = self.state.epoch
         metrics["skipped_steps"] = self.state.skipped_steps
+        if getattr(self.loader.dataset, "skip_unreadable", False):  # image reads that failed and were skipped
+            metrics["data/unreadable_images"] = self.loader.dataset.unreadable.value
         self._t0, self._images0, self._logged = now, self.state.images_seen, step
         if acc.is_main_process:
             self.collapse.update(step, metrics)  # warns on discriminator domination
             record = {"step": step, **metrics}
             self.history.append(record)
-            with open(self.output_dir / "metrics.jsonl", "a") as fh:
-                fh.write(json.dumps(record) + "\n")
+            self.soft_writes("metrics log (metrics.jsonl)", lambda: _append(self.output_dir / "metrics.jsonl", record))
             self._progress.report(step, metrics)
         self.tracking.log(metrics, step)
         self.callbacks.on_log(self, metrics)
@@ -258,15 +261,16 @@ class Trainer:
         if acc.is_main_process:
             notes = estimate_and_store_scaling_factor((self.ema_model, self.model), self.loader.dataset,
                                                       cfg.train.estimate_scaling_factor, cfg.train.seed)
-            self.ema_model.save_pretrained(final)
-            if self.train_step.ema is not None:
-                self.model.save_pretrained(final / "raw")
-            if self.train_step.disc_net is not None:
-                save_discriminator(self.train_step.disc_net, cfg, final)
-            (final / "training_config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-            if cfg.sampler is not None:  # fitted to the EMA generator's posterior means, saved next to it
-                note = fit_after_training(self.ema_model, self.loader.dataset, cfg, final)
-                notes += (note,) if note else ()
+            with writing_final(final, self.checkpoints.root):  # a failed write leaves no half-written final/
+                self.ema_model.save_pretrained(final)
+                if self.train_step.ema is not None:
+                    self.model.save_pretrained(final / "raw")
+                if self.train_step.disc_net is not None:
+                    save_discriminator(self.train_step.disc_net, cfg, final)
+                (final / "training_config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+                if cfg.sampler is not None:  # fitted to the EMA generator's posterior means, saved next to it
+                    note = fit_after_training(self.ema_model, self.loader.dataset, cfg, final)
+                    notes += (note,) if note else ()
         acc.wait_for_everyone()
         if cfg.sampler is not None and cfg.sampler.name in saved_samplers(final):  # every process
             self.sampler = load_sampler(final, cfg.sampler.name, self.ema_model.latent_shape)
@@ -275,9 +279,10 @@ class Trainer:
             fresh = self._last_eval != self.state.step or self.sampler is not None
             results = self.evaluate() if fresh else self._last_results
         if acc.is_main_process:
-            if results is not None:
-                (final / "eval.json").write_text(json.dumps(results, indent=2) + "\n")
-            write_model_card(final, cfg, self.ema_model, self.state.step, self.state.images_seen, results, notes)
+            with writing_final(final, self.checkpoints.root):
+                if results is not None:
+                    (final / "eval.json").write_text(json.dumps(results, indent=2) + "\n")
+                write_model_card(final, cfg, self.ema_model, self.state.step, self.state.images_seen, results, notes)
             self.write_images("final")
             if self.config.train.plot_loss_curves:
                 write_loss_curves(self.output_dir)  # loss_curves.png; warns instead of raising
@@ -309,8 +314,8 @@ class Trainer:
         logger.info("Evaluation at step %d took %.1f s: %s", self.state.step, time.perf_counter() - t0,
                     ", ".join(f"{k} {v:.4g}" for k, v in results.items() if isinstance(v, float)))
         if self.accelerator.is_main_process:
-            with open(self.output_dir / "eval.jsonl", "a") as fh:
-                fh.write(json.dumps({"step": self.state.step, **results}) + "\n")
+            row = {"step": self.state.step, **results}
+            self.soft_writes("evaluation log (eval.jsonl)", lambda: _append(self.output_dir / "eval.jsonl", row))
         self.tracking.log({f"eval/{k}": float(v) for k, v in results.items()
                            if isinstance(v, (int, float)) and not isinstance(v, bool)}, self.state.step)
         self._last_eval, self._last_results = self.state.step, results
@@ -321,18 +326,12 @@ class Trainer:
         generator as ``samples/<name>_<panel>.png``, and log the same panels to the trackers."""
         if not self.accelerator.is_main_process:
             return
-        from torchvision.utils import save_image
-
         sampled = {}
         if self.sampler is not None:  # the fitted sampler's latents, next to the prior's
             gen = torch.Generator().manual_seed(self.config.train.seed)
             sampled[self.sampler.name] = self.sampler.sample(self._fixed_noise.shape[0], generator=gen)
-        grids = preview_grids(self.ema_model, self._fixed_real, self._fixed_noise, sampled)
-        out = self.output_dir / "samples"
-        out.mkdir(parents=True, exist_ok=True)
-        for key, grid in grids.items():
-            save_image(grid, out / f"{name}_{key}.png")
-        self.tracking.log_images(grids, self.state.step)
+        args = (self.output_dir / "samples", name, self.ema_model, self._fixed_real, self._fixed_noise, sampled)
+        self.soft_writes("sample grids", lambda: self.tracking.log_images(write_previews(*args), self.state.step))
 
     # ---- checkpoints ---------------------------------------------------------------------------------
     def save_checkpoint(self) -> Path:
@@ -387,6 +386,11 @@ class Trainer:
         if name == "train_step" or "train_step" not in self.__dict__:
             raise AttributeError(f"'Trainer' object has no attribute '{name}'")
         return moved_to_step(self, name)
+
+
+def _append(path: Path, record: Dict[str, Any]) -> None:
+    with open(path, "a") as fh:
+        fh.write(json.dumps(record) + "\n")
 
 
 # vaegan 0.1 called the player wrapper vaegan.trainer.Player, a name the plugin API also uses (a Literal).
