@@ -7,6 +7,7 @@ test parametrised over the generators meets a latent that is not a vector.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -37,6 +38,19 @@ for _var, _sub in (("VAEGAN_CACHE", "vaegan"), ("WANDB_CACHE_DIR", "wandb-cache"
 
 def pytest_unconfigure(config) -> None:
     shutil.rmtree(SANDBOX, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def registered(group: str, name: str, target: str):
+    """A test plugin registered under ``group``/``name`` (``"module:attr"``) for the ``with`` block; yields the name."""
+    from vaegan import registry
+
+    registry.register(group, name, target)
+    try:
+        yield name
+    finally:
+        registry._EXTRA.get(group, {}).pop(name, None)
+        registry.refresh()
 
 
 spatial_generator.register()

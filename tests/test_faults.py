@@ -19,7 +19,7 @@ from typing import Dict, List
 
 import pytest
 import torch
-from conftest import MNIST_ROOT, TINY, tiny_config
+from conftest import MNIST_ROOT, TINY, registered, tiny_config
 from processes import (
     assert_same_weights,
     complete,
@@ -34,7 +34,6 @@ from processes import (
 from safetensors.torch import load_file
 
 import vaegan
-from vaegan import registry
 from vaegan.api import LossTerm
 from vaegan.checkpointing import list_checkpoints
 from vaegan.errors import DataError, OutputError, ResourceError
@@ -127,10 +126,8 @@ class OutOfMemoryOnCall(LossTerm):
 
 @pytest.fixture
 def oom_term():
-    registry.register("vaegan.losses", "oom_on_call", f"{__name__}:OutOfMemoryOnCall")
-    yield "oom_on_call"
-    registry._EXTRA.get("vaegan.losses", {}).pop("oom_on_call", None)
-    registry.refresh()
+    with registered("vaegan.losses", "oom_on_call", f"{__name__}:OutOfMemoryOnCall") as name:
+        yield name
 
 
 def test_out_of_memory_in_a_step_saves_the_last_completed_step_and_resumes_exactly(tmp_path, oom_term):

@@ -63,8 +63,10 @@ def digits_folder(tmp_path_factory) -> Path:
 
 
 def _args(folder: Path, epochs: int, workers: int) -> List[str]:
+    # One thread per process under every launcher: the kernels' float sums depend on the thread count, and the
+    # "2 nodes" of multi_node.sbatch share this machine (vaegan would give each of them both cores).
     return [*TINY, "--data-dir", str(folder), "data.name=image_folder", f"data.num_workers={workers}",
-            f"train.epochs={epochs}", "train.progress_seconds=0"]
+            f"train.epochs={epochs}", "train.progress_seconds=0", "train.cpu_threads=1"]
 
 
 ONE = 10  # epochs of the single-process chain: 4 steps each

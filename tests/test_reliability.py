@@ -20,7 +20,7 @@ from typing import Dict, List
 
 import pytest
 import torch
-from conftest import MNIST_ROOT, TINY
+from conftest import MNIST_ROOT, TINY, registered
 from processes import (
     ROOT,
     WEIGHT_FILES,
@@ -38,7 +38,6 @@ from processes import (
 from safetensors.torch import load_file
 
 import vaegan
-from vaegan import registry
 from vaegan.api import LossTerm
 from vaegan.checkpointing import MARKER, find_checkpoint, list_checkpoints
 from vaegan.errors import OutputError, TrainingDiverged, VaeganError
@@ -67,10 +66,8 @@ class NonFiniteOnCalls(LossTerm):
 
 @pytest.fixture
 def nan_term():
-    registry.register("vaegan.losses", "nonfinite_on_calls", f"{__name__}:NonFiniteOnCalls")
-    yield "nonfinite_on_calls"
-    registry._EXTRA.get("vaegan.losses", {}).pop("nonfinite_on_calls", None)
-    registry.refresh()
+    with registered("vaegan.losses", "nonfinite_on_calls", f"{__name__}:NonFiniteOnCalls") as name:
+        yield name
 
 
 def _with_nan(tiny, calls, kind="loss", side="generator", *overrides):
