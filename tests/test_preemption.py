@@ -308,6 +308,7 @@ def test_max_time_stops_with_a_checkpoint_before_the_budget_and_auto_resumes(tmp
     assert again.value.step > stop.value.step
 
 
+@pytest.mark.slow
 def test_checkpoint_every_minutes_saves_by_the_clock(tmp_path):
     cfg = tiny_config(tmp_path, "train.epochs=12", "train.checkpoint_every_minutes=0.004",
                       "train.checkpoints_total_limit=100", "train.progress=log", "train.progress_seconds=0")
