@@ -19,7 +19,7 @@ import signal
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Optional, Sequence
 
 import torch
 from accelerate import Accelerator
@@ -34,7 +34,6 @@ from .config import ExperimentConfig, TrainConfig
 from .config.values import parse_signal
 from .data import TensorImages, build_dataset
 from .errors import ConfigError, DataError, PluginError
-from .evaluation import EvalResources, prepare_evaluation
 from .faults import check_output, output_estimate
 from .generator import build_generator
 from .guards import StepGuard
@@ -44,6 +43,9 @@ from .preemption import WorkerSignals
 from .samplers import build_sampler
 from .step import PlayerModule, Trainable, TrainStep
 from .trainer import Trainer
+
+if TYPE_CHECKING:  # evaluation pulls in torchmetrics (~2 s): imported only when a run evaluates
+    from .evaluation import EvalResources
 
 __all__ = ["build_generator", "build_discriminator", "build_accelerator", "build_loader", "check_dataset",
            "Components", "build_components", "build_trainer", "train", "build_model", "check_sampler"]
@@ -222,6 +224,8 @@ def build_components(config: ExperimentConfig, model: api.VAE, objective: Object
                      channels_last=tc.channels_last)
     evaluation = None
     if config.eval.every:  # load the split (and classifier) now: missing data fails before training
+        from .evaluation import prepare_evaluation
+
         evaluation = prepare_evaluation(config.data, model.config, config.eval, accelerator=accelerator)
     return Components(step, loader, total_steps, evaluation)
 

@@ -18,12 +18,13 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import random
 import shutil
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, Optional, Sequence, Set, Union
+from typing import Any, Callable, Dict, Iterator, Mapping, Optional, Sequence, Set, Union
 
 import numpy as np
 import torch
@@ -176,6 +177,14 @@ class SoftWrites:
 
     def __init__(self) -> None:
         self.failed: Set[str] = set()
+
+    def append_line(self, kind: str, path: Path, record: Mapping[str, Any]) -> None:
+        """Append ``record`` to the JSON-lines log ``path`` (``metrics.jsonl``), warning once per ``kind``."""
+        def write() -> None:
+            with open(path, "a") as fh:
+                fh.write(json.dumps(record) + "\n")
+
+        self(kind, write)
 
     def __call__(self, kind: str, write: Callable[[], Any]) -> None:
         try:

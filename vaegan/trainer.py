@@ -18,7 +18,7 @@ import logging
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import yaml
@@ -31,7 +31,6 @@ from .checkpointing import CheckpointManager, read_counters, resolve_resume, res
 from .config import ExperimentConfig, to_dict
 from .data import first_batch
 from .errors import DataError, TrainingDiverged
-from .evaluation import EvalResources, evaluate, prepare_evaluation
 from .export import estimate_and_store_scaling_factor, save_discriminator, write_model_card
 from .faults import Boundary, SoftWrites, save_after_fault, writing_final
 from .generator import VAE
@@ -43,6 +42,9 @@ from .progress import Progress
 from .samplers import LatentSampler, fit_after_training, fit_configured, load_sampler, saved_samplers
 from .step import RunningMeans, StepOutput, TrainStep  # RunningMeans: also public here, as in 0.1
 from .tracking import Tracking
+
+if TYPE_CHECKING:  # evaluation pulls in torchmetrics (~2 s): imported when the run evaluates
+    from .evaluation import EvalResources
 
 __all__ = ["TrainState", "RunningMeans", "Trainer"]
 
@@ -248,7 +250,7 @@ class Trainer:
             self.collapse.update(step, metrics)  # warns on discriminator domination
             record = {"step": step, **metrics}
             self.history.append(record)
-            self.soft_writes("metrics log (metrics.jsonl)", lambda: _append(self.output_dir / "metrics.jsonl", record))
+            self.soft_writes.append_line("metrics log (metrics.jsonl)", self.output_dir / "metrics.jsonl", record)
             self._progress.report(step, metrics)
         self.tracking.log(metrics, step)
         self.callbacks.on_log(self, metrics)
@@ -299,6 +301,8 @@ class Trainer:
         Scalars go to the trackers as ``eval/<metric>`` and every result, with its step, is appended to
         ``<output_dir>/eval.jsonl``. Every process must call this (the metric states are reduced).
         """
+        from .evaluation import evaluate, prepare_evaluation
+
         ec = self.config.eval
         self._sync_guard()  # no evaluation of a diverged run
         if self._eval is None:
@@ -314,8 +318,8 @@ class Trainer:
         logger.info("Evaluation at step %d took %.1f s: %s", self.state.step, time.perf_counter() - t0,
                     ", ".join(f"{k} {v:.4g}" for k, v in results.items() if isinstance(v, float)))
         if self.accelerator.is_main_process:
-            row = {"step": self.state.step, **results}
-            self.soft_writes("evaluation log (eval.jsonl)", lambda: _append(self.output_dir / "eval.jsonl", row))
+            self.soft_writes.append_line("evaluation log (eval.jsonl)", self.output_dir / "eval.jsonl",
+                                         {"step": self.state.step, **results})
         self.tracking.log({f"eval/{k}": float(v) for k, v in results.items()
                            if isinstance(v, (int, float)) and not isinstance(v, bool)}, self.state.step)
         self._last_eval, self._last_results = self.state.step, results
@@ -386,11 +390,6 @@ class Trainer:
         if name == "train_step" or "train_step" not in self.__dict__:
             raise AttributeError(f"'Trainer' object has no attribute '{name}'")
         return moved_to_step(self, name)
-
-
-def _append(path: Path, record: Dict[str, Any]) -> None:
-    with open(path, "a") as fh:
-        fh.write(json.dumps(record) + "\n")
 
 
 # vaegan 0.1 called the player wrapper vaegan.trainer.Player, a name the plugin API also uses (a Literal).
