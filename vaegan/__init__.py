@@ -61,7 +61,7 @@ if TYPE_CHECKING:  # what the lazy names below resolve to, for type checkers and
     from .step import StepOutput, TrainStep
     from .trainer import Trainer
 
-__version__ = "0.3.0"
+__version__ = "0.4.0"
 
 # Public name -> the module that defines it; imported on first access (PEP 562), because these pull in
 # torch, torchvision, torchmetrics and Accelerate (about 4 s on a 2-core machine).
