@@ -8,16 +8,12 @@
 
 from __future__ import annotations
 
-import os
 import platform
 from pathlib import Path
 
 import torch
 
-
-def usable_cores() -> int:
-    """The cores this process may run on (its affinity), not the machine's count."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+from vaegan.factory import usable_cores  # noqa: F401  (the cores this process may run on; used by the scripts)
 
 
 def cpu_model() -> str:

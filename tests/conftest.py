@@ -72,6 +72,18 @@ TINY = [
 ]
 
 
+def write_digit_pngs(folder: Path, n: int = 64) -> Path:
+    """The first ``n`` committed training digits as grayscale PNG files ``000.png``... in ``folder``
+    (created): real files for the image_folder plugin and its data workers."""
+    from PIL import Image
+    from torchvision.datasets import MNIST
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, digit in enumerate(MNIST(str(MNIST_ROOT), train=True, download=False).data[:n]):
+        Image.fromarray(digit.numpy()).save(folder / f"{i:03d}.png")
+    return folder
+
+
 def tiny_config(output_dir: Path, *overrides: str) -> ExperimentConfig:
     """The default MNIST VAE-GAN, shrunk, reading the committed digits, writing to output_dir."""
     base = ExperimentConfig()

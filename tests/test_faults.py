@@ -19,7 +19,7 @@ from typing import Dict, List
 
 import pytest
 import torch
-from conftest import MNIST_ROOT, TINY, registered, tiny_config
+from conftest import MNIST_ROOT, TINY, registered, tiny_config, write_digit_pngs
 from processes import (
     assert_same_weights,
     complete,
@@ -146,14 +146,7 @@ def test_out_of_memory_in_a_step_saves_the_last_completed_step_and_resumes_exact
 
 @pytest.fixture
 def digits_folder(tmp_path) -> Path:
-    from PIL import Image
-    from torchvision.datasets import MNIST
-
-    folder = tmp_path / "digits"
-    folder.mkdir()
-    for i, digit in enumerate(MNIST(str(MNIST_ROOT), train=True, download=False).data[:64]):
-        Image.fromarray(digit.numpy()).save(folder / f"{i:03d}.png")
-    return folder
+    return write_digit_pngs(tmp_path / "digits")
 
 
 class DeleteFiles(vaegan.Callback):
@@ -226,16 +219,8 @@ def _vanishing(folder: Path, out: Path, args: List[str]) -> Dict[str, object]:
 
 @pytest.fixture(scope="module")
 def chains(tmp_path_factory) -> Dict[str, Dict[str, object]]:
-    from PIL import Image
-    from torchvision.datasets import MNIST
-
     base = tmp_path_factory.mktemp("faults")
-    folders = {}
-    for name in ("reference_digits", "vanishing_digits"):
-        folders[name] = base / name
-        folders[name].mkdir()
-        for i, digit in enumerate(MNIST(str(MNIST_ROOT), train=True, download=False).data[:64]):
-            Image.fromarray(digit.numpy()).save(folders[name] / f"{i:03d}.png")
+    folders = {name: write_digit_pngs(base / name) for name in ("reference_digits", "vanishing_digits")}
     folder_args = [*TINY, "data.name=image_folder", "data.num_workers=2", "train.epochs=10", "train.progress_seconds=0"]
     results = side_by_side({
         "reference": lambda: {"run": finish(start(recipe(base / "reference", *ARGS)))},

@@ -22,7 +22,7 @@ from typing import Dict, List
 import psutil
 import pytest
 import torch
-from conftest import MNIST_ROOT, TINY, tiny_config
+from conftest import TINY, tiny_config, write_digit_pngs
 from processes import (
     ENV,
     ROOT,
@@ -53,13 +53,7 @@ SLURM = ROOT / "recipes" / "slurm"
 
 @pytest.fixture(scope="module")
 def digits_folder(tmp_path_factory) -> Path:
-    from PIL import Image
-    from torchvision.datasets import MNIST
-
-    folder = tmp_path_factory.mktemp("digits")
-    for i, digit in enumerate(MNIST(str(MNIST_ROOT), train=True, download=False).data[:64]):
-        Image.fromarray(digit.numpy()).save(folder / f"{i:03d}.png")
-    return folder
+    return write_digit_pngs(tmp_path_factory.mktemp("digits"))
 
 
 def _args(folder: Path, epochs: int, workers: int) -> List[str]:

@@ -6,7 +6,6 @@ Each test runs the real trainer (real Accelerate, real torch) on real digits fro
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -348,8 +347,8 @@ def test_every_component_can_be_built_apart_and_injected(tiny):
 ])
 def test_cpu_threads_replace_only_accelerates_default(env, local, setting, expected):
     from vaegan.config import TrainConfig
-    from vaegan.factory import cpu_threads
+    from vaegan.factory import cpu_threads, usable_cores
 
-    cores = len(os.sched_getaffinity(0))
+    cores = usable_cores()
     want = {"cores": cores, "half": max(1, cores // 2)}.get(expected, expected)
     assert cpu_threads(TrainConfig(cpu_threads=setting), local, env) == want

@@ -46,6 +46,16 @@ _PREFIX = "step_"
 _TMP = ".tmp-"
 
 
+def mb(nbytes: float) -> str:
+    """``nbytes`` for people: ``"12.3 MB"``."""
+    return f"{nbytes / 1e9:.1f} GB" if nbytes >= 1e9 else f"{nbytes / 1e6:.1f} MB"
+
+
+def folder_bytes(path: Path) -> int:
+    """The size of the files under ``path`` (0 when it does not exist)."""
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else 0
+
+
 def _read_marker(path: Path) -> Optional[Dict[str, Any]]:
     try:
         info = json.loads((path / MARKER).read_text())
@@ -166,10 +176,10 @@ class CheckpointManager:
 
     def _failed(self, step: int, tmp: Path, exc: BaseException) -> OutputError:
         """Remove a save's half-written folder; the one paragraph that says what is kept and what to do."""
-        written = sum(f.stat().st_size for f in tmp.rglob("*") if f.is_file()) if tmp.is_dir() else 0
+        written = folder_bytes(tmp)
         shutil.rmtree(tmp, ignore_errors=True)
         done = list_checkpoints(self.root)
-        size = sum(f.stat().st_size for f in done[-1].rglob("*") if f.is_file()) if done else written
+        size = folder_bytes(done[-1]) if done else written
         free = shutil.disk_usage(self.root).free if self.root.is_dir() else 0
         kept = f"The last complete checkpoint, {done[-1]}, is intact" if done else "No checkpoint was complete yet"
         why = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
@@ -177,8 +187,8 @@ class CheckpointManager:
             why = f"torch's file writer stopped part-way, {why}: no space left, a quota or a file-size limit"
         return OutputError(
             f"Saving the checkpoint of step {step} failed ({why}); "
-            f"its half-written folder was removed. {kept}. A checkpoint needs about {size / 1e6:.1f} MB and "
-            f"{free / 1e6:.1f} MB are free under '{self.root}'. Free some space (or lower "
+            f"its half-written folder was removed. {kept}. A checkpoint needs about {mb(size)} and "
+            f"{mb(free)} are free under '{self.root}'. Free some space (or lower "
             "train.checkpoints_total_limit), then continue with --resume auto.")
 
     def _clean_leftovers(self) -> None:

@@ -141,8 +141,9 @@ class ImageFolder(Dataset):
         self.jpeg_draft = bool(jpeg_draft)
         self.to_tensor = v2.PILToTensor()
         self.skip_unreadable, self.max_unreadable = bool(skip_unreadable), float(max_unreadable)
-        # Shared memory: the data workers count into the main process's numbers.
-        self.reads, self.unreadable = multiprocessing.Value("q", 0), multiprocessing.Value("q", 0)
+        # Shared memory when skipping: the data workers count into the main process's numbers.
+        self.reads = multiprocessing.Value("q", 0) if self.skip_unreadable else None
+        self.unreadable = multiprocessing.Value("q", 0) if self.skip_unreadable else None
 
     def __len__(self) -> int:
         return len(self.files)
@@ -167,14 +168,18 @@ class ImageFolder(Dataset):
 
     def __getitem__(self, index: int) -> Tensor:
         if not self.skip_unreadable:
-            return self._read(index)
+            try:
+                return self._read(index)
+            except OSError as exc:  # PIL's UnidentifiedImageError is an OSError too
+                raise DataError(f"{self._cannot_read(index, exc)}; restore, replace or delete the file (or set "
+                                "data.options.skip_unreadable: true to skip such files).") from None
         for attempt in range(len(self.files)):
             with self.reads.get_lock():
                 self.reads.value += 1
             try:
                 return self._read((index + attempt) % len(self.files))
-            except DataError as exc:
-                reason = exc.args[0].split("; restore")[0]  # "Image '...' cannot be read (...)"
+            except OSError as exc:
+                reason = self._cannot_read((index + attempt) % len(self.files), exc)
                 with self.unreadable.get_lock():
                     self.unreadable.value += 1
                     failed, reads = self.unreadable.value, self.reads.value
@@ -185,29 +190,28 @@ class ImageFolder(Dataset):
                 logger.warning("%s: skipped (data.options.skip_unreadable), the next image is used instead.", reason)
         raise DataError(f"None of the {len(self.files)} images can be read any more; restore the image folder.")
 
+    def _cannot_read(self, index: int, exc: OSError) -> str:
+        return f"Image '{self.files[index]}' cannot be read ({exc})"
+
     def _read(self, index: int) -> Tensor:
-        from PIL import Image, UnidentifiedImageError
+        from PIL import Image
         from torchvision.transforms.v2 import functional as TF
 
         path = self.files[index]
         (h, w) = self.size
-        try:
-            with Image.open(path) as img:
-                w0, h0 = img.size
-                h1, w1 = self._cover(h0, w0)
-                if (h1, w1) == (h0, w0):  # no resize: crop first, so only the window is converted
-                    top, left = self._offsets(h1, w1)
-                    pixels = self.to_tensor(img.crop((left, top, left + w, top + h)).convert(self.mode))
-                    resized = None
-                else:
-                    if self.jpeg_draft and img.format == "JPEG":
-                        # Decode at 1/s scale (s = 2, 4, 8), never below twice the size it is resized to.
-                        img.draft(None, (2 * w1, 2 * h1))
-                    pixels = self.to_tensor(img.convert(self.mode))  # uint8 (C, H0', W0')
-                    resized = TF.resize(pixels, [h1, w1], antialias=True)
-        except (UnidentifiedImageError, OSError) as exc:
-            raise DataError(f"Image '{path}' cannot be read ({exc}); restore, replace or delete the file (or set "
-                            "data.options.skip_unreadable: true to skip such files).") from None
+        with Image.open(path) as img:  # an OSError (missing, truncated, not an image) is handled by the caller
+            w0, h0 = img.size
+            h1, w1 = self._cover(h0, w0)
+            if (h1, w1) == (h0, w0):  # no resize: crop first, so only the window is converted
+                top, left = self._offsets(h1, w1)
+                pixels = self.to_tensor(img.crop((left, top, left + w, top + h)).convert(self.mode))
+                resized = None
+            else:
+                if self.jpeg_draft and img.format == "JPEG":
+                    # Decode at 1/s scale (s = 2, 4, 8), never below twice the size it is resized to.
+                    img.draft(None, (2 * w1, 2 * h1))
+                pixels = self.to_tensor(img.convert(self.mode))  # uint8 (C, H0', W0')
+                resized = TF.resize(pixels, [h1, w1], antialias=True)
         if resized is not None:
             top, left = self._offsets(h1, w1)
             pixels = resized[:, top:top + h, left:left + w]

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import math
 import os
-import signal
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +30,6 @@ from torch.utils.data import DataLoader, Dataset
 from . import api, registry
 from .callbacks import Callback
 from .config import ExperimentConfig, TrainConfig
-from .config.values import parse_signal
 from .data import TensorImages, build_dataset
 from .errors import ConfigError, DataError, PluginError
 from .faults import check_output, output_estimate
@@ -39,7 +37,7 @@ from .generator import build_generator
 from .guards import StepGuard
 from .objective import Objective
 from .optim import WarmupEMA, build_optimizer, default_precision
-from .preemption import WorkerSignals
+from .preemption import WorkerSignals, stop_signals
 from .samplers import build_sampler
 from .step import PlayerModule, Trainable, TrainStep
 from .trainer import Trainer
@@ -74,6 +72,11 @@ def build_model(config: ExperimentConfig) -> api.VAE:
     return build_generator(config.model)
 
 
+def usable_cores() -> int:
+    """The CPU cores this process may run on (its affinity, as a scheduler's cgroup or taskset sets it)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def cpu_threads(train: TrainConfig, local_processes: int, env: Optional[Mapping[str, str]] = None) -> Optional[int]:
     """The intra-op threads each process of a CPU run should use, or None to leave torch's setting alone.
 
@@ -87,8 +90,7 @@ def cpu_threads(train: TrainConfig, local_processes: int, env: Optional[Mapping[
         return train.cpu_threads
     launched_by_accelerate = "ACCELERATE_DYNAMO_BACKEND" in env  # set by `accelerate launch` for its processes
     if launched_by_accelerate and env.get("OMP_NUM_THREADS") == "1":
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        return max(1, cores // max(1, local_processes))
+        return max(1, usable_cores() // max(1, local_processes))
     return None
 
 
@@ -148,8 +150,7 @@ def build_loader(dataset: Dataset, config: ExperimentConfig, accelerator: Accele
     # A private generator: DataLoader.__iter__ otherwise draws a seed from the global RNG, which would
     # shift the reparameterisation noise after a mid-epoch resume.
     # Workers leave stop signals (a whole process group's SIGTERM, SLURM's warning) to the main process.
-    stops = (signal.SIGINT, signal.SIGTERM) + ((parse_signal(tc.warning_signal, "train.warning_signal"),)
-                                               if tc.warning_signal is not None else ())
+    stops = stop_signals(tc)
     return DataLoader(dataset, batch_size=tc.batch_size, shuffle=True, drop_last=True, num_workers=workers,
                       generator=torch.Generator().manual_seed(tc.seed), pin_memory=on_gpu and streamed,
                       persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None,

@@ -31,6 +31,7 @@ import torch
 from safetensors import SafetensorError
 from torch import nn
 
+from .checkpointing import folder_bytes, list_checkpoints, mb
 from .config import ExperimentConfig
 from .errors import DataError, OutputError, ResourceError
 
@@ -40,11 +41,6 @@ __all__ = ["output_estimate", "check_output", "Boundary", "SoftWrites", "writing
 logger = logging.getLogger(__name__)
 
 GRIDS_AND_LOGS = 4 << 20  # sample grids, metrics and the model card: a few MB for a whole run
-
-
-def mb(nbytes: float) -> str:
-    """``nbytes`` for people: ``"12.3 MB"``."""
-    return f"{nbytes / 1e9:.1f} GB" if nbytes >= 1e9 else f"{nbytes / 1e6:.1f} MB"
 
 
 def _bytes(module: Optional[nn.Module]) -> int:
@@ -157,23 +153,17 @@ def writing_final(final: Path, checkpoints: Path) -> Iterator[None]:
         yield
     except (OSError, RuntimeError, SafetensorError) as exc:
         shutil.rmtree(final, ignore_errors=True)
-        from .checkpointing import list_checkpoints
-
         done = list_checkpoints(checkpoints)
-        kept = f"the checkpoint of the last step, {done[-1]}, is complete" if done else "no checkpoint is complete"
+        kept = (f"the checkpoint of the last step, {done[-1]} ({mb(folder_bytes(done[-1]))}), is complete" if done
+                else "no checkpoint is complete")
         raise OutputError(
             f"Writing the final model to '{final}' failed ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
-            f"the half-written folder was removed and {kept}. Free some space (about {mb(_folder_bytes(done))} per "
-            "checkpoint), then run the same command with --resume auto: it finds training complete and writes "
-            "final/ again.") from exc
-
-
-def _folder_bytes(done: Any) -> int:
-    return sum(f.stat().st_size for f in done[-1].rglob("*") if f.is_file()) if done else 0
+            f"the half-written folder was removed and {kept}. Free some space, then run the same command with "
+            "--resume auto: it finds training complete and writes final/ again.") from exc
 
 
 class SoftWrites:
-    """Writes training can go on without: a failure warns once per kind (the next ones are counted)."""
+    """Writes training can go on without: a failure warns once per kind (:attr:`failed` names the kinds)."""
 
     def __init__(self) -> None:
         self.failed: Set[str] = set()

@@ -48,6 +48,7 @@ logger = logging.getLogger(__name__)
 
 # Exit status after a graceful stop: the shell's convention (128 + N) for "terminated by signal N".
 EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
+CONTINUE = "Continue with --resume auto (train.resume=auto)."  # how every stopped run is told to go on
 
 
 class StepGuard:
@@ -276,16 +277,18 @@ class GracefulStop:
             self.on_signal(signum)
 
 
-def stopped(signum: Optional[int], step: int) -> TrainingStopped:
-    """The ``SystemExit`` that ends a run stopped by a signal (status ``128 + signum``).
+def stopped(signum: Optional[int], step: int, detail: str = "",
+            then: str = CONTINUE) -> TrainingStopped:
+    """The ``SystemExit`` that ends a run stopped by a signal (status ``128 + signum``), logged with ``then``.
 
     ``signum`` is None on a process that learnt of another process's signal; it exits like SIGTERM.
+    ``detail`` follows the signal's name in the message (`` (the scheduler's warning)``).
     """
     signum = signal.SIGTERM if signum is None else signum
-    name = signal.Signals(signum).name
-    logger.warning("Stopped by %s after step %d; the checkpoint of that step is saved. Continue with "
-                   "--resume auto (train.resume=auto).", name, step)
-    return TrainingStopped(128 + int(signum), f"stopped by {name}", step)
+    why = f"stopped by {signal.Signals(signum).name}{detail}"
+    logger.warning("%s after step %d; the checkpoint of that step is saved. %s", why[:1].upper() + why[1:], step,
+                   then)
+    return TrainingStopped(128 + int(signum), why, step)
 
 
 def all_finite(modules: Iterable[Optional[nn.Module]]) -> bool:

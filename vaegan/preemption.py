@@ -43,10 +43,10 @@ import torch
 from .config import TrainConfig
 from .config.values import parse_duration, parse_signal
 from .errors import TrainingStopped
-from .guards import GracefulStop, StepGuard
+from .guards import CONTINUE, GracefulStop, StepGuard, stopped
 
 __all__ = ["RunControl", "Decision", "WorkerSignals", "requeue_slurm_job", "slurm_job_id", "shutdown_workers",
-           "TrainingStopped"]
+           "stop_signals", "TrainingStopped"]
 
 logger = logging.getLogger(__name__)
 
@@ -104,6 +104,12 @@ class WorkerSignals:
         if own and own != getattr(self, "_inherited_tmp", None):
             shutil.rmtree(own, ignore_errors=True)
         os._exit(0)
+
+
+def stop_signals(train: TrainConfig) -> Tuple[int, ...]:
+    """SIGINT, SIGTERM and ``train.warning_signal``: what stops a run (and what its data workers ignore)."""
+    warning = parse_signal(train.warning_signal, "train.warning_signal") if train.warning_signal is not None else None
+    return (signal.SIGINT, signal.SIGTERM) + ((warning,) if warning is not None else ())
 
 
 def shutdown_workers(loader: Any) -> None:
@@ -179,7 +185,7 @@ class RunControl:
                                if train.warning_signal is not None else None)
         self.max_time = parse_duration(train.max_time, "train.max_time") if train.max_time is not None else None
         self.save_every = train.checkpoint_every_minutes * 60.0 or None
-        self.signals = (signal.SIGINT, signal.SIGTERM) + ((self.warning_signal,) if self.warning_signal else ())
+        self.signals = stop_signals(train)
         self.signum: Optional[int] = None  # the first stopping signal this process received
         self.loader = loader
         self.loaders: List[Any] = []  # more loaders whose workers end with training (a resumed epoch's)
@@ -275,18 +281,15 @@ class RunControl:
         """The exception that ends the run after the stop's checkpoint of ``step`` is saved (every process
         calls this); the main process first requeues the SLURM job when the reason and ``train.requeue``
         ask for it."""
-        if reason == "interrupt":
-            signum = self.signum if self.signum in (signal.SIGINT, signal.SIGTERM) else signal.SIGTERM
-            code, why = 128 + int(signum), f"stopped by {signal.Signals(signum).name}"
-        elif reason == "warning":
-            sig = self.warning_signal or signal.SIGUSR1  # every process has the same config
-            code, why = 128 + int(sig), f"stopped by {sig.name} (the scheduler's warning)"
-        else:
-            code, why = TIMEOUT_STATUS, f"stopped before train.max_time ({self.train.max_time})"
-        requeued = False
-        if reason != "interrupt" and self.train.requeue and self.accelerator.is_main_process:
-            requeued = requeue_slurm_job()
-        logger.warning("%s after step %d; the checkpoint of that step is saved. %s", why[0].upper() + why[1:],
-                       step, "The job is requeued and continues with --resume auto." if requeued
-                       else "Continue with --resume auto (train.resume=auto).")
-        return TrainingStopped(code, why, step)
+        requeued = (reason != "interrupt" and self.train.requeue and self.accelerator.is_main_process
+                    and requeue_slurm_job())
+        then = ("The job is requeued and continues with --resume auto." if requeued
+                else CONTINUE)
+        if reason == "interrupt":  # a process that learnt of it from its peers exits like SIGTERM
+            return stopped(self.signum if self.signum in (signal.SIGINT, signal.SIGTERM) else None, step, then=then)
+        if reason == "warning":  # every process has the same config, so the same warning signal
+            return stopped(self.warning_signal or signal.SIGUSR1, step, " (the scheduler's warning)", then)
+        why = f"stopped before train.max_time ({self.train.max_time})"
+        logger.warning("%s after step %d; the checkpoint of that step is saved. %s", why[:1].upper() + why[1:],
+                       step, then)
+        return TrainingStopped(TIMEOUT_STATUS, why, step)
