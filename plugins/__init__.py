@@ -5,10 +5,10 @@ Modules (entry-point names in brackets; see docs/plugins.md for every option):
 
 - :mod:`.patchgan` [``patchgan``], :mod:`.dcgan` [``dcgan``]: discriminators.
 - :mod:`.adversarial` [``hinge``, ``least_squares``]: GAN loss pairs.
-- :mod:`.r1` [``r1``]: R1 gradient penalty (a discriminator term).
+- :mod:`.r1` [``r1``], :mod:`.lecam` [``lecam``]: discriminator regularisers (R1 gradient penalty, LeCam).
 - :mod:`.feature_matching` [``feature_matching``]: Larsen et al.'s learned similarity.
-- :mod:`.perceptual` [``lpips``], :mod:`.ssim` [``ssim``], :mod:`.frequency` [``focal_frequency``]:
-  perceptual and structural reconstruction losses.
+- :mod:`.perceptual` [``lpips``, with the shift-tolerant networks of :mod:`._stlpips`], :mod:`.ssim`
+  [``ssim``], :mod:`.frequency` [``focal_frequency``]: perceptual and structural reconstruction losses.
 
 Nothing is imported here: loading one plugin by name imports only its module.
 """

@@ -13,6 +13,11 @@ Where the backbone's ImageNet weights come from, in order: the ``backbone_path``
 ``VAEGAN_LPIPS_BACKBONE`` environment variable (each a file, or a folder holding the file under
 torchvision's name), torchvision's cache (``$TORCH_HOME/hub/checkpoints``), then a download into that
 cache. The linear calibration layers ship inside the ``lpips`` package, so they never need a network.
+
+Offline: ``net: alex_st`` or ``vgg_st`` is the *shift-tolerant* LPIPS of Ghildyal & Liu (ECCV 2022),
+whose backbone and heads ship inside the ``stlpips-pytorch`` wheel (``pip install "vaegan[stlpips]"``;
+:mod:`vaegan_plugins._stlpips`), so it needs no download at all. It is a different network trained on
+the same judgements: ST-LPIPS numbers are not LPIPS numbers (report them as ``st_lpips``).
 """
 
 from __future__ import annotations
@@ -35,7 +40,9 @@ from torch import Tensor, nn
 from vaegan.api import LossTerm, Player, TermInputs
 from vaegan.errors import ConfigError, PluginError
 
-__all__ = ["LPIPSLoss", "BACKBONE_ENV", "backbone_file_name"]
+from . import _stlpips
+
+__all__ = ["LPIPSLoss", "BACKBONE_ENV", "NETS", "backbone_file_name", "st_lpips_problem"]
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +62,10 @@ _BACKBONES: Dict[str, _Backbone] = {
     "squeeze": _Backbone(lambda: tvm.SqueezeNet1_1_Weights.IMAGENET1K_V1, 17),
 }
 _SOURCES = ("pretrained", "random")
+_ST_SUFFIX = "_st"  # alex_st, vgg_st: the shift-tolerant networks of the stlpips-pytorch wheel
+NETS = (*_BACKBONES, *(n + _ST_SUFFIX for n in _stlpips.NETS))
+OFFLINE_HINT = (f"Offline, net: alex_st or vgg_st needs no download: the shift-tolerant LPIPS, whose weights ship "
+                f"inside the stlpips-pytorch wheel ({_stlpips.EXTRA}); its numbers are ST-LPIPS, not LPIPS.")
 
 
 def backbone_file_name(net: str) -> str:
@@ -101,11 +112,14 @@ class LPIPSLoss(LossTerm):
     same at any image size.
 
     Args:
-        net: Backbone, ``alex`` (fast; LPIPS' default), ``vgg`` (taming/LDM's choice) or ``squeeze``.
+        net: Backbone, ``alex`` (fast; LPIPS' default), ``vgg`` (taming/LDM's choice) or ``squeeze``;
+            ``alex_st`` / ``vgg_st``: shift-tolerant LPIPS, weights from the stlpips-pytorch wheel (offline).
         backbone: ``pretrained`` (ImageNet weights, see the module docstring) or ``random``: an
             untrained backbone, *only* for testing the plumbing offline; it is not a perceptual metric.
         backbone_path: The torchvision weights file, or a folder that holds it.
         download: Try torchvision's download when no local file is found.
+        st_weights_path: For ``*_st``: stlpips-pytorch's ``{net}_shift_tolerant.pth`` (or its folder)
+            instead of the installed wheel's.
         min_size: Shorter image side below which inputs are upsampled before the backbone.
 
     Raises:
@@ -122,25 +136,34 @@ class LPIPSLoss(LossTerm):
     player: ClassVar[Player] = "generator"
 
     def __init__(self, net: str = "alex", backbone: str = "pretrained", backbone_path: Optional[str] = None,
-                 download: bool = True, min_size: int = 32) -> None:
+                 download: bool = True, min_size: int = 32, st_weights_path: Optional[str] = None) -> None:
         super().__init__()
-        if net not in _BACKBONES:
-            raise ValueError(f"lpips: net must be one of {sorted(_BACKBONES)}, got {net!r}.")
+        if net not in NETS:
+            raise ValueError(f"lpips: net must be one of {list(NETS)}, got {net!r}.")
         if backbone not in _SOURCES:
             raise ValueError(
                 f"lpips: backbone must be 'pretrained' (ImageNet weights) or 'random' (an untrained network, "
                 f"for offline tests only), got {backbone!r}. To use a local weights file set backbone_path."
             )
-        need = _BACKBONES[net].min_side
+        shift_tolerant = net.endswith(_ST_SUFFIX)
+        base = net[: -len(_ST_SUFFIX)] if shift_tolerant else net
+        need = _stlpips.min_side(base) if shift_tolerant else _BACKBONES[net].min_side
         if isinstance(min_size, bool) or not isinstance(min_size, int) or min_size < need:
             raise ValueError(f"lpips: min_size must be an integer >= {need} for net={net}, got {min_size!r}.")
         self.net_name, self.backbone, self.min_size = net, backbone, min_size
         # Find the weights before building anything, so a missing file fails fast.
-        weights = _resolve_backbone(net, backbone_path, download) if backbone == "pretrained" else None
-        model = _build(net)
-        if weights is not None:
-            _load_backbone(model, net, weights)
+        if shift_tolerant:
+            weights = _stlpips.weights_file(base, st_weights_path) if backbone == "pretrained" else None
+            model = _stlpips.ShiftTolerantLPIPS(base)
+            if weights is not None:
+                model.load_weights(weights)
+                logger.info("lpips: shift-tolerant %s network loaded from %s", base, weights)
         else:
+            weights = _resolve_backbone(net, backbone_path, download) if backbone == "pretrained" else None
+            model = _build(net)
+            if weights is not None:
+                _load_backbone(model, net, weights)
+        if weights is None:
             logger.warning("lpips: using a RANDOM %s backbone (backbone: random); this is not a perceptual "
                            "metric, only a way to exercise the plumbing without ImageNet weights.", net)
         model.requires_grad_(False).eval()
@@ -149,7 +172,8 @@ class LPIPSLoss(LossTerm):
 
     @property
     def network(self) -> nn.Module:
-        """The frozen ``lpips.LPIPS`` module (not a submodule of this term)."""
+        """The frozen ``lpips.LPIPS`` (or :class:`~vaegan_plugins._stlpips.ShiftTolerantLPIPS`) module
+        (not a submodule of this term)."""
         return self._lpips
 
     def train(self, mode: bool = True) -> "LPIPSLoss":
@@ -197,6 +221,20 @@ class LPIPSLoss(LossTerm):
     def forward(self, inputs: TermInputs) -> Tensor:
         """Mean LPIPS distance between reconstructions and inputs over the batch (fp32)."""
         return self.distance(inputs.output.recon, inputs.real, inputs.value_range).mean()
+
+
+def st_lpips_problem(net: str = "alex") -> Optional[str]:
+    """None when the shift-tolerant ``net`` can be built offline here; else the one-paragraph reason.
+
+    Example:
+        >>> st_lpips_problem("alex") is None or "stlpips" in st_lpips_problem("alex")
+        True
+    """
+    try:
+        _stlpips.weights_file(net)
+        return None
+    except PluginError as exc:
+        return str(exc)
 
 
 def _build(net: str) -> nn.Module:
@@ -257,7 +295,7 @@ def _resolve_backbone(net: str, backbone_path: Optional[str], download: bool) ->
         f"expects the file '{name}' in '{cache_dir}' (set TORCH_HOME to move that cache). Download it "
         f"from {url} on a machine with internet and copy it there, or point the lpips option "
         f"backbone_path (or the environment variable {BACKBONE_ENV}) at the file or its folder. "
-        "(backbone: random exists only for offline tests; it is not a perceptual metric.)"
+        f"{OFFLINE_HINT} (backbone: random exists only for offline tests; it is not a perceptual metric.)"
     )
 
 

@@ -131,6 +131,21 @@ def test_evaluate_reports_lpips_when_a_network_is_given(tmp_path):
     assert "fd_classifier" not in r and r["protocol"]["fd_features"] is None  # classifier: false
 
 
+def test_evaluate_reports_st_lpips_next_to_lpips_never_in_its_place(tmp_path):
+    pytest.importorskip("stlpips_pytorch", reason="the stlpips extra is not installed")
+    from vaegan_plugins.perceptual import LPIPSLoss
+
+    res = prepare_evaluation(DATA, TINY_MODEL, dataclasses.replace(SMALL, classifier=False, lpips=False))
+    assert res.st_lpips is not None and res.st_lpips.net_name == "alex_st"  # auto: the wheel is installed
+    res.lpips = LPIPSLoss(backbone="random")
+    r = evaluate(tiny_generator(), DATA, SMALL, resources=res)
+    assert r["st_lpips"] > 0 and r["lpips"] > 0 and r["st_lpips"] != r["lpips"]
+    assert "not comparable with LPIPS" in r["protocol"]["st_lpips"]
+    off = prepare_evaluation(DATA, TINY_MODEL, dataclasses.replace(SMALL, classifier=False, lpips=False,
+                                                                   st_lpips=False))
+    assert off.st_lpips is None and off.st_lpips_note == "off (eval.st_lpips: false)"
+
+
 def test_lpips_without_local_weights_is_skipped_or_refused(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty_torch_home"))  # no cached ImageNet weights
     monkeypatch.delenv("VAEGAN_LPIPS_BACKBONE", raising=False)

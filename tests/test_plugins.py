@@ -198,6 +198,45 @@ def test_r1_lazy_runs_every_k_steps_scaled_by_k(digits):
         _term("r1", every=0)
 
 
+# ---- LeCam ----------------------------------------------------------------------------------------
+
+
+def test_lecam_known_answer_anchors_and_gradient_to_the_discriminator(digits):
+    disc = _Linear((1, 28, 28))
+    term = _term("lecam", decay=0.5)
+    fakes = digits.flip(0) * 0.5
+
+    def inputs():
+        return TermInputs(real=digits, output=_output(fakes), step=0, fake=fakes, discriminator=disc)
+
+    with torch.no_grad():
+        real, fake = disc(digits).logits, disc(fakes).logits
+    value = term(inputs())  # first step: the averages are this step's means
+    torch.testing.assert_close(term.alpha_real, real.mean())
+    torch.testing.assert_close(term.alpha_fake, fake.mean())
+    expected = F.relu(real - fake.mean()).pow(2).mean() + F.relu(real.mean() - fake).pow(2).mean()
+    torch.testing.assert_close(value, expected)
+    value.backward()
+    assert disc.w.grad is not None and disc.w.grad.abs().sum() > 0
+    a_real = float(term.alpha_real)
+    with torch.no_grad():
+        disc.b += 1.0  # every logit moves by one: the averages follow at rate 1 - decay
+    term(inputs())
+    torch.testing.assert_close(float(term.alpha_real), 0.5 * a_real + 0.5 * (a_real + 1.0))
+    assert set(term.state_dict()) == {"alpha_real", "alpha_fake", "started"}  # saved with the discriminator
+    with pytest.raises(ConfigError, match="decay"):
+        _term("lecam", decay=1.0)
+
+
+@pytest.mark.slow
+def test_lecam_averages_are_checkpointed_and_resume_exactly(tmp_path):
+    from conftest import assert_resume_is_exact
+
+    common = ("losses=[{name: bce}, {name: kl}, {name: lecam, weight: 0.3}]", "train.epochs=3",
+              "train.max_steps=6", "train.checkpoint_every=2")
+    assert_resume_is_exact(tmp_path, common, stop_at=4)
+
+
 # ---- LPIPS ----------------------------------------------------------------------------------------
 
 

@@ -248,9 +248,10 @@ def test_discriminator_domination_is_reported_with_numbers(tiny, caplog):
         trainer.fit()
     last = trainer.history[-1]
     assert last["d/acc_real"] >= 0.99 and last["d/acc_fake"] >= 0.99
-    warnings = [r.message for r in caplog.records if "Discriminator domination" in r.message]
-    assert warnings, trainer.history
-    assert "D accuracy on real 100.0%" in warnings[-1] and "mean logit real" in warnings[-1]
+    warnings = [r.message for r in caplog.records if "discriminator has won" in r.message]
+    assert len(warnings) == 1, trainer.history  # once, however long it lasts
+    assert "D accuracy on real 100.0%" in warnings[0] and "mean logit real" in warnings[0]
+    assert "lecam" in warnings[0] and "optim_d.lr" in warnings[0]
 
 
 def test_collapse_monitor_needs_a_streak_and_reports_exploding_adversarial_loss():
@@ -260,9 +261,26 @@ def test_collapse_monitor_needs_a_streak_and_reports_exploding_adversarial_loss(
     assert monitor.update(4, {"d/acc_real": 0.7, "d/acc_fake": 0.99}) is None  # streak broken
     assert monitor.update(6, won) is None
     assert "since step 6" in monitor.update(8, won)
+    assert monitor.warned and monitor.update(10, won) is None  # once
     monitor = CollapseMonitor(patience=1, adversarial_max=10.0)
     assert monitor.update(2, {"g/adversarial": 3.0}) is None
     assert "generator adversarial loss 42" in monitor.update(4, {"g/adversarial": 42.0})
+
+
+def test_collapse_monitor_sees_the_hinge_game_lost_without_perfect_accuracy():
+    """The ldm_kl_f4 failure: D at 90% accuracy, logits far apart, the adaptive weight scaled away."""
+    monitor = CollapseMonitor(patience=2)
+    assert monitor.update(50, {"d/acc_real": 0.9, "d/acc_fake": 0.9, "d/logits_real": 1.0, "d/logits_fake": -1.0,
+                               "g/adaptive_weight": 0.05}) is None
+    lost = {"d/acc_real": 0.9, "d/acc_fake": 0.92, "d/logits_real": 2.5, "d/logits_fake": -2.1,
+            "g/adaptive_weight": 0.003}
+    assert monitor.update(100, lost) is None
+    message = monitor.update(150, lost)
+    assert "gap >= 4" in message and "adaptive weight 0.003, down from 0.05" in message
+    fresh = CollapseMonitor(patience=1)
+    fresh.update(1, {"g/adaptive_weight": 0.05})
+    assert "adaptive weight" in fresh.update(2, {"g/adaptive_weight": 0.004})
+    assert CollapseMonitor(patience=1).update(1, {"d/logits_real": 1.0, "d/logits_fake": -1.0}) is None
 
 
 # ---- checkpoints written atomically ---------------------------------------------------------------

@@ -272,7 +272,8 @@ def _parser() -> argparse.ArgumentParser:
 
     e = _command(sub, "eval", "evaluate a trained model: fidelity, likelihood, sample quality, detail",
                  "Compute vaegan.evaluation's metrics for a trained generator (the EMA weights by default) on a "
-                 "dataset split: MSE, PSNR, SSIM and LPIPS (when the backbone's weights are local) of "
+                 "dataset split: MSE, PSNR, SSIM, LPIPS (when the backbone's weights are local) and ST-LPIPS "
+                 "(when stlpips-pytorch is installed) of "
                  "reconstructions; negative ELBO and the IWAE NLL in nats and bits/dim; Fréchet distance in a "
                  "cached classifier's features, class histogram and precision/recall (labelled data); "
                  "sharpness and high-frequency ratios of generated images (latents from --sampler). Prints a table; --out "
@@ -291,6 +292,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="classifier metrics (FD, histogram, precision/recall); auto: when the data has labels")
     e.add_argument("--lpips", choices=["auto", "on", "off"], default="auto",
                    help="LPIPS distance; auto: when the backbone's ImageNet weights are available locally")
+    e.add_argument("--st-lpips", choices=["auto", "on", "off"], default="auto",
+                   help="shift-tolerant LPIPS (a different network: not comparable with LPIPS); auto: when "
+                        "stlpips-pytorch is installed (vaegan[stlpips])")
     e.add_argument("--inception", action="store_true",
                    help="also the Inception FID (needs torch-fidelity and its weights in the torch cache; slow on CPUs)")
     e.add_argument("--batch-size", type=_positive_int, default=500, help="images per forward (default 500)")

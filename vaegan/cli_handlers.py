@@ -128,6 +128,7 @@ def eval_command(args: argparse.Namespace) -> int:
         "nll_samples": args.nll_samples, "likelihood": args.likelihood, "batch_size": args.batch_size,
         "classifier": {"auto": None, "on": True, "off": False}[args.classifier],
         "lpips": {"auto": None, "on": True, "off": False}[args.lpips], "inception": args.inception,
+        "st_lpips": {"auto": None, "on": True, "off": False}[args.st_lpips],
         "seed": args.seed}, "eval")
     accelerator = _launched_accelerator()
     # Under a launcher, load on the CPU and let evaluate() move the model to this process's device.

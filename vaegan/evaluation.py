@@ -5,7 +5,9 @@ Protocol (written into every result as ``protocol``):
 - reconstructions of the evaluation split, from the posterior mean, clamped to the value range (what a saved
   image holds): MSE, PSNR and SSIM over all images
   (torchmetrics, data range = the model's output range);
-- LPIPS distance of the reconstructions (the ``lpips`` plugin) when the backbone's weights are local;
+- LPIPS distance of the reconstructions (the ``lpips`` plugin) when the backbone's weights are local, and
+  the shift-tolerant LPIPS (``st_lpips``: the plugin's ``net: alex_st``) when stlpips-pytorch is installed,
+  a different network, so its numbers are never compared with LPIPS ones;
 - likelihood on the first ``nll_images`` images: negative ELBO and the IWAE bound with ``nll_samples``
   importance samples, in nats per image and bits per dimension, Bernoulli on inputs binarised at the
   middle of the range (or the decoder's Gaussian with a given log-variance);
@@ -67,17 +69,23 @@ __all__ = ["DigitClassifier", "load_or_train_classifier", "EvalResources", "prep
 logger = logging.getLogger(__name__)
 
 
-def _lpips_for(wanted: Optional[bool]) -> Tuple[Optional[nn.Module], Optional[str]]:
-    """The ``lpips`` loss plugin as a distance (pretrained backbone, never downloaded), or why not."""
+# metric key -> (the lpips plugin's net, why it may be absent)
+_PERCEPTUAL = {"lpips": ("alex", "the backbone's ImageNet weights are not available locally (see the lpips plugin)"),
+               "st_lpips": ("alex_st", "the shift-tolerant weights are not installed (pip install \"vaegan[stlpips]\")")}
+
+
+def _lpips_for(wanted: Optional[bool], key: str = "lpips") -> Tuple[Optional[nn.Module], Optional[str]]:
+    """The ``lpips`` loss plugin as the distance of metric ``key`` (never downloaded), or why not."""
     if wanted is False:
-        return None, "off (eval.lpips: false)"
+        return None, f"off (eval.{key}: false)"
+    net, missing = _PERCEPTUAL[key]
     try:
-        return registry.load("vaegan.losses", "lpips")(download=False).eval(), None
+        return registry.load("vaegan.losses", "lpips")(net=net, download=False).eval(), None
     except PluginError as exc:
         if wanted:  # asked for explicitly: say what is missing and how to fix it
             raise
-        logger.info("LPIPS distance skipped: %s", exc)
-        return None, "skipped: the backbone's ImageNet weights are not available locally (see the lpips plugin)"
+        logger.info("%s distance skipped: %s", key, exc)
+        return None, f"skipped: {missing}"
 
 
 INCEPTION_WEIGHTS = "weights-inception-2015-12-05-6726825d.pth"  # torch-fidelity's FID Inception (TF port)
@@ -117,6 +125,8 @@ class EvalResources:
     lpips: Optional[nn.Module] = None  # a module with ``distance(a, b, value_range) -> (B,)``
     lpips_note: Optional[str] = None  # why there is no LPIPS distance
     inception: Optional[nn.Module] = None  # torchmetrics' Inception FID metric, when asked for
+    st_lpips: Optional[nn.Module] = None  # the shift-tolerant LPIPS, same interface as ``lpips``
+    st_lpips_note: Optional[str] = None  # why there is no ST-LPIPS distance
 
 
 def prepare_evaluation(data: DataConfig, model_config: ModelConfig, config: EvalConfig = EvalConfig(),
@@ -125,14 +135,15 @@ def prepare_evaluation(data: DataConfig, model_config: ModelConfig, config: Eval
 
     Raises:
         DataError: the split is missing; ``classifier: true`` on a dataset without labels.
-        PluginError: ``lpips: true`` without the backbone's weights.
+        PluginError: ``lpips: true`` without the backbone's weights, ``st_lpips: true`` without stlpips-pytorch.
     """
     data = dataclasses.replace(data, split=config.split, limit=config.limit)
     ds = build_dataset(data, model_config)
     clf = classifier_for(data, model_config, ds, config.classifier, cache_dir, accelerator)
     lpips, note = _lpips_for(config.lpips)
+    st_lpips, st_note = _lpips_for(config.st_lpips, "st_lpips")
     inception = _inception_fid() if config.inception else None
-    return EvalResources(data, ds, clf, lpips, note, inception)
+    return EvalResources(data, ds, clf, lpips, note, inception, st_lpips, st_note)
 
 
 def _batches(ds: Dataset, indices: Tensor, batch_size: int):
@@ -204,8 +215,8 @@ def evaluate(model: VAE, data: DataConfig, config: EvalConfig = EvalConfig(), *,
     ssim = StructuralSimilarityIndexMeasure(data_range=span).to(device)
     sharp, hf = SharpnessRatio().to(device), HighFrequencyRatio().to(device)
     nll = LikelihoodBounds(model, config.nll_samples, config.likelihood, logvar).to(device)
-    if lpips is not None:
-        lpips, lpips_mean = lpips.to(device), MeanMetric().to(device)
+    perceptual = {key: (net.to(device), MeanMetric().to(device)) for key, net in
+                  (("lpips", lpips), ("st_lpips", res.st_lpips)) if net is not None}
     inception = res.inception.to(device) if res.inception is not None else None
     if inception is not None:
         inception.reset()
@@ -236,9 +247,8 @@ def evaluate(model: VAE, data: DataConfig, config: EvalConfig = EvalConfig(), *,
         ssim.update(recon, x)
         sharp.update(x, real=True)
         hf.update(x, real=True)
-        if lpips is not None:
-            d = lpips.distance(recon, x, model.value_range)  # (b,)
-            lpips_mean.update(d)
+        for net, mean in perceptual.values():
+            mean.update(net.distance(recon, x, model.value_range))  # (b,)
         keep = idx < n_nll  # this rank's images among the first n_nll
         if keep.any():
             noise = importance_noise(config.seed, idx[keep], config.nll_samples, model.latent_shape)  # (K, b, *latent)
@@ -267,8 +277,7 @@ def evaluate(model: VAE, data: DataConfig, config: EvalConfig = EvalConfig(), *,
         "sharpness_ratio": float(sharp.compute()), "high_frequency_ratio": float(hf.compute()),
         **{k: float(v) for k, v in nll.compute().items()},
     }
-    if lpips is not None:
-        results["lpips"] = float(lpips_mean.compute())
+    results.update({key: float(mean.compute()) for key, (_, mean) in perceptual.items()})
     if inception is not None:
         results["fid_inception"] = float(inception.compute())
     if clf is not None:
@@ -288,6 +297,9 @@ def evaluate(model: VAE, data: DataConfig, config: EvalConfig = EvalConfig(), *,
         "limit": config.limit,  # bounds "images" only: num_samples and nll_images are set on their own
         "fid_inception": "torchmetrics FID, Inception-v3 pool3 (2048-d), grey images repeated to RGB" if inception is not None else None,
         "lpips": "mean LPIPS (lpips plugin) of reconstructions vs inputs" if lpips is not None else res.lpips_note,
+        "st_lpips": ("mean shift-tolerant LPIPS (lpips plugin, net alex_st, stlpips-pytorch weights) of "
+                     "reconstructions vs inputs; not comparable with LPIPS") if res.st_lpips is not None
+                    else res.st_lpips_note,
         "sampler": f"{sampler.name} (temperature {sampler.temperature:g})" if sampler is not None
                    else "normal (the model's prior)",
         "seed": config.seed, "processes": world,

@@ -172,50 +172,73 @@ class StepGuard:
 
 @dataclass
 class CollapseMonitor:
-    """Warns when the discriminator dominates, from metrics already reduced at a log interval.
+    """Warns once when the discriminator has won, from metrics already reduced at a log interval.
 
-    Domination means: D classifies at least ``accuracy_max`` of both real and fake images correctly
-    (``d/acc_real``, ``d/acc_fake``: logit > 0 means "real") for ``patience`` log intervals in a row,
-    or the generator's adversarial loss ``g/adversarial`` exceeds ``adversarial_max`` for as long.
-    The warning repeats every ``patience`` intervals while it lasts.
+    "Won" means, for ``patience`` log intervals in a row, any of:
+
+    - D classifies at least ``accuracy_max`` of both real and fake images correctly (``d/acc_real``,
+      ``d/acc_fake``: logit > 0 means "real");
+    - the mean logits are ``logit_gap_max`` apart (``d/logits_real - d/logits_fake``): with the hinge loss
+      both sides are then past their margins, so D has nothing left to learn from them and the
+      generator's hinge loss saturates (the ldm_kl_f4 run of docs/benchmarks.md: about 2);
+    - VQGAN's adaptive weight (``g/adaptive_weight``) fell below ``adaptive_drop`` of the first value
+      logged: the adversarial gradient at the decoder's last layer grew while the reconstruction's did not,
+      so the GAN term is scaled away (0.05 -> 0.003 in that run);
+    - the generator's adversarial loss ``g/adversarial`` exceeds ``adversarial_max``.
+
+    The warning names the numbers and the knobs, once per run (a GAN that stays lost would otherwise
+    repeat it every few seconds); :attr:`warned` says whether it fired.
 
     Example:
         >>> monitor = CollapseMonitor(patience=1)
-        >>> monitor.update(10, {"d/acc_real": 1.0, "d/acc_fake": 1.0})[:36]
-        'Discriminator domination at step 10:'
+        >>> monitor.update(10, {"d/acc_real": 1.0, "d/acc_fake": 1.0})[:33]
+        'The discriminator has won at step'
     """
 
     accuracy_max: float = 0.99  # right on >= 99% of both real and fake: G gets almost no signal
+    logit_gap_max: float = 4.0  # real and fake logits each ~2 past the decision boundary, beyond hinge margins
+    adaptive_drop: float = 0.1  # the adaptive weight at a tenth of its first logged value
     adversarial_max: float = 10.0  # non-saturating -log D(G(z)) = 10 means D(fake) ~ 5e-5
     patience: int = 5  # log intervals in a row; a single lopsided interval is normal GAN noise
+    warned: bool = field(default=False, init=False)
     _streak: int = field(default=0, init=False)
     _since: Optional[int] = field(default=None, init=False)
+    _first_adaptive: Optional[float] = field(default=None, init=False)
 
     def update(self, step: int, metrics: Mapping[str, float]) -> Optional[str]:
-        """Feed one log interval's metrics; returns (and logs) a warning message, or None."""
+        """Feed one log interval's metrics; returns (and logs) the warning the first time, else None."""
         acc_real, acc_fake = metrics.get("d/acc_real"), metrics.get("d/acc_fake")
-        adv = metrics.get("g/adversarial")
-        wins = acc_real is not None and acc_fake is not None and min(acc_real, acc_fake) >= self.accuracy_max
-        explodes = adv is not None and adv > self.adversarial_max
-        if not (wins or explodes):
+        logit_real, logit_fake = metrics.get("d/logits_real"), metrics.get("d/logits_fake")
+        adv, adaptive = metrics.get("g/adversarial"), metrics.get("g/adaptive_weight")
+        if adaptive is not None and self._first_adaptive is None and adaptive > 0:
+            self._first_adaptive = adaptive
+        reasons = []
+        if acc_real is not None and acc_fake is not None and min(acc_real, acc_fake) >= self.accuracy_max:
+            reasons.append(f"D accuracy on real {acc_real:.1%}, on fakes {acc_fake:.1%}")
+        if logit_real is not None and logit_fake is not None and logit_real - logit_fake >= self.logit_gap_max:
+            reasons.append(f"mean logit real {logit_real:.3g} vs fake {logit_fake:.3g} (gap >= {self.logit_gap_max:g})")
+        if adaptive is not None and self._first_adaptive and adaptive < self.adaptive_drop * self._first_adaptive:
+            reasons.append(f"adaptive weight {adaptive:.3g}, down from {self._first_adaptive:.3g}")
+        if adv is not None and adv > self.adversarial_max:
+            reasons.append(f"generator adversarial loss {adv:.3g}")
+        if not reasons:
             self._streak, self._since = 0, None
             return None
         self._streak += 1
         self._since = step if self._since is None else self._since
-        if self._streak % self.patience:
+        if self._streak < self.patience or self.warned:
             return None
-        numbers = []
-        if acc_real is not None and acc_fake is not None:
-            numbers.append(f"D accuracy on real {acc_real:.1%}, on fakes {acc_fake:.1%}")
-        for key, label in (("d/logits_real", "mean logit real"), ("d/logits_fake", "mean logit fake"),
-                           ("g/adversarial", "generator adversarial loss"), ("d/total", "discriminator loss")):
-            if key in metrics:
-                numbers.append(f"{label} {metrics[key]:.3g}")
+        self.warned = True
+        context = [f"{label} {metrics[key]:.3g}" for key, label in (
+            ("d/logits_real", "mean logit real"), ("d/logits_fake", "mean logit fake"),
+            ("g/adversarial", "generator adversarial loss"), ("d/total", "discriminator loss")) if key in metrics]
         message = (
-            f"Discriminator domination at step {step}: for {self._streak} log intervals in a row (since step "
-            f"{self._since}) {'; '.join(numbers)}. The generator gets almost no useful adversarial gradient. "
-            "Consider a lower optim_d.lr, a later adversarial.disc_start, a smaller adversarial weight or a "
-            "weaker (narrower, spectrally normalised) discriminator."
+            f"The discriminator has won at step {step}: for {self._streak} log intervals in a row (since step "
+            f"{self._since}) {'; '.join(reasons)} ({', '.join(context)}). The generator gets almost no useful adversarial gradient. "
+            "What brings it back (docs/training.md, 'Keeping the GAN in the game'): the lecam term on the "
+            "discriminator (losses: + {name: lecam, weight: 0.1}), a lower optim_d.lr, a smaller discriminator "
+            "(discriminator.options n_layers / base_width), r1 on reals, or a later adversarial start. "
+            "This warning is shown once."
         )
         logger.warning(message)
         return message

@@ -279,6 +279,7 @@ class EvalConfig:
     batch_size: int = 500
     classifier: Optional[bool] = None  # classifier metrics (FD, histogram, P/R); None: when the data has labels
     lpips: Optional[bool] = None  # LPIPS distance of reconstructions; None: when the backbone weights are local
+    st_lpips: Optional[bool] = None  # shift-tolerant LPIPS (alex) of reconstructions; None: when stlpips-pytorch is installed
     inception: bool = False  # also the Inception FID (needs torch-fidelity and its weights; slow on CPUs)
     seed: int = 0  # prior latents and importance noise: the same images on any number of processes
 
