@@ -99,6 +99,39 @@ def test_default_precision_follows_the_launcher_then_the_hardware(monkeypatch):
     assert default_precision(None) is None
 
 
+CPUINFO = "processor\t: 0\nvendor_id\t: {vendor}\nflags\t\t: fpu sse2 avx2 fma {extra}\nbogomips\t: 4890\n"
+
+
+@pytest.mark.parametrize("extra, units", [("", None), ("avx512f avx512_bf16", "avx512_bf16"),
+                                          ("avx512_bf16 amx_tile amx_bf16", "amx_bf16")])
+def test_bf16_units_are_read_from_the_cpu_flags(tmp_path, extra, units):
+    from vaegan.optim import cpu_bf16_units
+
+    info = tmp_path / "cpuinfo"
+    info.write_text(CPUINFO.format(vendor="GenuineIntel", extra=extra) * 2)  # two processors, as a real file
+    assert cpu_bf16_units.__wrapped__(str(info)) == units
+    assert cpu_bf16_units.__wrapped__(str(tmp_path / "absent")) is None  # not Linux: no claim
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU rule; a GPU decides by its own bf16 support")
+def test_auto_precision_is_bf16_exactly_where_the_cpu_has_bf16_units(monkeypatch, caplog, tiny):
+    import logging
+
+    from vaegan import optim
+
+    for units, expected in ((None, "no"), ("amx_bf16", "bf16")):
+        monkeypatch.setattr(optim, "cpu_bf16_units", lambda units=units: units)  # the machine's answer
+        with caplog.at_level(logging.INFO, logger="vaegan.optim"):
+            assert default_precision("auto") == expected
+        assert f"auto -> {'bf16' if expected == 'bf16' else 'fp32'}" in caplog.text
+        caplog.clear()
+    assert default_precision("no") == "no"  # an explicit choice is never overridden
+    monkeypatch.undo()
+    real = "bf16" if optim.cpu_bf16_units() else "no"
+    trainer = vaegan.build_trainer(tiny("train.mixed_precision=auto", "train.max_steps=1"))
+    assert trainer.accelerator.mixed_precision == real  # this machine's own answer, end to end
+
+
 def test_channels_last_trains_to_the_same_weights(tmp_path):
     runs = {}
     for name, extra in (("default", ()), ("nhwc", ("train.channels_last=true",))):

@@ -73,8 +73,9 @@ def add_train_flags(parser: argparse.ArgumentParser, config_flag: bool = True) -
     parser.add_argument("--requeue", action="store_const", const="true",
                         help="under SLURM, requeue the job after a warning-signal or --max-time stop (train.requeue)")
     parser.add_argument("--report-to", choices=["none", "wandb", "tensorboard"])
-    parser.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"],
-                        help="default: as set by `accelerate launch` / `accelerate config`")
+    parser.add_argument("--mixed-precision", choices=["no", "fp16", "bf16", "auto"],
+                        help="default: as set by `accelerate launch` / `accelerate config`; auto: bf16 where the "
+                             "GPU or CPU has bf16 units (AMX-BF16, AVX512-BF16), else fp32")
     parser.add_argument("--compile", action="store_const", const="inductor", dest="compile",
                         help="torch.compile both players (train.compile=inductor); the first steps are slower")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",

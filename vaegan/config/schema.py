@@ -200,8 +200,9 @@ class TrainConfig:
     batch_size: int = 64  # per process
     grad_accum: int = 1  # micro-batches per optimizer update
     seed: int = 0
-    # None: as `accelerate launch` says; without it, bf16 on GPUs that support it, else fp32
-    mixed_precision: Optional[Literal["no", "fp16", "bf16"]] = None
+    # None: as `accelerate launch` says; without it, bf16 on GPUs that support it, else fp32.
+    # auto: bf16 where the hardware has bf16 units (such GPUs; CPUs with AMX-BF16 or AVX512-BF16), else fp32
+    mixed_precision: Optional[Literal["no", "fp16", "bf16", "auto"]] = None
     tf32: bool = True  # TF32 for fp32 matmuls/convs on Ampere+ GPUs (no effect on CPUs)
     channels_last: bool = False  # NHWC memory format for the conv nets (GPU tensor cores; bf16 on AMX CPUs)
     # Intra-op threads per process on a CPU; None: torch's choice, except that accelerate launch's default of one
