@@ -280,6 +280,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--work-dir", default=None, help="default outputs/decoder_finetune (_quick with --quick)")
     p.add_argument("--phase1-steps", type=int, default=8000, help="phase 1 optimizer steps (default 8000)")
     p.add_argument("--retrain", action="store_true", help="train phase 1 again even if its final/ exists")
+    p.add_argument("--phase1-dir", type=Path, default=None,
+                   help="an existing phase-1 run to fine-tune (default <work-dir>/phase1; for probes of the arms)")
     p.add_argument("--minutes", type=float, default=15.0, help="wall-clock budget of each phase-2 arm")
     p.add_argument("--calibrate", type=int, default=20, help="timed steps per arm to set its step count")
     p.add_argument("--steps", nargs="+", default=[], metavar="ARM=N", help="fixed steps for arms (no calibration)")
@@ -332,7 +334,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     stamp = {"date": datetime.date.today().isoformat(), "command": command}
     todo = args.only or ["phase1", *ARMS]
 
-    p1_dir = work / "phase1"
+    p1_dir = args.phase1_dir or work / "phase1"
     if "phase1" in todo and (args.retrain or not (p1_dir / "final" / "model.safetensors").is_file()):
         r = train(phase1_config(args, p1_dir), data)
         r.update(stamp, label=LABELS["phase1"], metrics=evaluate_run(Path(r["final"]), test_u8, nets, idx))
