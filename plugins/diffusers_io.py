@@ -173,6 +173,9 @@ def pretrained_autoencoder_kl(image_shape: Tuple[int, int, int], output_range: s
 
 def save_diffusers(model: AutoencoderKL, directory: Union[str, Path]) -> Path:
     """Write ``model`` as a diffusers folder (``config.json`` + ``diffusion_pytorch_model.safetensors``)."""
+    from vaegan.files import share_like_umask
+
     directory = Path(directory)
     to_diffusers(model).save_pretrained(str(directory), safe_serialization=True)
+    share_like_umask(directory)  # diffusers writes its weights through safetensors, mode 0600
     return directory

@@ -35,6 +35,7 @@ import torch
 
 from .checkpoint_checks import _corrupt, safe_torch_load, verify_checkpoint  # noqa: F401  (public here too)
 from .errors import CheckpointError, OutputError
+from .files import share_like_umask
 
 __all__ = ["MARKER", "CheckpointManager", "list_checkpoints", "find_checkpoint", "resolve_resume", "verify_checkpoint",
            "safe_torch_load", "RestorePoint", "read_counters", "restore"]
@@ -146,10 +147,12 @@ class CheckpointManager:
         accelerator.wait_for_everyone()
         try:
             accelerator.save_state(str(tmp))
+            share_like_umask(tmp)  # safetensors writes 0600: the team's readers need the umask's mode
             accelerator.wait_for_everyone()
             if accelerator.is_main_process:
                 for name, write in extra_files.items():
                     write(tmp / name)
+                share_like_umask(tmp)
                 for file in tmp.iterdir():  # every rank's files on disk before the marker says "complete"
                     _fsync(file)
                 marker = tmp / MARKER

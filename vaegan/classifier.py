@@ -21,10 +21,11 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
+from .files import save_safetensors
 from .config import DataConfig, ModelConfig
 from .data import TensorImages, build_dataset
 from .errors import DataError
@@ -122,9 +123,8 @@ def load_or_train_classifier(data: DataConfig, model: ModelConfig, cache_dir: Op
         _fit_classifier(clf, ds, labels, opt, epochs, gen)
     clf.eval()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    save_file({k: v.contiguous() for k, v in clf.state_dict().items()}, str(tmp))
-    os.replace(tmp, path)  # atomic: concurrent ranks/processes never read a half-written file
+    # atomic, per-process temporary name: concurrent ranks/processes never read a half-written file
+    save_safetensors({k: v.contiguous() for k, v in clf.state_dict().items()}, path)
     return clf
 
 

@@ -150,7 +150,7 @@ def save_latents(path: Union[str, Path], latents: Tensor, logvar: Optional[Tenso
         ConfigError: not a .safetensors path, or ``scaled`` for a model without a scaling factor.
         VaeganError: the file cannot be written.
     """
-    from safetensors.torch import save_file
+    from .files import save_safetensors
 
     check_latents_output(path)
     path, scaling = Path(path), scaling_of(model) if scaled and model is not None else None
@@ -164,7 +164,7 @@ def save_latents(path: Union[str, Path], latents: Tensor, logvar: Optional[Tenso
                if v is not None}
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        save_file(tensors, str(path), metadata={k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()})
+        save_safetensors(tensors, path, metadata={k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()})
     except OSError as exc:
         raise VaeganError(f"Cannot write '{path}': {exc}. Choose another --out path.") from None
     return path

@@ -52,6 +52,7 @@ from .classifier import (  # noqa: F401  (DigitClassifier, load_or_train_classif
 from .config import DataConfig, EvalConfig, ModelConfig
 from .data import TensorImages, build_dataset
 from .errors import PluginError
+from .files import write_text_atomic
 from .generator import VAE
 from .metrics import (
     ClassHistogram,
@@ -306,5 +307,5 @@ def evaluate(model: VAE, data: DataConfig, config: EvalConfig = EvalConfig(), *,
     }
     if output is not None and rank == 0:
         Path(output).parent.mkdir(parents=True, exist_ok=True)
-        Path(output).write_text(json.dumps(results, indent=2))
+        write_text_atomic(output, json.dumps(results, indent=2))
     return results

@@ -25,6 +25,7 @@ import yaml
 from torch.utils.data import Dataset
 
 from .config import ExperimentConfig, to_dict
+from .files import save_safetensors, write_text_atomic
 from .generator import VAE
 
 __all__ = ["estimate_scaling_factor", "set_scaling_factor", "estimate_and_store_scaling_factor", "write_model_card"]
@@ -107,15 +108,13 @@ def save_discriminator(discriminator: torch.nn.Module, config: ExperimentConfig,
     Example:
         >>> save_discriminator(trainer.train_step.disc_net, trainer.config, Path("outputs/run/final"))  # doctest: +SKIP
     """
-    from safetensors.torch import save_file
-
     folder = Path(final) / DISCRIMINATOR_DIR
     folder.mkdir(parents=True, exist_ok=True)
     dc = config.discriminator
     spec = {"name": dc.name, "options": to_dict(dict(dc.options)), "image_shape": list(config.model.image_shape)}
     state = {k: v.detach().contiguous().cpu() for k, v in discriminator.state_dict().items()}
-    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt", "library": "vaegan"})
-    (folder / "config.json").write_text(json.dumps(spec, indent=2) + "\n")
+    save_safetensors(state, folder / "model.safetensors", metadata={"format": "pt", "library": "vaegan"})
+    write_text_atomic(folder / "config.json", json.dumps(spec, indent=2) + "\n")
     return folder
 
 
@@ -211,5 +210,5 @@ def write_model_card(final: Path, config: ExperimentConfig, model: VAE, steps: i
                   + (f", shift {shift:g}" if shift is not None else ""),
                   "```"]
     path = final / "README.md"
-    path.write_text("\n".join(lines) + "\n")
+    write_text_atomic(path, "\n".join(lines) + "\n")
     return path

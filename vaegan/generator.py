@@ -297,9 +297,8 @@ class VAE(nn.Module, metaclass=_GeneratorMeta):
         Raises:
             PluginError: the generator's class is not a registered plugin, so it could not be rebuilt.
         """
-        from safetensors.torch import save_file
-
         from .config import to_dict
+        from .files import save_safetensors, write_text_atomic
 
         if not self.config.name:
             raise PluginError(
@@ -308,9 +307,9 @@ class VAE(nn.Module, metaclass=_GeneratorMeta):
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        save_file(state, str(d / WEIGHTS_NAME), metadata={"format": "pt", "library": "vaegan",
-                                                          "generator": self.config.name})
-        (d / CONFIG_NAME).write_text(json.dumps(to_dict(self.config), indent=2) + "\n")
+        save_safetensors(state, d / WEIGHTS_NAME, metadata={"format": "pt", "library": "vaegan",
+                                                            "generator": self.config.name})
+        write_text_atomic(d / CONFIG_NAME, json.dumps(to_dict(self.config), indent=2) + "\n")
         self.save_extra_formats(d)
         return d
 

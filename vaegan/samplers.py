@@ -27,7 +27,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 from pathlib import Path
 from typing import Any, ClassVar, Dict, Mapping, Optional, Sequence, Tuple, Union
 
@@ -238,12 +237,6 @@ def _weights_digest(model_dir: Path) -> Optional[str]:
     return digest.hexdigest()
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)  # a reader never sees half a file
-
-
 def save_sampler(sampler: LatentSampler, model_dir: Union[str, Path], *, default: bool = True,
                  fitted_on: Optional[Mapping[str, Any]] = None) -> Path:
     """Write a fitted sampler into ``model_dir/samplers/<name>/``; with ``default``, make it the folder's default.
@@ -255,9 +248,8 @@ def save_sampler(sampler: LatentSampler, model_dir: Union[str, Path], *, default
         PluginError: the sampler was not built by :func:`build_sampler` (no name to rebuild it by).
         RuntimeError: it has not been fitted.
     """
-    from safetensors.torch import save_file
-
     from .config import to_dict
+    from .files import save_safetensors, write_text_atomic
 
     if not sampler.name:
         raise PluginError(f"{type(sampler).__qualname__} has no registry name; build it with vaegan.samplers.build_sampler.")
@@ -267,14 +259,14 @@ def save_sampler(sampler: LatentSampler, model_dir: Union[str, Path], *, default
     folder = model_dir / SAMPLERS_DIR / sampler.name
     folder.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in sampler.state_dict().items()}
-    save_file(state, str(folder / WEIGHTS_NAME), metadata={"format": "pt", "library": "vaegan", "sampler": sampler.name})
+    save_safetensors(state, folder / WEIGHTS_NAME, metadata={"format": "pt", "library": "vaegan", "sampler": sampler.name})
     record = {"format_version": FORMAT_VERSION, "name": sampler.name, "options": to_dict(dict(sampler.options)),
               "latent_shape": list(sampler.latent_shape), "temperature": sampler.temperature,
               "model_weights_sha256": _weights_digest(model_dir),
               "fitted_on": dict(fitted_on or {})}
-    _write_atomic(folder / CONFIG_NAME, json.dumps(record, indent=2) + "\n")
+    write_text_atomic(folder / CONFIG_NAME, json.dumps(record, indent=2) + "\n")
     if default:
-        _write_atomic(model_dir / SAMPLERS_DIR / INDEX_NAME, json.dumps({"default": sampler.name}, indent=2) + "\n")
+        write_text_atomic(model_dir / SAMPLERS_DIR / INDEX_NAME, json.dumps({"default": sampler.name}, indent=2) + "\n")
     return folder
 
 

@@ -33,6 +33,7 @@ from .data import first_batch
 from .errors import DataError, TrainingDiverged
 from .export import estimate_and_store_scaling_factor, save_discriminator, write_model_card
 from .faults import Boundary, SoftWrites, save_after_fault, writing_final
+from .files import write_text_atomic
 from .generator import VAE
 from .guards import CollapseMonitor, all_finite
 from .plots import write_loss_curves
@@ -186,7 +187,7 @@ class Trainer:
             self.load_checkpoint(resume)
         if acc.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
-            (self.output_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(self.config), sort_keys=False))
+            write_text_atomic(self.output_dir / "config.yaml", yaml.safe_dump(to_dict(self.config), sort_keys=False))
             self._fixed_real = first_batch(self.loader.dataset, tc.num_samples).to(acc.device)
             self._fixed_noise = self.model.sample_prior(
                 tc.num_samples, generator=torch.Generator().manual_seed(tc.seed)).to(acc.device)
@@ -269,7 +270,7 @@ class Trainer:
                     self.model.save_pretrained(final / "raw")
                 if self.train_step.disc_net is not None:
                     save_discriminator(self.train_step.disc_net, cfg, final)
-                (final / "training_config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+                write_text_atomic(final / "training_config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
                 if cfg.sampler is not None:  # fitted to the EMA generator's posterior means, saved next to it
                     note = fit_after_training(self.ema_model, self.loader.dataset, cfg, final)
                     notes += (note,) if note else ()
@@ -283,7 +284,7 @@ class Trainer:
         if acc.is_main_process:
             with writing_final(final, self.checkpoints.root):
                 if results is not None:
-                    (final / "eval.json").write_text(json.dumps(results, indent=2) + "\n")
+                    write_text_atomic(final / "eval.json", json.dumps(results, indent=2) + "\n")
                 write_model_card(final, cfg, self.ema_model, self.state.step, self.state.images_seen, results, notes)
             self.write_images("final")
             if self.config.train.plot_loss_curves:

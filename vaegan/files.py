@@ -1,0 +1,90 @@
+"""Writing files: atomically, with the user's permissions, never through a planted link.
+
+Every file vaegan writes as a whole (weights, configs, sampler files, the classifier cache, latents) goes
+through :func:`write_atomic`: into a temporary file of this process next to the target, then one
+``os.replace``. A reader (another rank, a teammate's ``vaegan sample``) never sees half a file, two
+processes never share a temporary name, and a symlink at the target is replaced by the file rather
+than followed (nothing outside the output folder is written through it).
+
+The temporary file gets the mode of any other file the user creates (``0o666`` minus the umask):
+safetensors writes its files with mode 0600, which kept the weights of a run on a shared file system
+unreadable for the rest of the team while every other file of the run was 0644.
+:func:`share_like_umask` gives the files that Accelerate's ``save_state`` wrote (through safetensors
+and torch) the same mode.
+
+Example:
+    >>> import tempfile, pathlib
+    >>> p = pathlib.Path(tempfile.mkdtemp()) / "a.txt"
+    >>> write_atomic(p, lambda tmp: tmp.write_text("hello")).read_text()
+    'hello'
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+from typing import Any, Callable, Dict, Mapping, Optional, Union
+
+__all__ = ["umask", "file_mode", "write_atomic", "write_text_atomic", "save_safetensors", "share_like_umask"]
+
+
+def umask() -> int:
+    """This process's umask, read without changing it where the system says it (Linux), else set back at once."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    current = os.umask(0o022)  # the only portable way to read it; restored on the next line
+    os.umask(current)
+    return current
+
+
+def file_mode() -> int:
+    """The mode a new regular file gets from ``open()`` here: ``0o666 & ~umask`` (0644 under umask 022)."""
+    return 0o666 & ~umask()
+
+
+def write_atomic(path: Union[str, Path], write: Callable[[Path], Any]) -> Path:
+    """Write ``path`` whole or not at all: ``write(tmp)`` fills a temporary file of this process in the same
+    folder, which then gets :func:`file_mode` and replaces ``path`` (or a symlink there: the link, not what
+    it points at). On failure the temporary file is removed and the exception propagates.
+
+    Returns:
+        ``path``.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        os.chmod(tmp, file_mode())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_text_atomic(path: Union[str, Path], text: str) -> Path:
+    """:func:`write_atomic` of a text file."""
+    return write_atomic(path, lambda tmp: tmp.write_text(text))
+
+
+def save_safetensors(tensors: Dict[str, Any], path: Union[str, Path], metadata: Optional[Mapping[str, str]] = None) -> Path:
+    """``safetensors.torch.save_file`` through :func:`write_atomic` (so with the user's file mode)."""
+    from safetensors.torch import save_file
+
+    return write_atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata=dict(metadata) if metadata else None))
+
+
+def share_like_umask(folder: Union[str, Path]) -> None:
+    """Give the regular files directly in ``folder`` that this process owns :func:`file_mode` (links and
+    other people's files are left alone: no permission is ever widened through a link)."""
+    mode = file_mode()
+    for entry in os.scandir(folder):
+        info = entry.stat(follow_symlinks=False)
+        mine = info.st_uid == os.getuid() if hasattr(os, "getuid") else True
+        if stat.S_ISREG(info.st_mode) and mine and stat.S_IMODE(info.st_mode) != mode:
+            os.chmod(entry.path, mode)
