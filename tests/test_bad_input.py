@@ -210,7 +210,7 @@ def test_corrupt_checkpoint_is_refused_naming_the_file_and_nothing_is_loaded(sav
     out = _copy_run(saved_run, tmp_path)
     ckpt = find_checkpoint(out, "latest")
     corrupt(ckpt / file)
-    trainer = vaegan.build_trainer(tiny_config(out, "train.max_steps=4", "train.seed=1"))
+    trainer = vaegan.build_trainer(tiny_config(out, "train.max_steps=4", "train.seed=1", "train.resume=auto"))
     before, state = _snapshot(trainer), trainer.state
     with pytest.raises(CheckpointError) as info:
         trainer.load_checkpoint(ckpt)
@@ -237,7 +237,7 @@ def test_a_load_failing_after_verification_puts_the_trainer_back(saved_run, tmp_
     out = _copy_run(saved_run, tmp_path)
     ckpt = find_checkpoint(out, "latest")
     torch.save({"not": "a scheduler"}, ckpt / "scheduler.bin")
-    trainer = vaegan.build_trainer(tiny_config(out, "train.seed=1"))
+    trainer = vaegan.build_trainer(tiny_config(out, "train.seed=1", "train.resume=auto"))
     before = _snapshot(trainer)
     rng = torch.get_rng_state()
     with pytest.raises(CheckpointError, match="put back as it was"):

@@ -126,6 +126,11 @@ def test_auto_precision_is_bf16_exactly_where_the_cpu_has_bf16_units(monkeypatch
         assert f"auto -> {'bf16' if expected == 'bf16' else 'fp32'}" in caplog.text
         caplog.clear()
     assert default_precision("no") == "no"  # an explicit choice is never overridden
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp16")  # accelerate launch --mixed_precision fp16
+    assert default_precision("auto") is None  # auto yields to the launcher: Accelerate reads its setting
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")  # what accelerate launch sets when nobody asked
+    assert default_precision("auto") == "bf16"  # (units still amx_bf16 here): auto decides
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION")
     monkeypatch.undo()
     real = "bf16" if optim.cpu_bf16_units() else "no"
     trainer = vaegan.build_trainer(tiny("train.mixed_precision=auto", "train.max_steps=1"))

@@ -212,7 +212,7 @@ def test_fp16_grad_scaler_unscales_once_and_a_bad_step_lowers_the_scale(tiny, na
     fp32 = vaegan.build_trainer(_with_nan(tiny, [3], "loss", "generator", *overrides))
     fp32.fit()
     reset_accelerate_state()
-    fp16 = vaegan.build_trainer(_with_nan(tiny, [3], "loss", "generator", *overrides), accelerator=_fp16_accelerator())
+    fp16 = vaegan.build_trainer(_with_nan(tiny, [3], "loss", "generator", *overrides, "train.overwrite=true"), accelerator=_fp16_accelerator())
     fp16.fit()
     assert fp16.state.step == 4 and fp16.state.skipped_steps == 1
     assert fp16.accelerator.scaler.get_scale() == 2.0 ** 9  # backed off once, for the one bad step

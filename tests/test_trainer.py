@@ -319,7 +319,7 @@ def test_callbacks_see_every_point_of_the_loop_and_can_stop_it(tiny):
     assert [c for c in recorder.calls if c[0] in ("step", "log")] == [
         ("step", 1), ("log", 2, True), ("step", 2), ("step", 3), ("log", 3, True)]  # the tail is logged too
     with pytest.raises(TypeError, match="Callback"):
-        vaegan.build_trainer(tiny(), callbacks=[object()])
+        vaegan.build_trainer(tiny("train.overwrite=true"), callbacks=[object()])
 
 
 def test_every_component_can_be_built_apart_and_injected(tiny):

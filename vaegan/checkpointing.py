@@ -72,7 +72,8 @@ def list_checkpoints(root: Union[str, Path]) -> List[Path]:
         return []
     found = []
     for p in root.iterdir():
-        if p.is_dir() and not p.name.startswith(_TMP):
+        # A link is never a checkpoint: resuming from it, or rotating it away, would act on another folder.
+        if p.is_dir() and not p.is_symlink() and not p.name.startswith(_TMP):
             info = _read_marker(p)
             if info is not None:
                 found.append((info["step"], p))
@@ -198,6 +199,8 @@ class CheckpointManager:
         if not self.root.is_dir():
             return
         for p in self.root.iterdir():
+            if p.is_symlink():  # not this run's: never deleted, nor anything it points to
+                continue
             killed_save = p.name.startswith(_TMP)
             killed_rotation = p.name.startswith(_PREFIX) and _read_marker(p) is None
             if p.is_dir() and (killed_save or killed_rotation):

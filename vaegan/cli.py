@@ -44,6 +44,7 @@ _FLAGS = {
     "checkpoint_every": ("train.checkpoint_every",),
     "sample_every": ("train.sample_every",),
     "resume": ("train.resume",),
+    "overwrite": ("train.overwrite",),
     "max_time": ("train.max_time",),
     "requeue": ("train.requeue",),
     "report_to": ("train.report_to",),
@@ -66,6 +67,9 @@ def add_train_flags(parser: argparse.ArgumentParser, config_flag: bool = True) -
     parser.add_argument("--seed", type=int)
     parser.add_argument("--checkpoint-every", type=int, help="steps between checkpoints (0: off)")
     parser.add_argument("--sample-every", type=int, help="steps between PNG grids (0: off)")
+    parser.add_argument("--overwrite", action="store_const", const="true",
+                        help="start afresh in an output folder that holds a run: its files move to previous/<time>/ "
+                             "(train.overwrite)")
     parser.add_argument("--resume", help="'auto' (the latest checkpoint if there is one, else from scratch), "
                         "'latest' or a checkpoint folder")
     parser.add_argument("--max-time", help="stop with a checkpoint before this much wall-clock time: seconds or "

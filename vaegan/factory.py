@@ -18,7 +18,7 @@ import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional, Sequence
 
 import torch
 from accelerate import Accelerator
@@ -31,13 +31,14 @@ from . import api, registry
 from .callbacks import Callback
 from .config import ExperimentConfig, TrainConfig
 from .data import TensorImages, build_dataset
-from .errors import ConfigError, DataError, PluginError
+from .errors import ConfigError, DataError, OutputError, PluginError
 from .faults import check_output, output_estimate
 from .generator import build_generator
 from .guards import StepGuard
 from .objective import Objective
 from .optim import WarmupEMA, build_optimizer, default_precision
 from .preemption import WorkerSignals, stop_signals
+from .run_folder import RunFolder
 from .samplers import build_sampler
 from .step import PlayerModule, Trainable, TrainStep
 from .trainer import Trainer
@@ -254,14 +255,49 @@ def build_trainer(config: ExperimentConfig, accelerator: Optional[Accelerator] =
     objective = Objective.from_config(config)
     model = build_generator(config.model)
     disc = build_discriminator(config)
-    # Before any data is read: a folder that cannot take the run (a file, read-only, too little space) is refused.
+    # Before any data is read: a folder that cannot take the run (a file, read-only, too little space), that
+    # holds another run (without resume or overwrite), that a live run holds, or with links inside is refused.
     check_output(config.train.output_dir, output_estimate(config, model, disc), config.train.checkpoints_total_limit)
+    accelerator = accelerator or build_accelerator(config.train)
+    folder = run_folder(config.train)
+    on_main(accelerator, folder.check)
     dataset = build_dataset(config.data, config.model) if dataset is None else dataset
     if config.sampler is not None:  # a bad sampler name, option or size fails now, not after training
         check_sampler(config, model, len(dataset))
     parts = build_components(config, model, objective, dataset, disc, accelerator)
-    return Trainer(config, parts.train_step, parts.loader, parts.total_steps, callbacks=callbacks,
-                   evaluation=parts.evaluation)
+    on_main(accelerator, folder.claim)  # the lock, before the run writes anything
+    trainer = Trainer(config, parts.train_step, parts.loader, parts.total_steps, callbacks=callbacks,
+                      evaluation=parts.evaluation)
+    trainer.run_folder = folder
+    return trainer
+
+
+def run_folder(train: TrainConfig) -> RunFolder:
+    """The :class:`~vaegan.run_folder.RunFolder` of ``train.output_dir`` (its checks: no links inside, no fresh
+    run over a run, no second live run; its lock)."""
+    extra = (train.project,) if train.report_to == "tensorboard" else ()  # TensorBoard's folder, a run's too
+    return RunFolder(train.output_dir, resume=train.resume, overwrite=train.overwrite, extra_entries=extra)
+
+
+def on_main(accelerator: Accelerator, fn: Callable[[], Any]) -> None:
+    """``fn()`` on the main process only (another rank would see this run's own lock and config.yaml); the
+    :class:`~vaegan.errors.OutputError` it raises is raised on every process, so none waits at a barrier.
+
+    Raises:
+        OutputError: what the main process refused, on every process.
+    """
+    message = None
+    if accelerator.is_main_process:
+        try:
+            fn()
+        except OutputError as exc:
+            message = str(exc)
+    if accelerator.num_processes > 1:  # every rank raises the same paragraph, none waits at a barrier
+        from accelerate.utils import broadcast_object_list
+
+        message = broadcast_object_list([message])[0]
+    if message is not None:
+        raise OutputError(message)
 
 
 def check_sampler(config: ExperimentConfig, model: api.VAE, num_images: int) -> None:

@@ -98,19 +98,26 @@ def resolve_auto_precision() -> Tuple[str, str]:
 
 
 def default_precision(requested: Optional[str]) -> Optional[str]:
-    """``requested`` if set (``auto``: :func:`resolve_auto_precision`); else what ``accelerate launch``/``accelerate
-    config`` set (None lets Accelerate read it); else bf16 on a GPU that supports it, and fp32 otherwise.
+    """``requested`` if set (``auto``: a precision ``accelerate launch``/``accelerate config`` set other than
+    ``no``, else :func:`resolve_auto_precision`); else what they set (None lets Accelerate read it); else bf16 on a GPU that
+    supports it, and fp32 otherwise.
 
     Example:
         >>> default_precision("no")
         'no'
     """
+    launcher = os.environ.get("ACCELERATE_MIXED_PRECISION")
+    # `accelerate launch` always sets this variable, to "no" when nobody asked for a precision: only another value
+    # is the user's choice over auto's (fp32 with auto in a recipe: train.mixed_precision=no).
+    if requested == "auto" and launcher not in (None, "", "no"):
+        logger.info("mixed_precision: auto -> %s, as accelerate launch / accelerate config set it", launcher)
+        return None
     if requested == "auto":
         choice, reason = resolve_auto_precision()
         logger.info("mixed_precision: auto -> %s (%s); set train.mixed_precision (or --mixed-precision) to choose",
                     "bf16" if choice == "bf16" else "fp32", reason)
         return choice
-    if requested is not None or os.environ.get("ACCELERATE_MIXED_PRECISION"):
+    if requested is not None or launcher:
         return requested
     if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
         return "bf16"  # same range as fp32, no loss scaling; about 2x the conv/matmul throughput

@@ -40,6 +40,7 @@ from .plots import write_loss_curves
 from .preemption import RunControl
 from .previews import write_previews
 from .progress import Progress
+from .run_folder import RunFolder
 from .samplers import LatentSampler, fit_after_training, fit_configured, load_sampler, saved_samplers
 from .step import RunningMeans, StepOutput, TrainStep  # RunningMeans: also public here, as in 0.1
 from .tracking import Tracking
@@ -107,6 +108,8 @@ class Trainer:
         self._control: Optional[RunControl] = None  # while fit() runs
         self._progress: Optional[Progress] = None
         self.soft_writes = SoftWrites()  # sample grids, metrics.jsonl, eval.jsonl: warn once and go on
+        # The output folder's lock (vaegan.run_folder), taken by build_trainer and released when fit() ends.
+        self.run_folder: Optional[RunFolder] = None
 
     @property
     def model(self) -> VAE:
@@ -138,6 +141,13 @@ class Trainer:
             TrainingDiverged: ``train.max_nonfinite_steps`` steps in a row were NaN/inf.
             TrainingStopped: stopped early, with a checkpoint of the step reached.
         """
+        try:
+            return self._fit()
+        finally:
+            if self.run_folder is not None:
+                self.run_folder.release()
+
+    def _fit(self) -> Path:
         acc, tc = self.accelerator, self.config.train
         with RunControl(tc, acc, self.train_step.guard, self.loader) as self._control:
             self._last_saved = self._start()  # a resume replaces self.state

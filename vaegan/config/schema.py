@@ -220,6 +220,9 @@ class TrainConfig:
     plot_loss_curves: bool = True  # loss_curves.png at the end (matplotlib; ~1 s)
     project: str = "vaegan"  # tracker project name
     resume: Optional[str] = None  # "latest", "auto" (latest when there is one, else a fresh start) or a folder
+    # A fresh run into a folder that holds a run: refused unless true, which moves that run's files to
+    # <output_dir>/previous/<time>/ (nothing deleted; vaegan.run_folder)
+    overwrite: bool = False
     # Wall-clock budget of this process's training (seconds or [D-]HH:MM:SS, from the start of fit): the run
     # stops with a checkpoint before it (docs/distributed.md: SLURM). None: no limit.
     max_time: Optional[Union[float, str]] = None
