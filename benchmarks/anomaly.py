@@ -21,6 +21,7 @@ import argparse
 import datetime
 import json
 import logging
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -54,6 +55,7 @@ def run_digit(k: int, variant: str, args) -> Dict[str, object]:
 
     reset_accelerate_state()
     out = Path(args.work_dir) / f"{variant}_without_{k}"
+    shutil.rmtree(out, ignore_errors=True)  # scratch: a rerun replaces it (a run refuses a folder that holds one)
     keep = [d for d in range(10) if d != k]
     cfg = apply_overrides(ExperimentConfig(), [
         f"data.root={args.data_dir}", "data.download=false", f"data.options={{classes: {keep}}}",

@@ -29,6 +29,7 @@ import argparse
 import datetime
 import json
 import logging
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -86,6 +87,7 @@ def train_variant(name: str, extra: List[str], args) -> List[Dict[str, object]]:
 
     reset_accelerate_state()  # one Accelerator per variant in this process
     out = Path(args.work_dir) / name
+    shutil.rmtree(out, ignore_errors=True)  # scratch: a rerun replaces it (a run refuses a folder that holds one)
     cfg = apply_overrides(ExperimentConfig(), [
         f"data.root={args.data_dir}", "data.download=false", f"train.output_dir={out}", f"train.epochs={args.epochs}",
         f"train.seed={args.seed}", "train.checkpoint_every=0", "train.sample_every=0", "train.log_every=100",

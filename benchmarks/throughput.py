@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import shutil
 import subprocess
 import sys
 import time
@@ -79,6 +80,7 @@ def run_trainer(batch: int, steps: int, warmup: int, precision: str, out_dir: Pa
     from vaegan.data import TensorImages
 
     log_every = 10
+    shutil.rmtree(out_dir, ignore_errors=True)  # scratch: a rerun replaces it (a run refuses a folder that holds one)
     if model == "spatial":
         cfg = apply_overrides(spatial_config(size, widths), [
             f"train.output_dir={out_dir}", f"train.batch_size={batch}", f"train.max_steps={warmup + steps}",

@@ -30,6 +30,7 @@ import argparse
 import json
 import logging
 import statistics
+import shutil
 import sys
 import tempfile
 import time
@@ -133,6 +134,7 @@ class _Budget(vaegan.Callback):
 
 
 def train_vaegan(args, seconds: float, out: Path):
+    shutil.rmtree(out, ignore_errors=True)  # scratch: a rerun replaces it (a run refuses a folder that holds one)
     cfg = apply_overrides(ExperimentConfig(), [*DEFAULTS_0_2,  # the recipe as measured (docs/benchmarks.md)
         f"data.root={args.data_dir}", "data.download=false", f"train.output_dir={out}", "train.epochs=1000",
         f"train.seed={args.seed}", "train.checkpoint_every=0", "train.sample_every=0", "train.log_every=100",
