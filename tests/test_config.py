@@ -600,3 +600,42 @@ def test_the_scheduler_flags_set_their_config_keys():
     add_train_flags(parser)
     cfg = config_from_flags(parser.parse_intermixed_args(["--resume", "auto", "--max-time", "1-00:00:00", "--requeue"]))
     assert (cfg.train.resume, cfg.train.max_time, cfg.train.requeue) == ("auto", "1-00:00:00", True)
+
+
+BOMB = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+    f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join(['*' + chr(97 + i)] * 9)}]\n" for i in range(8))
+
+
+def test_a_yaml_alias_bomb_is_refused_at_once_in_one_paragraph(tmp_path):
+    """Ten lines that the safe loader would expand to 9^9 strings (gigabytes, minutes): refused at the first alias."""
+    import time
+
+    path = tmp_path / "bomb.yaml"
+    path.write_text(BOMB)
+    t0 = time.perf_counter()
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert time.perf_counter() - t0 < 1.0
+    msg = str(err.value)
+    assert f"Config file '{path}' is refused: it uses the alias *a (line 2)" in msg and "\n" not in msg
+    with pytest.raises(ConfigError, match="Override 'train.x=.*': the value is refused: it uses the alias"):
+        apply_overrides(ExperimentConfig(), ["train.x=[&y 1, *y]"])
+
+
+@pytest.mark.parametrize("text", ["train: {epochs: [1\n", "train: !!python/object/apply:os.system [ls]\n",
+                                  "train:\n  epochs: 1\n   bad: 2\n"])
+def test_every_yaml_error_is_one_paragraph(tmp_path, text):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert str(err.value).startswith(f"Config file '{path}' is not valid YAML: ") and "\n" not in str(err.value)
+
+
+def test_an_option_flag_with_a_yaml_tag_is_one_paragraph():
+    from vaegan.cli_handlers import _options
+
+    with pytest.raises(ConfigError) as err:
+        _options(["k=!!python/name:os.system"])
+    assert str(err.value).startswith("--option 'k=!!python/name:os.system': the value is not valid YAML")
+    assert "\n" not in str(err.value)

@@ -205,7 +205,7 @@ def _options(pairs) -> Dict[str, object]:
         key, sep, value = pair.partition("=")
         if not sep or not key:
             raise ConfigError(f"--option '{pair}' must be KEY=VALUE, e.g. --option n_components=10.")
-        options[key] = parse_yaml(value)
+        options[key] = parse_yaml(value, f"--option '{pair}': the value")
     return options
 
 

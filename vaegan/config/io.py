@@ -33,9 +33,25 @@ from .schema import ExperimentConfig
 __all__ = ["parse_yaml", "from_dict", "to_dict", "load_config", "apply_overrides"]
 
 
+class _AliasRefused(yaml.YAMLError):
+    pass
+
+
 class _YAMLLoader(yaml.SafeLoader):
     """SafeLoader with YAML 1.2 booleans and floats: only true/false are booleans (so
-    ``mixed_precision: no`` stays "no"), and ``1e-3`` is a number, not a string."""
+    ``mixed_precision: no`` stays "no"), and ``1e-3`` is a number, not a string; aliases refused.
+
+    Why aliases are refused: the safe loader still expands them, and ten lines of nested aliases (a "billion
+    laughs") expand to gigabytes over minutes. No vaegan config needs them.
+    """
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise _AliasRefused(
+                f"it uses the alias *{event.anchor} (line {event.start_mark.line + 1}); vaegan refuses YAML aliases "
+                "and anchors, since a few lines of them can expand to gigabytes. Write the values out instead")
+        return super().compose_node(parent, index)
 
 
 _YAMLLoader.yaml_implicit_resolvers = {
@@ -50,14 +66,26 @@ _YAMLLoader.add_implicit_resolver(
 )
 
 
-def parse_yaml(text: str) -> Any:
-    """Parse YAML safely (no object construction) with YAML 1.2 booleans.
+def parse_yaml(text: str, what: str = "The text") -> Any:
+    """Parse YAML safely (no object construction, no aliases) with YAML 1.2 booleans.
+
+    Args:
+        text: The YAML.
+        what: What the text is, for the error ("Config file 'a.yaml'", "Override 'x=y': the value").
+
+    Raises:
+        ConfigError: not valid YAML, a tag (``!!python/...``) or an alias, in one paragraph.
 
     Example:
         >>> parse_yaml("precision: no\\nlr: 1e-3")
         {'precision': 'no', 'lr': 0.001}
     """
-    return yaml.load(text, Loader=_YAMLLoader)  # noqa: S506 - _YAMLLoader is a SafeLoader
+    try:
+        return yaml.load(text, Loader=_YAMLLoader)  # noqa: S506 - _YAMLLoader is a SafeLoader
+    except _AliasRefused as exc:
+        raise ConfigError(f"{what} is refused: {exc}.") from None
+    except yaml.YAMLError as exc:  # PyYAML's messages span lines (marks, carets): one paragraph here
+        raise ConfigError(f"{what} is not valid YAML: {' '.join(str(exc).split())}") from None
 
 
 def _describe(tp: Any) -> str:
@@ -212,10 +240,7 @@ def load_config(path: Optional[Union[str, Path]] = None, overrides: Sequence[str
         if not p.is_file():
             raise ConfigError(f"Config file '{p}' does not exist. Pass the path of a YAML file, "
                               "for example recipes/configs/vaegan_mnist.yaml.")
-        try:
-            data = parse_yaml(p.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"Config file '{p}' is not valid YAML: {exc}") from None
+        data = parse_yaml(p.read_text(), f"Config file '{p}'") or {}
     # The file's own spellings are normalised before the defaults go under it, so an old key is read as
     # the file meant it; then overrides apply on top of the defaults, so `losses.1.weight=0.5` works even
     # when the file does not spell the list out. Mappings in the file replace only the keys they name.
@@ -280,10 +305,7 @@ def _merge_overrides(data: Any, overrides: Sequence[str]) -> dict:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"Override '{item}' must look like section.key=value, e.g. train.epochs=5.")
-        try:
-            value = parse_yaml(raw) if raw != "" else None
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"Override '{item}': the value is not valid YAML ({exc}).") from None
+        value = parse_yaml(raw, f"Override '{item}': the value") if raw != "" else None
         node = data
         parts = key.split(".")
         for depth, part in enumerate(parts[:-1]):
