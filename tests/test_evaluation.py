@@ -235,3 +235,36 @@ def test_inception_fid_is_refused_clearly_when_it_cannot_run_offline(tmp_path, m
     with pytest.raises(PluginError, match="torch-fidelity|weights-inception-2015-12-05") as info:
         prepare_evaluation(DATA, TINY_MODEL, config)
     assert "eval.inception off" in str(info.value)  # says how to go on without it
+
+
+def test_undefined_metrics_are_null_with_a_reason_and_the_file_is_strict_json(tmp_path, caplog):
+    """All-black images: the sharpness and high-frequency ratios divide by the real images' zero energy."""
+    from PIL import Image
+
+    folder = tmp_path / "black"
+    folder.mkdir()
+    for i in range(6):
+        Image.fromarray(np.zeros((28, 28), np.uint8)).save(folder / f"{i}.png")
+    data = DataConfig(name="image_folder", root=str(folder), download=False)
+    res = prepare_evaluation(data, TINY_MODEL, dataclasses.replace(SMALL, lpips=False))
+    out = tmp_path / "eval.json"
+    r = evaluate(tiny_generator(), data, SMALL, resources=res, output=out)
+    assert r["sharpness_ratio"] is None and "no Laplacian energy" in r["undefined"]["sharpness_ratio"]
+    assert r["high_frequency_ratio"] is None and "constant or blank images" in r["undefined"]["high_frequency_ratio"]
+
+    def refuse(constant):
+        raise AssertionError(f"{constant} in a JSON file")
+
+    written = json.loads(out.read_text(), parse_constant=refuse)  # NaN / Infinity would be refused here
+    assert written["sharpness_ratio"] is None and written["undefined"] == r["undefined"]
+    assert "sharpness_ratio is undefined (null in the results)" in caplog.text
+    assert all(v is None or np.isfinite(v) for v in written.values() if isinstance(v, (float, type(None))))
+
+
+def test_a_nan_metric_in_the_training_log_is_null(tmp_path):
+    from vaegan.faults import SoftWrites
+
+    log = tmp_path / "metrics.jsonl"
+    SoftWrites().append_line("metrics", log, {"step": 1, "g/total": float("nan"), "d/total": float("inf"), "lr": 1e-3})
+    assert json.loads(log.read_text(), parse_constant=lambda c: 1 / 0) == {"step": 1, "g/total": None, "d/total": None,
+                                                                          "lr": 1e-3}

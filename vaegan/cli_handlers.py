@@ -144,9 +144,12 @@ def eval_command(args: argparse.Namespace) -> int:
     finally:
         shutdown_distributed()
     if accelerator is None or accelerator.is_main_process:
+        undefined = results.get("undefined", {})
         for key, value in results.items():
             if isinstance(value, float):
                 sys.stdout.write(f"{key:24s} {value:.6g}\n")
+            elif key in undefined:
+                sys.stdout.write(f"{key:24s} undefined: {undefined[key]}\n")
         sys.stdout.write(f"protocol {json.dumps(results['protocol'])}\n")
         if args.out is not None:
             sys.stdout.write(f"wrote {args.out}\n")

@@ -29,8 +29,8 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
+import math
 from pathlib import Path
 from typing import Dict, Optional, Tuple
 
@@ -52,7 +52,7 @@ from .classifier import (  # noqa: F401  (DigitClassifier, load_or_train_classif
 from .config import DataConfig, EvalConfig, ModelConfig
 from .data import TensorImages, build_dataset
 from .errors import PluginError
-from .files import write_text_atomic
+from .files import dumps_json, write_text_atomic
 from .generator import VAE
 from .metrics import (
     ClassHistogram,
@@ -145,6 +145,40 @@ def prepare_evaluation(data: DataConfig, model_config: ModelConfig, config: Eval
     st_lpips, st_note = _lpips_for(config.st_lpips, "st_lpips")
     inception = _inception_fid() if config.inception else None
     return EvalResources(data, ds, clf, lpips, note, inception, st_lpips, st_note)
+
+
+# Why a metric can be undefined on legitimate input; any other non-finite value is reported as it was.
+_FD = "a Fréchet distance needs at least 2 images on each side and features that vary (raise --limit / --num-samples)"
+UNDEFINED_REASONS = {
+    "psnr": "the reconstructions equal the inputs (MSE 0), where PSNR is infinite",
+    "sharpness_ratio": "the real images have no Laplacian energy (constant or blank images): a ratio to 0",
+    "high_frequency_ratio": "the real images have no high-frequency energy (constant or blank images): a ratio to 0",
+    "fd_classifier": _FD, "fid_inception": _FD,
+}
+
+
+def undefined_as_null(results: Dict[str, object]) -> Dict[str, str]:
+    """Replace the NaN/inf metrics of ``results`` (in place) by None, with the reason under ``"undefined"``.
+
+    Returns:
+        ``{metric: reason}`` (also ``results["undefined"]`` when not empty), each logged as a warning.
+
+    Example:
+        >>> r = {"psnr": float("inf"), "ssim": 1.0}
+        >>> undefined_as_null(r)["psnr"]
+        'the reconstructions equal the inputs (MSE 0), where PSNR is infinite'
+        >>> r["psnr"] is None
+        True
+    """
+    undefined = {}
+    for key, value in list(results.items()):
+        if isinstance(value, float) and not math.isfinite(value):
+            undefined[key] = UNDEFINED_REASONS.get(key, f"the value was not finite ({value})")
+            results[key] = None
+            logger.warning("%s is undefined (null in the results): %s", key, undefined[key])
+    if undefined:
+        results["undefined"] = undefined
+    return undefined
 
 
 def _batches(ds: Dataset, indices: Tensor, batch_size: int):
@@ -289,6 +323,7 @@ def evaluate(model: VAE, data: DataConfig, config: EvalConfig = EvalConfig(), *,
                         "classifier_confidence": float(h["confidence"])})
         results.update({k: float(v) for k, v in pr.compute().items()})
     model.train(was_training)
+    undefined_as_null(results)
     results["protocol"] = {
         "dataset": data.name, "split": data.split, "images": len(ds), "num_samples": config.num_samples,
         "nll_images": n_nll, "nll_samples": config.nll_samples,
@@ -307,5 +342,5 @@ def evaluate(model: VAE, data: DataConfig, config: EvalConfig = EvalConfig(), *,
     }
     if output is not None and rank == 0:
         Path(output).parent.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(output, json.dumps(results, indent=2))
+        write_text_atomic(output, dumps_json(results, indent=2))
     return results

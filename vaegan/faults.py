@@ -18,7 +18,6 @@ Example:
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import random
@@ -34,6 +33,7 @@ from torch import nn
 from .checkpointing import folder_bytes, list_checkpoints, mb
 from .config import ExperimentConfig
 from .errors import DataError, OutputError, ResourceError
+from .files import dumps_json
 
 __all__ = ["output_estimate", "check_output", "Boundary", "SoftWrites", "writing_final", "save_after_fault",
            "clean_data_error", "out_of_memory", "mb"]
@@ -172,7 +172,7 @@ class SoftWrites:
         """Append ``record`` to the JSON-lines log ``path`` (``metrics.jsonl``), warning once per ``kind``."""
         def write() -> None:
             with open(path, "a") as fh:
-                fh.write(json.dumps(record) + "\n")
+                fh.write(dumps_json(record) + "\n")  # a NaN metric is null: every JSON reader can read the log
 
         self(kind, write)
 

@@ -21,12 +21,15 @@ Example:
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import stat
 from pathlib import Path
 from typing import Any, Callable, Dict, Mapping, Optional, Union
 
-__all__ = ["umask", "file_mode", "write_atomic", "write_text_atomic", "save_safetensors", "share_like_umask"]
+__all__ = ["umask", "file_mode", "write_atomic", "write_text_atomic", "save_safetensors", "share_like_umask",
+           "finite_json", "dumps_json"]
 
 
 def umask() -> int:
@@ -88,3 +91,27 @@ def share_like_umask(folder: Union[str, Path]) -> None:
         mine = info.st_uid == os.getuid() if hasattr(os, "getuid") else True
         if stat.S_ISREG(info.st_mode) and mine and stat.S_IMODE(info.st_mode) != mode:
             os.chmod(entry.path, mode)
+
+
+def finite_json(obj: Any) -> Any:
+    """``obj`` with every NaN or infinite float (nested in dicts, lists, tuples) replaced by None.
+
+    JSON has no NaN or Infinity: Python's ``json`` writes them as ``NaN`` / ``Infinity``, which other readers
+    (``jq``, JavaScript, most JSON libraries) reject, so an undefined value is written as ``null``.
+
+    Example:
+        >>> finite_json({"psnr": float("inf"), "ssim": 0.5, "list": [float("nan")]})
+        {'psnr': None, 'ssim': 0.5, 'list': [None]}
+    """
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_json(v) for v in obj]
+    return obj
+
+
+def dumps_json(obj: Any, **kwargs: Any) -> str:
+    """``json.dumps`` of :func:`finite_json` (``obj``), with ``allow_nan=False``: never a NaN in a file."""
+    return json.dumps(finite_json(obj), allow_nan=False, **kwargs)

@@ -33,7 +33,7 @@ from .data import first_batch
 from .errors import DataError, TrainingDiverged
 from .export import estimate_and_store_scaling_factor, save_discriminator, write_model_card
 from .faults import Boundary, SoftWrites, save_after_fault, writing_final
-from .files import write_text_atomic
+from .files import dumps_json, write_text_atomic
 from .generator import VAE
 from .guards import CollapseMonitor, all_finite
 from .plots import write_loss_curves
@@ -294,7 +294,7 @@ class Trainer:
         if acc.is_main_process:
             with writing_final(final, self.checkpoints.root):
                 if results is not None:
-                    write_text_atomic(final / "eval.json", json.dumps(results, indent=2) + "\n")
+                    write_text_atomic(final / "eval.json", dumps_json(results, indent=2) + "\n")
                 write_model_card(final, cfg, self.ema_model, self.state.step, self.state.images_seen, results, notes)
             self.write_images("final")
             if self.config.train.plot_loss_curves:
