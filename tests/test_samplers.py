@@ -202,7 +202,8 @@ def test_fit_sampler_command_reads_the_training_data_and_refuses_bad_input(saved
 
 
 def test_eval_and_interpolate_use_the_sampler(saved_run, tmp_path, capsys):
-    assert cli(["fit-sampler", "--model", str(saved_run), "--sampler", "gmm", "--option", "n_components=2"]) == 0
+    assert cli(["fit-sampler", "--model", str(saved_run), "--sampler", "gmm", "--option", "n_components=2",
+                "--overwrite"]) == 0
     out = tmp_path / "eval.json"
     assert cli(["eval", "--model", str(saved_run), "--data-dir", str(MNIST_ROOT), "--num-samples", "32",
                 "--nll-images", "4", "--nll-samples", "2", "--lpips", "off", "--out", str(out)]) == 0
@@ -262,3 +263,21 @@ def test_a_samplers_temperature_is_saved_and_is_its_default(tmp_path):
     assert not torch.equal(loaded.sample(5, generator=g()), loaded.sample(5, generator=g(), temperature=1.0))
     model = tiny_generator()
     assert torch.equal(sample_latents(model, 3, generator=g()), model.sample_prior(3, generator=g()))
+
+
+def test_fit_sampler_never_replaces_a_fitted_sampler_unasked(saved_run, capsys):
+    """The reported loss: `--no-default` with the default's name replaced a mixture that was still the default."""
+    import hashlib
+
+    fit = ["fit-sampler", "--model", str(saved_run), "--sampler", "gmm", "--option", "n_components=2"]
+    assert cli([*fit, "--overwrite"]) == 0  # the folder's default now (whatever the earlier tests left)
+    weights = saved_run / "final" / "samplers" / "gmm" / "sampler.safetensors"
+    before = hashlib.sha256(weights.read_bytes()).hexdigest()
+    capsys.readouterr()
+    assert cli([*fit, "--no-default", "--seed", "3"]) == 2
+    err = capsys.readouterr().err
+    assert "already holds a fitted 'gmm' sampler, fitted to 64 images of the train split and is the folder's default" \
+        in err and "--overwrite" in err and err.count("\n") == 1
+    assert hashlib.sha256(weights.read_bytes()).hexdigest() == before
+    assert cli([*fit, "--seed", "3", "--overwrite"]) == 0
+    assert hashlib.sha256(weights.read_bytes()).hexdigest() != before

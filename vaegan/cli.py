@@ -321,6 +321,7 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--temperature", type=_non_negative_float, default=1.0,
                    help="the spread it draws with by default, saved with it (default 1.0: as fitted)")
     f.add_argument("--no-default", action="store_true", help="save it without making it the folder's default")
+    f.add_argument("--overwrite", action="store_true", help="replace a sampler of the same name already fitted there")
     f.add_argument("--raw", action="store_true", help="fit for the raw weights (final/raw) instead of the EMA ones")
     f.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
     f.add_argument("--batch-size", type=_positive_int, default=256, help="images per forward (default 256)")

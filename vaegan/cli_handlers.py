@@ -218,12 +218,13 @@ def fit_sampler_command(args: argparse.Namespace) -> int:
     from . import commands
     from .config import DataConfig
     from .data import build_dataset
-    from .samplers import build_sampler, fit_sampler, save_sampler
+    from .samplers import build_sampler, check_replace, fit_sampler, save_sampler
 
     options = _options(args.option)
     model_dir = commands.resolve_model_dir(args.model, args.raw)
     model = commands.load_model(args.model, raw=args.raw, device=args.device)
     build_sampler(args.sampler, model.latent_shape, options)  # a bad name or option: before any encoding
+    check_replace(model_dir, args.sampler, args.overwrite)  # a fitted sampler (minutes of work) is never lost unasked
     trained = commands.trained_data_config(args.model)
     if args.data_dir is None and trained is None:
         raise ConfigError(f"'{args.model}' does not say which data it was trained on (no training_config.yaml); pass "

@@ -33,7 +33,7 @@ from typing import Any, ClassVar, Dict, Mapping, Optional, Sequence, Tuple, Unio
 import torch
 from torch import Tensor, nn
 
-from .errors import CheckpointError, ConfigError, PluginError
+from .errors import CheckpointError, ConfigError, OutputError, PluginError
 
 __all__ = ["LatentSampler", "NormalSampler", "build_sampler", "fit_sampler", "fit_configured", "fit_after_training",
            "save_sampler",
@@ -274,6 +274,26 @@ def saved_samplers(model_dir: Union[str, Path]) -> Tuple[str, ...]:
     """Names of the samplers saved in ``model_dir`` (sorted)."""
     root = Path(model_dir) / SAMPLERS_DIR
     return tuple(sorted(p.name for p in root.iterdir() if (p / CONFIG_NAME).is_file())) if root.is_dir() else ()
+
+
+def check_replace(model_dir: Union[str, Path], name: str, overwrite: bool) -> None:
+    """Refuse to replace the fitted sampler ``name`` of ``model_dir`` unless ``overwrite`` (before any fit).
+
+    Raises:
+        OutputError: a sampler of that name is saved there and ``overwrite`` is false.
+    """
+    folder = Path(model_dir) / SAMPLERS_DIR / name
+    if overwrite or name not in saved_samplers(model_dir):
+        return
+    try:
+        fitted_on = json.loads((folder / CONFIG_NAME).read_text()).get("fitted_on", {})
+        what = f", fitted to {fitted_on['images']} images of the {fitted_on['split']} split" if fitted_on else ""
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        what = ""
+    default = " and is the folder's default sampler" if default_sampler_name(model_dir) == name else ""
+    raise OutputError(
+        f"'{folder}' already holds a fitted '{name}' sampler{what}{default}; fitting again would replace it. Pass "
+        "--overwrite to replace it, or copy the model folder and fit there to keep both.")
 
 
 def default_sampler_name(model_dir: Union[str, Path]) -> str:
