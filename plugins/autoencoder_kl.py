@@ -24,6 +24,7 @@ squashing; images leave vaegan clamped to the range), or ``tanh``.
 
 from __future__ import annotations
 
+import math
 import logging
 from typing import List, Literal, Optional, Sequence, Tuple
 
@@ -258,6 +259,12 @@ class AutoencoderKL(VAE):
         self.downsampling_factor = f
         self.latent_shape = (c, h // f, w // f)
         self.output_activation = output_activation
+        for name, value in (("scaling_factor", scaling_factor), ("shift_factor", shift_factor)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                      or not math.isfinite(value) or (name == "scaling_factor" and value <= 0)):
+                rule = "a finite number > 0" if name == "scaling_factor" else "a finite number"
+                raise ConfigError(f"autoencoder_kl: {name} must be {rule} or null, got {value!r}: latents scaled by it "
+                                  "would be all zeros or NaN. Remove it (null) or set it again (train.estimate_scaling_factor).")
         self.scaling_factor, self.shift_factor = scaling_factor, shift_factor
         attention = bool(mid_block_add_attention)
         self.encoder = Encoder(channels, c, widths, layers, groups, attention)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -338,3 +339,47 @@ def test_recipe_refuses_bad_input_with_one_paragraph(recipe_runs, name, override
         assert all(p.startswith("checkpoints") for p in written), written
     else:
         assert written == [], written
+
+
+def test_a_model_config_that_does_not_fit_its_weights_is_refused_before_any_allocation(saved_run, tmp_path):
+    """image_size 100000 in config.json: the shapes come from the safetensors header and a meta-device build."""
+    import resource
+    import shutil
+    import time
+
+    final = tmp_path / "final"
+    shutil.copytree(saved_run / "final", final)
+    cfg = json.loads((final / "config.json").read_text())
+    cfg["image_size"] = [100000, 100000]
+    (final / "config.json").write_text(json.dumps(cfg))
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    t0 = time.perf_counter()
+    with pytest.raises(CheckpointError) as info:
+        vaegan.VAE.from_pretrained(final)
+    assert time.perf_counter() - t0 < 5 and resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss < 200_000  # KiB
+    msg = str(info.value)
+    assert "does not fit the architecture" in msg and "file [784, 4], config [10000000000, 4]" in msg and "\n" not in msg
+
+
+def test_non_finite_model_weights_are_refused_naming_the_tensor(saved_run, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    final = tmp_path / "final"
+    shutil.copytree(saved_run / "final", final)
+    state = load_file(str(final / "model.safetensors"))
+    key = sorted(state)[0]
+    state[key].view(-1)[:3] = torch.tensor([float("nan"), float("inf"), float("-inf")])
+    save_file(state, str(final / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=rf"holds non-finite values: 3 of the {state[key].numel()} values of "
+                                              rf"'{re.escape(key)}' are NaN or inf"):
+        vaegan.VAE.from_pretrained(final)
+
+
+@pytest.mark.parametrize("value", [0.0, -1.0, float("nan"), float("inf")])
+def test_a_scaling_factor_of_zero_or_not_finite_is_refused(value):
+    from vaegan_plugins.autoencoder_kl import AutoencoderKL
+
+    with pytest.raises(ConfigError, match="scaling_factor must be a finite number > 0 or null"):
+        AutoencoderKL((3, 16, 16), "symmetric", block_out_channels=[8, 8], norm_num_groups=4, scaling_factor=value)

@@ -207,3 +207,19 @@ def test_suggested_scaling_factor_is_one_over_the_std(models, tmp_path, capsys):
     assert float(meta["std"]) == pytest.approx(std, rel=1e-9)
     assert float(meta["suggested_scaling_factor"]) == pytest.approx(1 / std, rel=1e-9)
     assert f"suggested scaling factor 1/std = {meta['suggested_scaling_factor']}" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("tensors, metadata, words", [
+    ({"latents": torch.tensor([[0.0, float("nan")], [float("inf"), 1.0]])}, None, "2 of the 4 values of 'latents' are NaN or inf"),
+    ({"latents": torch.zeros(2, 2), "logvar": torch.full((2, 2), float("nan"))}, None, "4 of the 4 values of 'logvar'"),
+    ({"latents": torch.zeros(2, 2)}, {"scaled": "true", "scaling_factor": "0"}, "scaled by 0.0 (shift 0.0)"),
+    ({"latents": torch.zeros(2, 2)}, {"scaled": "true", "scaling_factor": "NaN"}, "scaled by nan"),
+])
+def test_latents_with_non_finite_values_or_a_zero_scaling_factor_are_refused(tmp_path, tensors, metadata, words):
+    from vaegan.errors import DataError
+
+    path = tmp_path / "z.safetensors"
+    save_file(tensors, str(path), metadata=metadata)
+    with pytest.raises(DataError) as info:
+        codec.load_latents(path)
+    assert words in str(info.value) and "\n" not in str(info.value)

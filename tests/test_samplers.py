@@ -281,3 +281,32 @@ def test_fit_sampler_never_replaces_a_fitted_sampler_unasked(saved_run, capsys):
     assert hashlib.sha256(weights.read_bytes()).hexdigest() == before
     assert cli([*fit, "--seed", "3", "--overwrite"]) == 0
     assert hashlib.sha256(weights.read_bytes()).hexdigest() != before
+
+
+def _edit_sampler(folder, record=None, tensor=None):
+    from safetensors.torch import load_file, save_file
+
+    if record is not None:
+        path = folder / "samplers" / "gmm" / "sampler.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), **record}))
+    if tensor is not None:
+        path = folder / "samplers" / "gmm" / "sampler.safetensors"
+        state = load_file(str(path))
+        tensor(state)
+        save_file(state, str(path))
+
+
+@pytest.mark.parametrize("record, tensor, words", [
+    ({"temperature": "hot"}, None, "has temperature 'hot', not a finite number >= 0"),
+    ({"temperature": -1.0}, None, "has temperature -1.0, not a finite number >= 0"),
+    ({"options": {"n_components": 0}}, None, "holds options the 'gmm' sampler refuses"),
+    (None, lambda s: s[sorted(k for k in s if s[k].is_floating_point())[0]].fill_(float("nan")), "non-finite values"),
+    (None, lambda s: s["fitted"].zero_(), "says it was never fitted (fitted: false)"),
+])
+def test_a_saved_sampler_with_bad_values_is_refused_in_one_paragraph(tmp_path, record, tensor, words):
+    sampler, _ = _fitted("gmm", (4,))
+    save_sampler(sampler, tmp_path)
+    _edit_sampler(tmp_path, record, tensor)
+    with pytest.raises(CheckpointError) as info:
+        load_sampler(tmp_path, "gmm", latent_shape=(4,))
+    assert words in str(info.value) and "\n" not in str(info.value)

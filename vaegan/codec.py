@@ -191,6 +191,11 @@ def load_latents(path: Union[str, Path]) -> LatentsFile:
         raise DataError(f"'{path}' cannot be read as a safetensors file ({reason}). {hint}") from None
     if "latents" not in tensors:
         raise DataError(f"'{path}' has no tensor 'latents' (it holds {names or 'no tensors'}). {hint}")
+    for key, t in tensors.items():  # NaN latents decode to black images, silently
+        bad = int((~torch.isfinite(t)).sum())
+        if bad:
+            raise DataError(f"'{path}': {bad} of the {t.numel()} values of '{key}' are NaN or inf; they would decode to "
+                            "black or NaN images. Encode the images again (or drop those latents).")
     scaling = None
     if meta.get("scaled") == "true":
         try:
@@ -198,4 +203,7 @@ def load_latents(path: Union[str, Path]) -> LatentsFile:
         except (KeyError, TypeError, ValueError):
             raise DataError(f"'{path}' says its latents were scaled, but its metadata has no usable scaling_factor; "
                             "the file is damaged. Encode the images again.") from None
+        if not (math.isfinite(scaling[0]) and scaling[0] > 0 and math.isfinite(scaling[1])):
+            raise DataError(f"'{path}' says its latents were scaled by {scaling[0]!r} (shift {scaling[1]!r}): dividing by "
+                            "it gives zeros, inf or NaN. The file is damaged; encode the images again.")
     return LatentsFile(tensors["latents"], tensors.get("logvar"), meta, scaling)

@@ -35,16 +35,16 @@ import inspect
 import json
 import warnings
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple, Union
+from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
 import torch
 from torch import Tensor, nn
 
 from .config import ModelConfig
 from .distributions import DiagonalGaussian, VAEOutput  # defined there; this module's names since 0.2
-from .errors import CheckpointError, ConfigError, DataError, PluginError
+from .errors import CheckpointError, ConfigError, DataError, PluginError, ResourceError
 
-__all__ = ["DiagonalGaussian", "VAEOutput", "VAE", "build_generator", "CONFIG_NAME", "WEIGHTS_NAME"]
+__all__ = ["DiagonalGaussian", "VAEOutput", "VAE", "build_generator", "check_finite", "CONFIG_NAME", "WEIGHTS_NAME"]
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -342,32 +342,101 @@ class VAE(nn.Module, metaclass=_GeneratorMeta):
             raise CheckpointError(f"'{cfg_path}' is not valid JSON ({exc}); the save is corrupt.") from None
         except ConfigError as exc:
             raise CheckpointError(f"'{cfg_path}' is not a vaegan model config: {exc}") from None
+        # Shapes first, from the safetensors header and a generator built on the meta device: a config that does
+        # not fit its weights (an image_size of 100000 would allocate gigabytes) is refused before any allocation.
+        header = _header_shapes(w_path)
+        fits = _fits(header, _meta_state(config), w_path, cfg_path)
         try:
             state = load_file(str(w_path), device=map_location)
+            model = build_generator(config)
         except (SafetensorError, OSError, ValueError) as exc:
             raise CheckpointError(
                 f"'{w_path}' cannot be read as safetensors ({exc}); the file is corrupt or truncated. "
                 "Re-export it from a training checkpoint."
             ) from None
-        try:
-            model = build_generator(config)
         except ConfigError as exc:
             raise CheckpointError(f"'{cfg_path}' describes a generator that cannot be built: {exc}") from None
+        except (MemoryError, torch.OutOfMemoryError) as exc:
+            raise ResourceError(f"Loading '{d}' ran out of memory ({type(exc).__name__}); its weights need "
+                                f"{_mb(w_path.stat().st_size)}. Free memory, or load it on another device "
+                                "(map_location).") from None
         if not isinstance(model, cls):
             raise CheckpointError(f"'{d}' holds a '{config.name}' generator ({type(model).__qualname__}), "
                                   f"not a {cls.__qualname__}; load it with vaegan.VAE.from_pretrained.")
-        expected = model.state_dict()
-        missing = sorted(set(expected) - set(state))
-        unexpected = sorted(set(state) - set(expected))
-        wrong = sorted(k for k in set(expected) & set(state) if expected[k].shape != state[k].shape)
-        if missing or unexpected or wrong:
-            raise CheckpointError(
-                f"'{w_path}' does not fit the architecture in '{cfg_path}': missing {missing[:5]}, "
-                f"unexpected {unexpected[:5]}, wrong shape {wrong[:5]}. The two files come from "
-                "different models; re-save them together."
-            )
+        if not fits:  # the plugin could not be built on the meta device: the same check on the real one
+            _fits({k: tuple(v.shape) for k, v in state.items()}, model.state_dict(), w_path, cfg_path)
+        check_finite(state, w_path)
         model.load_state_dict(state)
         return model.to(map_location)
+
+
+def _header_shapes(path: Path) -> Dict[str, Tuple[int, ...]]:
+    """Every tensor's shape in a safetensors file, read from its header alone (no tensor is loaded)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"'{path}' cannot be read as safetensors ({exc}); the file is corrupt or truncated. "
+                              "Re-export it from a training checkpoint.") from None
+
+
+def _meta_state(config: ModelConfig) -> Optional[Dict[str, Tensor]]:
+    """The state dict of ``config``'s generator built on the meta device (no memory), or None where the plugin
+    cannot be built there (a plugin that computes with real tensors in ``__init__``)."""
+    try:
+        with torch.device("meta"):
+            return build_generator(config).state_dict()
+    except (ConfigError, PluginError):
+        raise
+    except Exception:  # noqa: BLE001 - any other failure on meta: check after the real build instead
+        return None
+
+
+def _fits(header: Mapping[str, Tuple[int, ...]], expected: Optional[Mapping[str, Tensor]], w_path: Path,
+          cfg_path: Path) -> bool:
+    """Whether the weights' keys and shapes are the architecture's (False: not checked, ``expected`` is None).
+
+    Raises:
+        CheckpointError: they are not.
+    """
+    if expected is None:
+        return False
+    missing = sorted(set(expected) - set(header))
+    unexpected = sorted(set(header) - set(expected))
+    wrong = sorted(k for k in set(expected) & set(header) if tuple(expected[k].shape) != tuple(header[k]))
+    if missing or unexpected or wrong:
+        shapes = "; ".join(f"{k}: file {list(header[k])}, config {list(expected[k].shape)}" for k in wrong[:3])
+        raise CheckpointError(
+            f"'{w_path}' does not fit the architecture in '{cfg_path}': missing {missing[:5]}, "
+            f"unexpected {unexpected[:5]}, wrong shape {wrong[:5]}{' (' + shapes + ')' if shapes else ''}. The two "
+            "files come from different models (or the config was edited); re-save them together.")
+    return True
+
+
+def check_finite(state: Mapping[str, Tensor], path: Union[str, Path]) -> None:
+    """Refuse weights with NaN or infinite values (they decode to black or NaN images, silently).
+
+    Raises:
+        CheckpointError: naming the first tensor and how many values of how many tensors are not finite.
+
+    Example:
+        >>> check_finite({"w": torch.ones(2)}, "model.safetensors")
+    """
+    bad = {k: int((~torch.isfinite(v)).sum()) for k, v in state.items() if v.is_floating_point()
+           and not bool(torch.isfinite(v).all())}
+    if bad:
+        first = next(iter(bad))
+        more = f" (and {len(bad) - 1} more tensors)" if len(bad) > 1 else ""
+        raise CheckpointError(
+            f"'{path}' holds non-finite values: {bad[first]} of the {state[first].numel()} values of '{first}' are "
+            f"NaN or inf{more}. A model with them decodes to black or NaN images. Load another checkpoint (an "
+            "earlier step under <output-dir>/checkpoints) or re-export the model.")
+
+
+def _mb(nbytes: float) -> str:
+    return f"{nbytes / 1e6:.1f} MB"
 
 
 def build_generator(config: ModelConfig) -> VAE:

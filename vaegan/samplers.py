@@ -34,6 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from .errors import CheckpointError, ConfigError, OutputError, PluginError
+from .generator import check_finite
 
 __all__ = ["LatentSampler", "NormalSampler", "build_sampler", "fit_sampler", "fit_configured", "fit_after_training",
            "save_sampler",
@@ -355,13 +356,26 @@ def load_sampler(model_dir: Union[str, Path], name: Optional[str] = None,
             f"The '{name}' sampler in '{folder}' was fitted to latents of shape {saved_shape}, but this model's latents "
             f"have shape {tuple(latent_shape)}: it belongs to another model. Re-fit it for this one with `vaegan "
             f"fit-sampler --model {model_dir} --sampler {name}`.")
-    sampler = build_sampler(name, saved_shape, record.get("options") or {})
-    sampler.temperature = float(record.get("temperature", 1.0))
+    fix = f"Re-fit it with `vaegan fit-sampler --model {model_dir} --sampler {name} --overwrite`."
+    temperature = record.get("temperature", 1.0)
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not math.isfinite(temperature) \
+            or temperature < 0:
+        raise CheckpointError(f"'{folder / CONFIG_NAME}' has temperature {temperature!r}, not a finite number >= 0; "
+                              f"the file was edited or is corrupt. Set it to 1.0 (as fitted), or: {fix}")
+    try:
+        sampler = build_sampler(name, saved_shape, record.get("options") or {})
+    except ConfigError as exc:
+        raise CheckpointError(f"'{folder / CONFIG_NAME}' holds options the '{name}' sampler refuses: {exc} {fix}") from None
+    sampler.temperature = float(temperature)
+    check_finite(state, folder / WEIGHTS_NAME)  # NaN/inf means or scales would draw NaN latents: black images
     try:
         sampler.load_state_dict(state)
     except RuntimeError as exc:
         raise CheckpointError(f"'{folder / WEIGHTS_NAME}' does not fit the options in '{folder / CONFIG_NAME}' "
                               f"({str(exc).splitlines()[0]}); re-fit the sampler.") from None
+    if not bool(sampler.fitted):
+        raise CheckpointError(f"'{folder / WEIGHTS_NAME}' holds a '{name}' sampler that says it was never fitted "
+                              f"(fitted: false); it would draw from its initial state. {fix}")
     digest = record.get("model_weights_sha256")
     if digest is not None and digest != _weights_digest(model_dir):
         logger.warning("The '%s' sampler in %s was fitted to other weights than the model.safetensors now there; "
