@@ -28,7 +28,7 @@ import os
 import random
 import shutil
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -38,7 +38,7 @@ from .errors import CheckpointError, OutputError
 from .files import share_like_umask
 
 __all__ = ["MARKER", "CheckpointManager", "list_checkpoints", "find_checkpoint", "resolve_resume", "verify_checkpoint",
-           "safe_torch_load", "RestorePoint", "read_counters", "restore"]
+           "safe_torch_load", "RestorePoint", "read_counters", "restore", "read_marker", "name_step", "skipped_newer"]
 
 logger = logging.getLogger(__name__)
 
@@ -65,19 +65,57 @@ def _read_marker(path: Path) -> Optional[Dict[str, Any]]:
         return None
 
 
+def read_marker(path: Union[str, Path]) -> Optional[Dict[str, Any]]:
+    """The marker of a complete checkpoint folder (its step, epoch, batch layout), or None."""
+    return _read_marker(Path(path))
+
+
+def name_step(path: Union[str, Path]) -> Optional[int]:
+    """The step in a checkpoint folder's name (``step_00000120`` -> 120), None for another name."""
+    name = Path(path).name
+    digits = name[len(_PREFIX):]
+    return int(digits) if name.startswith(_PREFIX) and digits.isdigit() else None
+
+
+def _why_not(p: Path) -> Optional[str]:
+    """Why the folder ``p`` under checkpoints/ is not a complete checkpoint, or None when it is one."""
+    if p.is_symlink():
+        return "it is a symbolic link (a checkpoint is never read or deleted through one)"
+    if p.name.startswith(_TMP):
+        return "it is the temporary folder of a save that did not finish"
+    info = _read_marker(p)
+    if info is None:
+        return f"it has no readable {MARKER} (a save or a rotation that did not finish)"
+    named = name_step(p)
+    if named is not None and named != info["step"]:
+        return f"its {MARKER} says step {info['step']} but its name says step {named} (edited or damaged)"
+    return None
+
+
 def list_checkpoints(root: Union[str, Path]) -> List[Path]:
-    """Complete checkpoints under ``root`` (``<output-dir>/checkpoints``), oldest step first."""
+    """Complete checkpoints under ``root`` (``<output-dir>/checkpoints``), oldest step first: folders with a
+    marker whose step is the one in their name (links, unfinished saves and inconsistent folders never count)."""
     root = Path(root)
     if not root.is_dir():
         return []
-    found = []
-    for p in root.iterdir():
-        # A link is never a checkpoint: resuming from it, or rotating it away, would act on another folder.
-        if p.is_dir() and not p.is_symlink() and not p.name.startswith(_TMP):
-            info = _read_marker(p)
-            if info is not None:
-                found.append((info["step"], p))
+    found = [(_read_marker(p)["step"], p) for p in root.iterdir() if p.is_dir() and _why_not(p) is None]
     return [p for _, p in sorted(found)]
+
+
+def skipped_newer(root: Union[str, Path], chosen: Optional[Path]) -> List[Tuple[Path, str]]:
+    """Folders under ``root`` named for a later step than ``chosen`` that are not complete checkpoints, and why."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    after = name_step(chosen) if chosen is not None else None
+    threshold = after if after is not None else -1
+    out = []
+    for p in sorted(root.iterdir()):
+        named = name_step(p.name[len(_TMP):] if p.name.startswith(_TMP) else p)
+        why = _why_not(p) if named is not None and named > threshold else None
+        if why is not None:
+            out.append((p, why))
+    return out
 
 
 def find_checkpoint(output_dir: Union[str, Path], resume: str) -> Path:
@@ -100,6 +138,10 @@ def find_checkpoint(output_dir: Union[str, Path], resume: str) -> Path:
             f"'{path}' is not a complete vaegan checkpoint (no readable {MARKER}). It may be an "
             "interrupted save; pass another folder under <output-dir>/checkpoints or use --resume latest."
         )
+    why = _why_not(path)
+    if why is not None and not path.is_symlink():  # a link the user names is theirs to name
+        raise CheckpointError(f"'{path}' cannot be resumed: {why}. Pass another folder under "
+                              "<output-dir>/checkpoints or use --resume latest.")
     return path
 
 
@@ -110,10 +152,13 @@ def resolve_resume(output_dir: Union[str, Path], resume: Optional[str]) -> Optio
     Raises:
         CheckpointError: ``"latest"`` or a folder that names no complete checkpoint.
     """
-    if resume != "auto":
+    if resume not in ("auto", "latest"):
         return find_checkpoint(output_dir, resume) if resume else None
-    found = list_checkpoints(Path(output_dir) / "checkpoints")
-    return found[-1] if found else None
+    chosen = find_checkpoint(output_dir, "latest") if resume == "latest" else \
+        (list_checkpoints(Path(output_dir) / "checkpoints") or [None])[-1]
+    for path, why in skipped_newer(Path(output_dir) / "checkpoints", chosen):
+        logger.warning("Not resuming from %s, though it is named for a later step: %s.", path, why)
+    return chosen
 
 
 class CheckpointManager:

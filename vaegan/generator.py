@@ -345,7 +345,11 @@ class VAE(nn.Module, metaclass=_GeneratorMeta):
         # Shapes first, from the safetensors header and a generator built on the meta device: a config that does
         # not fit its weights (an image_size of 100000 would allocate gigabytes) is refused before any allocation.
         header = _header_shapes(w_path)
-        fits = _fits(header, _meta_state(config), w_path, cfg_path)
+        try:
+            meta = _meta_state(config)
+        except ConfigError as exc:
+            raise CheckpointError(f"'{cfg_path}' describes a generator that cannot be built: {exc}") from None
+        fits = _fits(header, meta, w_path, cfg_path)
         try:
             state = load_file(str(w_path), device=map_location)
             model = build_generator(config)

@@ -27,10 +27,10 @@ from safetensors.torch import save_file
 from ._deprecation import deprecated_names
 from ._trainer_compat import legacy_components, moved_to_step
 from .callbacks import Callback, CallbackList
-from .checkpointing import CheckpointManager, read_counters, resolve_resume, restore
+from .checkpointing import MARKER, CheckpointManager, name_step, read_counters, read_marker, resolve_resume, restore
 from .config import ExperimentConfig, to_dict
 from .data import first_batch
-from .errors import DataError, TrainingDiverged
+from .errors import CheckpointError, DataError, TrainingDiverged
 from .export import estimate_and_store_scaling_factor, save_discriminator, write_model_card
 from .faults import Boundary, SoftWrites, save_after_fault, writing_final
 from .files import dumps_json, write_text_atomic
@@ -368,7 +368,9 @@ class Trainer:
             extra["ema.safetensors"] = lambda p: save_file(ema_state, str(p))
         extra["config.yaml"] = lambda p: p.write_text(yaml.safe_dump(to_dict(self.config), sort_keys=False))
         t0 = time.perf_counter()
-        path = self.checkpoints.save(self.accelerator, self.state.step, extra, {"epoch": self.state.epoch})
+        layout = {"epoch": self.state.epoch, "images_per_batch": self.config.train.batch_size * self.accelerator.num_processes,
+                  "grad_accum": self.config.train.grad_accum}  # what a resume checks the data position against
+        path = self.checkpoints.save(self.accelerator, self.state.step, extra, layout)
         if self._control is not None:  # the time a save takes is kept free before train.max_time
             self._control.saved(time.perf_counter() - t0)
         return path
@@ -384,6 +386,7 @@ class Trainer:
         """
         path, step = Path(path), self.train_step
         state = TrainState(**read_counters(path / "trainer_state.json", list(asdict(TrainState()))))
+        state = self._check_position(path, state)
         extra = {"ema.safetensors": step.ema} if step.ema is not None and (path / "ema.safetensors").is_file() else {}
         if step.ema is not None and not extra:
             logger.warning("%s has no EMA weights; the EMA restarts from the current weights.", path)
@@ -393,6 +396,41 @@ class Trainer:
         self.state = state
         logger.info("Resumed from %s at step %d (epoch %d, batch %d)", path, self.state.step,
                     self.state.epoch, self.state.batch_in_epoch)
+
+    def _check_position(self, path: Path, state: TrainState) -> TrainState:
+        """The counters of ``path`` cross-checked against its marker and name, and the data position carried over
+        in images when the batch layout changed.
+
+        Raises:
+            CheckpointError: the marker, the folder name and ``trainer_state.json`` disagree on the step, or the
+                position lies beyond the data.
+        """
+        marker, named = read_marker(path) or {}, name_step(path)
+        steps = {"trainer_state.json": state.step, MARKER: marker.get("step", state.step)}
+        if named is not None:
+            steps["the folder's name"] = named
+        if len(set(steps.values())) > 1:
+            said = ", ".join(f"{k} says step {v}" for k, v in steps.items())
+            raise CheckpointError(f"Checkpoint '{path}' contradicts itself: {said}. It was edited or damaged; resuming "
+                                  "it could train over a good checkpoint. Resume from another folder under "
+                                  "<output-dir>/checkpoints (--resume PATH).")
+        tc, world = self.config.train, self.accelerator.num_processes
+        before, now = marker.get("images_per_batch"), tc.batch_size * world
+        into_epoch = state.batch_in_epoch * (before or now)  # images of the current epoch already seen
+        if into_epoch > len(self.loader.dataset):
+            raise CheckpointError(f"Checkpoint '{path}' says it is {state.batch_in_epoch} batches ({into_epoch} images) "
+                                  f"into an epoch, but the data has {len(self.loader.dataset)} images: it belongs to "
+                                  "other data or is damaged. Resume from another checkpoint, or start afresh.")
+        if before is not None and before != now:
+            batch = into_epoch // now
+            logger.warning("Resuming with %d images per batch (train.batch_size %d x %d processes) where %s was saved "
+                           "with %d: the epoch continues at image %d (batch %d of the new size), the step count and "
+                           "the schedules as saved.", now, tc.batch_size, world, path, before, batch * now, batch)
+            state = TrainState(**{**asdict(state), "batch_in_epoch": batch})
+        if marker.get("grad_accum", tc.grad_accum) != tc.grad_accum:
+            logger.warning("Resuming with train.grad_accum %d where %s was saved with %d: each step now averages "
+                           "another number of batches.", tc.grad_accum, path, marker["grad_accum"])
+        return state
 
     # ---- vaegan 0.1 attributes -------------------------------------------------------------------------
     def __getattr__(self, name: str) -> Any:
