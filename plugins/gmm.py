@@ -64,6 +64,19 @@ class GaussianMixtureSampler(LatentSampler):
         # Cholesky factors of the covariances: (K, D, D) lower-triangular, or (K, D) standard deviations.
         self.register_buffer("scales", torch.zeros(k, d, d) if full else torch.ones(k, d))
 
+    def check_state(self) -> None:
+        """The weights a probability vector (>= 0, summing to 1) and the scales' diagonals > 0.
+
+        Raises:
+            ValueError: naming what is wrong.
+        """
+        w = self.weights.double()
+        if bool((w < 0).any()) or abs(float(w.sum()) - 1.0) > 1e-4:
+            raise ValueError(f"its mixture weights must be >= 0 and sum to 1, got {[round(float(v), 4) for v in w]}.")
+        diag = self.scales.diagonal(dim1=-2, dim2=-1) if self.scales.dim() == 3 else self.scales
+        if not bool((diag > 0).all()):
+            raise ValueError("its scales (standard deviations, or the Cholesky factors' diagonals) must be > 0.")
+
     def fit_latents(self, latents: Tensor, seed: int) -> Dict[str, Any]:
         from sklearn.mixture import GaussianMixture
 

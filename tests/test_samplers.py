@@ -302,6 +302,9 @@ def _edit_sampler(folder, record=None, tensor=None):
     ({"options": {"n_components": 0}}, None, "holds options the 'gmm' sampler refuses"),
     (None, lambda s: s[sorted(k for k in s if s[k].is_floating_point())[0]].fill_(float("nan")), "non-finite values"),
     (None, lambda s: s["fitted"].zero_(), "says it was never fitted (fitted: false)"),
+    (None, lambda s: s["weights"].mul_(-1), "cannot be sampled from: its mixture weights must be >= 0 and sum to 1"),
+    (None, lambda s: s["weights"].zero_(), "its mixture weights must be >= 0 and sum to 1, got [0.0"),
+    (None, lambda s: s["scales"].zero_(), "its scales (standard deviations, or the Cholesky factors' diagonals)"),
 ])
 def test_a_saved_sampler_with_bad_values_is_refused_in_one_paragraph(tmp_path, record, tensor, words):
     sampler, _ = _fitted("gmm", (4,))

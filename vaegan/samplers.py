@@ -104,6 +104,10 @@ class LatentSampler(nn.Module):
         """``n`` latents (n, *latent_shape) on the CPU; ``temperature`` scales the spread around the modes."""
         raise NotImplementedError
 
+    def check_state(self) -> None:
+        """Raise ``ValueError`` (one sentence) when the loaded state cannot be sampled from: a plugin's own rules
+        beyond finite values (mixture weights, scales); :func:`load_sampler` calls it. Default: nothing to check."""
+
     def sample(self, n: int, *, generator: Optional[torch.Generator] = None,
                temperature: Optional[float] = None) -> Tensor:
         """``n`` latents (n, *latent_shape), fp32 on the CPU, from ``generator`` (the same draws for the same seed),
@@ -376,6 +380,10 @@ def load_sampler(model_dir: Union[str, Path], name: Optional[str] = None,
     if not bool(sampler.fitted):
         raise CheckpointError(f"'{folder / WEIGHTS_NAME}' holds a '{name}' sampler that says it was never fitted "
                               f"(fitted: false); it would draw from its initial state. {fix}")
+    try:
+        sampler.check_state()
+    except ValueError as exc:
+        raise CheckpointError(f"'{folder / WEIGHTS_NAME}' cannot be sampled from: {exc} {fix}") from None
     digest = record.get("model_weights_sha256")
     if digest is not None and digest != _weights_digest(model_dir):
         logger.warning("The '%s' sampler in %s was fitted to other weights than the model.safetensors now there; "
