@@ -103,7 +103,7 @@ def _describe(info: Dict[str, Any], now: float) -> str:
 
 
 class RunFolder:
-    """The output folder of one run: :meth:`check` (read-only, every process), :meth:`claim` (main process:
+    """The output folder of one run: :meth:`check` (read-only), :meth:`claim` (main process:
     the lock, and with ``overwrite`` the earlier run moved aside), :meth:`release`.
 
     Args:
@@ -202,10 +202,7 @@ class RunFolder:
                 holder = self._live_holder()
                 if holder is not None:
                     raise self._busy(holder) from None
-                if info and info.get("pid") != os.getpid():
-                    logger.warning("Taking over the lock of %s: %s, which is not running any more.", self.path,
-                                   _describe(info, time.time()))
-                self.lock.unlink(missing_ok=True)  # a stale lock (or a link planted there): the link, never its target
+                self._remove_stale(info)
                 continue
             with os.fdopen(fd, "w") as fh:
                 json.dump(record, fh)
@@ -216,6 +213,31 @@ class RunFolder:
                               "starting in this folder. Choose another --output-dir or wait for it.")
         if self.overwrite:
             self._move_previous()
+
+    def _remove_stale(self, info: Optional[Dict[str, Any]]) -> None:
+        """Move the stale lock ``info`` out of the way, atomically: a process that took the folder between our
+        read and now keeps its (new) lock, and this claim is refused with its name.
+
+        Raises:
+            OutputError: the lock is no longer the stale one that was read.
+        """
+        grave = self.lock.with_name(f"{LOCK_NAME}.stale-{os.getpid()}")
+        try:
+            os.replace(self.lock, grave)  # a rename: a link planted there moves as a link, its target untouched
+        except FileNotFoundError:
+            return
+        moved = read_lock(grave)
+        if moved != info:  # not the one judged stale: hand it back (never over a lock created meanwhile)
+            try:
+                os.link(grave, self.lock)
+            except OSError:
+                pass
+            grave.unlink(missing_ok=True)
+            raise self._busy(moved or {"unreadable": True})
+        grave.unlink(missing_ok=True)
+        if info and info.get("pid") != os.getpid():
+            logger.warning("Taking over the lock of %s: %s, which is not running any more.", self.path,
+                           _describe(info, time.time()))
 
     def _move_previous(self) -> Optional[Path]:
         present = [self.path / n for n in self.entries if os.path.lexists(self.path / n)]
