@@ -268,3 +268,11 @@ def test_a_nan_metric_in_the_training_log_is_null(tmp_path):
     SoftWrites().append_line("metrics", log, {"step": 1, "g/total": float("nan"), "d/total": float("inf"), "lr": 1e-3})
     assert json.loads(log.read_text(), parse_constant=lambda c: 1 / 0) == {"step": 1, "g/total": None, "d/total": None,
                                                                           "lr": 1e-3}
+
+
+def test_eval_of_one_image_with_the_classifier_reports_undefined_distances(tmp_path):
+    """`eval --limit 1`: a Fréchet distance and precision/recall of one image are undefined, not a traceback."""
+    r = evaluate(tiny_generator(), DATA, dataclasses.replace(SMALL, limit=1, num_samples=1), cache_dir=tmp_path)
+    for key in ("fd_classifier", "precision", "recall"):
+        assert r[key] is None and ("Fréchet" in r["undefined"][key] or "k = 3" in r["undefined"][key]), key
+    assert r["psnr"] is not None and r["protocol"]["images"] == 1

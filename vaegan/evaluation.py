@@ -32,7 +32,7 @@ import dataclasses
 import logging
 import math
 from pathlib import Path
-from typing import Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 from einops import rearrange
@@ -154,7 +154,17 @@ UNDEFINED_REASONS = {
     "sharpness_ratio": "the real images have no Laplacian energy (constant or blank images): a ratio to 0",
     "high_frequency_ratio": "the real images have no high-frequency energy (constant or blank images): a ratio to 0",
     "fd_classifier": _FD, "fid_inception": _FD,
+    "precision": "precision and recall need more than k = 3 images on each side (raise --limit / --num-samples)",
+    "recall": "precision and recall need more than k = 3 images on each side (raise --limit / --num-samples)",
 }
+
+
+def _frechet(metric: Any) -> float:
+    """A Fréchet distance metric's value; NaN (undefined, reported as such) where it has too few images."""
+    try:
+        return float(metric.compute())
+    except (RuntimeError, ValueError):  # torchmetrics: "More than one sample is required ..."
+        return float("nan")
 
 
 def undefined_as_null(results: Dict[str, object]) -> Dict[str, str]:
@@ -314,9 +324,9 @@ def evaluate(model: VAE, data: DataConfig, config: EvalConfig = EvalConfig(), *,
     }
     results.update({key: float(mean.compute()) for key, (_, mean) in perceptual.items()})
     if inception is not None:
-        results["fid_inception"] = float(inception.compute())
+        results["fid_inception"] = _frechet(inception)
     if clf is not None:
-        results["fd_classifier"] = float(fid.compute())
+        results["fd_classifier"] = _frechet(fid)
         h = hist.compute()
         results.update({"class_histogram": [round(float(p), 4) for p in h["histogram"]],
                         "class_entropy": float(h["entropy"]), "classes_covered": int(h["classes_covered"]),

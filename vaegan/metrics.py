@@ -293,5 +293,8 @@ class PrecisionRecall(Metric):
     def compute(self) -> Dict[str, Tensor]:
         real = torch.cat(self.real) if isinstance(self.real, list) else self.real
         fake = torch.cat(self.fake) if isinstance(self.fake, list) else self.fake
+        if min(len(real), len(fake)) <= self.k:  # no k-th neighbour: undefined (vaegan.evaluation reports why)
+            nan = torch.tensor(float("nan"))
+            return {"precision": nan, "recall": nan}
         return {"precision": self._coverage(fake, real, self._radii(real)),
                 "recall": self._coverage(real, fake, self._radii(fake))}
