@@ -57,17 +57,14 @@ def folder_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else 0
 
 
-def _read_marker(path: Path) -> Optional[Dict[str, Any]]:
+def read_marker(path: Union[str, Path]) -> Optional[Dict[str, Any]]:
+    """The marker of a complete checkpoint folder (its step, epoch, batch layout), or None."""
+    path = Path(path)
     try:
         info = json.loads((path / MARKER).read_text())
         return info if isinstance(info, dict) and isinstance(info.get("step"), int) else None
     except (OSError, ValueError):
         return None
-
-
-def read_marker(path: Union[str, Path]) -> Optional[Dict[str, Any]]:
-    """The marker of a complete checkpoint folder (its step, epoch, batch layout), or None."""
-    return _read_marker(Path(path))
 
 
 def name_step(path: Union[str, Path]) -> Optional[int]:
@@ -83,7 +80,7 @@ def _why_not(p: Path) -> Optional[str]:
         return "it is a symbolic link (a checkpoint is never read or deleted through one)"
     if p.name.startswith(_TMP):
         return "it is the temporary folder of a save that did not finish"
-    info = _read_marker(p)
+    info = read_marker(p)
     if info is None:
         return f"it has no readable {MARKER} (a save or a rotation that did not finish)"
     named = name_step(p)
@@ -98,7 +95,7 @@ def list_checkpoints(root: Union[str, Path]) -> List[Path]:
     root = Path(root)
     if not root.is_dir():
         return []
-    found = [(_read_marker(p)["step"], p) for p in root.iterdir() if p.is_dir() and _why_not(p) is None]
+    found = [(read_marker(p)["step"], p) for p in root.iterdir() if p.is_dir() and _why_not(p) is None]
     return [p for _, p in sorted(found)]
 
 
@@ -133,7 +130,7 @@ def find_checkpoint(output_dir: Union[str, Path], resume: str) -> Path:
             )
         return ckpts[-1]
     path = Path(resume)
-    if not path.is_dir() or _read_marker(path) is None:
+    if not path.is_dir() or read_marker(path) is None:
         raise CheckpointError(
             f"'{path}' is not a complete vaegan checkpoint (no readable {MARKER}). It may be an "
             "interrupted save; pass another folder under <output-dir>/checkpoints or use --resume latest."
@@ -247,7 +244,7 @@ class CheckpointManager:
             if p.is_symlink():  # not this run's: never deleted, nor anything it points to
                 continue
             killed_save = p.name.startswith(_TMP)
-            killed_rotation = p.name.startswith(_PREFIX) and _read_marker(p) is None
+            killed_rotation = p.name.startswith(_PREFIX) and read_marker(p) is None
             if p.is_dir() and (killed_save or killed_rotation):
                 logger.info("Removing %s, left by an interrupted %s", p, "save" if killed_save else "rotation")
                 shutil.rmtree(p, ignore_errors=True)
