@@ -149,6 +149,8 @@ def save_ldm(model: AutoencoderKL, path: Union[str, Path]) -> Path:
 
     The metadata carries vaegan's options (``vaegan_options``: the GroupNorm groups, which no tensor shape
     tells, and the latent normalisation), so :func:`pretrained_ldm_vae` rebuilds the very same model.
+    ComfyUI, A1111 and generative-models assume 32 groups and a middle attention: another model is
+    written all the same, with a warning that only diffusers and vaegan rebuild it correctly.
 
     Raises:
         ConfigError: a ``tanh`` output, which the LDM decoder (ending in its last convolution) cannot express.
@@ -158,6 +160,12 @@ def save_ldm(model: AutoencoderKL, path: Union[str, Path]) -> Path:
     if model.config.options.get("output_activation", "identity") != "identity":
         raise ConfigError("autoencoder_kl with output_activation: tanh has no LDM equivalent (the LDM decoder ends "
                           "with its last convolution); train with output_activation: identity to export it.")
+    o = model.config.options
+    if o.get("norm_num_groups") != 32 or not o.get("mid_block_add_attention", True):
+        logger.warning("%s: ComfyUI, A1111 and generative-models build the LDM VAE with 32 GroupNorm groups and a "
+                       "middle self-attention; this model has %s groups%s, so only diffusers (with the diffusers "
+                       "folder as config) and vaegan rebuild it correctly.", path, o.get("norm_num_groups"),
+                       "" if o.get("mid_block_add_attention", True) else " and no middle attention")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     meta = {"format": "pt", "library": "vaegan", "layout": "ldm_autoencoder_kl",
