@@ -14,6 +14,14 @@ how far the draft moves the output (PSNR against the full decode).
     python benchmarks/data_loading.py                           # 512 images, 64/128/256 px, 0/2/4 workers
     python benchmarks/data_loading.py --original-size 1024      # larger originals (draft matters more)
     python benchmarks/data_loading.py --folder ~/photos --json out.json
+
+``--sources`` compares the dataset plugins on the same JPEGs instead: ``image_folder``, ``webdataset`` (the folder
+written as tar shards by ``vaegan_plugins.shards.write_shards``), ``hf_datasets`` (saved by
+``vaegan_plugins.hf_datasets.write_dataset``, read map-style) and ``hf_stream`` (the same, ``streaming: true``);
+the streams are read as a training run reads them (bound to rank 0 of 1, shuffled). It also times building each
+dataset (for shards: reading every member header), and writes the table the docs show:
+
+    python benchmarks/data_loading.py --sources --sizes 64 256 --workers 0 2 --json outputs/sources.json
 """
 
 from __future__ import annotations
@@ -132,6 +140,89 @@ def measure(folder: Path, size: int, workers: int, options: Dict, draft: bool, b
     return best
 
 
+SOURCES = ("image_folder", "webdataset", "hf_datasets", "hf_stream")
+
+
+def convert(folder: Path, out: Path) -> Dict[str, Path]:
+    """The folder as 16 tar shards (``out/shards``, shuffled) and as a saved dataset (``out/hf``)."""
+    from vaegan_plugins.hf_datasets import write_dataset
+    from vaegan_plugins.shards import write_shards
+
+    n = sum(1 for p in folder.rglob("*") if p.is_file())
+    write_shards(folder, out / "shards", per_shard=max(8, n // 16))  # 16 shards: enough for 2 workers x 8
+    write_dataset(folder, out / "hf")
+    return {"image_folder": folder, "webdataset": out / "shards", "hf_datasets": out / "hf", "hf_stream": out / "hf"}
+
+
+def build_source(source: str, root: Path, size: int):
+    """Dataset plugin ``source`` over ``root`` for (3, size, size) items in [-1, 1] (as a recipe would)."""
+    shape, value_range = (3, size, size), (-1.0, 1.0)
+    if source == "image_folder":
+        return image_folder(str(root), "train", False, None, shape, value_range)
+    if source == "webdataset":
+        from vaegan_plugins.shards import webdataset
+
+        last = len(list(root.glob("shards-*.tar"))) - 1
+        return webdataset(str(root), "train", False, None, shape, value_range, shards=f"shards-{{000000..{last:06d}}}.tar")
+    from vaegan_plugins.hf_datasets import hf_datasets
+
+    return hf_datasets(str(root), "train", False, None, shape, value_range, streaming=source == "hf_stream")
+
+
+def measure_source(source: str, root: Path, size: int, workers: int, batch: int, repeats: int) -> Dict[str, float]:
+    """Images/s of ``source`` through the trainer's kind of DataLoader (best of ``repeats`` epochs after a warm-up),
+    and the seconds building the dataset took."""
+    from vaegan.data import is_stream
+
+    start = time.perf_counter()
+    ds = build_source(source, root, size)
+    built = time.perf_counter() - start
+    stream = is_stream(ds)
+    if stream:  # as prepare_stream binds it: rank 0 of 1, the loader's batch and workers, seed 0
+        ds.bind(rank=0, world=1, batch_size=batch, workers=workers, seed=0)
+    loader = DataLoader(ds, batch_size=batch, shuffle=not stream, drop_last=True, num_workers=workers,
+                        generator=torch.Generator().manual_seed(0), persistent_workers=workers > 0,
+                        prefetch_factor=4 if workers > 0 else None)
+    best = 0.0
+    for epoch in range(repeats + 1):  # epoch 0: the warm-up (worker start-up, the page cache), not timed
+        if stream:
+            ds.set_epoch(epoch)
+        seen, t0 = 0, time.perf_counter()
+        for x in loader:
+            seen += x.shape[0]
+        if epoch:
+            best = max(best, seen / (time.perf_counter() - t0))
+    del loader
+    return {"images_per_s": best, "build_s": built}
+
+
+def compare_sources(args, folder: Path, tmp: Path) -> List[Dict]:
+    """The ``--sources`` table: every source at every size and worker count."""
+    roots = convert(folder, tmp)
+    rows = []
+    for size in args.sizes:
+        for source in SOURCES:
+            row = {"source": source, "size": size, "images_per_s": {}}
+            for workers in args.workers:
+                got = measure_source(source, roots[source], size, workers, args.batch_size, args.repeats)
+                row["images_per_s"][workers] = round(got["images_per_s"], 1)
+                row["build_s"] = round(got["build_s"], 3)
+                print(f"{source} {size}px workers={workers}: {got['images_per_s']:.0f} images/s (built in "
+                      f"{got['build_s']:.2f} s)", file=sys.stderr, flush=True)
+            rows.append(row)
+    n = len(build_source("image_folder", folder, 8))
+    print(f"{cpu_model()}, {usable_cores()} cores, torch {torch.__version__}; {n} JPEGs (long side "
+          f"{args.original_size} px), batch {args.batch_size}, best of {args.repeats} epochs; images/s out of the "
+          "DataLoader")
+    print()
+    print("| source | size | build s | " + " | ".join(f"{w} workers" for w in args.workers) + " |")
+    print("|---|---:|---:|" + "---:|" * len(args.workers))
+    for r in rows:
+        print(f"| {r['source']} | {r['size']} | {r['build_s']:.2f} | "
+              + " | ".join(f"{v:.0f}" for v in r["images_per_s"].values()) + " |")
+    return rows
+
+
 def main(argv=None) -> List[Dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--folder", type=Path, help="time this folder of images instead of generated ones")
@@ -146,9 +237,20 @@ def main(argv=None) -> List[Dict]:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3, help="timed epochs after the warm-up; the best is kept")
     parser.add_argument("--json", type=Path, help="also write the rows here")
+    parser.add_argument("--sources", action="store_true",
+                        help="compare the dataset plugins (image_folder, webdataset, hf_datasets, hf_stream) on JPEGs")
     args = parser.parse_args(argv)
 
     tmp = tempfile.TemporaryDirectory(prefix="vaegan-data-bench-")
+    if args.sources:
+        folder = args.folder or write_photos(Path(tmp.name) / "jpeg", args.images, args.original_size, "jpeg")
+        rows = compare_sources(args, folder, Path(tmp.name) / "converted")
+        if args.json:
+            meta = {"cpu": f"{cpu_model()}, {usable_cores()} cores", "torch": torch.__version__,
+                    "original_size": args.original_size, "batch_size": args.batch_size, "repeats": args.repeats}
+            args.json.write_text(json.dumps({"meta": meta, "sources": rows}, indent=2))
+        tmp.cleanup()
+        return rows
     folders = {}
     if args.folder is not None:
         folders["folder"] = args.folder

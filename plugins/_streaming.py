@@ -133,7 +133,7 @@ class ImageStream(IterableDataset):
             item = items.next()
             # Seeded for this item alone; the caller's RNG (the main process's, with no workers) is left as it was.
             with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(item_seed(self.seed, epoch, slot, position))
+                torch.default_generator.manual_seed(item_seed(self.seed, epoch, slot, position))  # the CPU RNG alone
                 image = self._image(item, items)
             yield image
 

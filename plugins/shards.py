@@ -196,7 +196,8 @@ class ShardStream(ImageStream):
         shards, readers = self.images.shards, self.readers
         if len(shards) < readers:
             raise DataError(
-                f"{self.name} has {len(shards)} shards, but {self.world} processes x {max(1, self.workers)} data "
+                f"data.options.shards names {len(shards)} shards (with images), but {self.world} processes x "
+                f"{max(1, self.workers)} data "
                 f"workers make {readers} readers, each of which reads whole shards. Write the data into at least "
                 f"{readers} shards (several per reader balance the epoch better), or lower data.num_workers.")
         quotas = [self.quota(k, max(1, self.workers)) for _ in range(self.world) for k in range(max(1, self.workers))]

@@ -273,7 +273,7 @@ def test_a_corrupt_image_inside_a_shard_stops_or_is_skipped_and_counted(tmp_path
 @needs_wds
 def test_fewer_shards_than_readers_is_refused_when_the_loader_is_built(tmp_path):
     _write_shards(tmp_path, _digit_samples(8), per_shard=4)
-    with pytest.raises(DataError, match="has 2 shards, but 2 processes x 2 data workers make 4 readers"):
+    with pytest.raises(DataError, match="names 2 shards \\(with images\\), but 2 processes x 2 data workers make 4 readers"):
         _wds(tmp_path).bind(rank=0, world=2, batch_size=2, workers=2, seed=0)
 
 
