@@ -215,6 +215,9 @@ class AutoencoderKL(VAE):
         scaling_factor, shift_factor: Latent normalisation ``(z - shift) * scaling`` that diffusion
             pipelines apply (not the autoencoder); kept in the model's config and its diffusers export,
             used by ``vaegan encode --scaled``. None: not set.
+        latents_mean, latents_std: Per-channel mean and std of the latents (c values each), the
+            per-channel normalisation ``(z - mean_c) / std_c``; set with the global pair by
+            ``train.estimate_scaling_factor`` (:mod:`vaegan.latent_stats`). None: not set.
         trainable: ``all``, or ``decoder`` to fine-tune only the decoder: the encoder and the quant conv
             are frozen (no gradient, not in the optimizer, skipped by the EMA), so latents stay
             compatible with models trained on them.
@@ -236,7 +239,8 @@ class AutoencoderKL(VAE):
                  use_quant_conv: bool = True, use_post_quant_conv: bool = True,
                  output_activation: Literal["identity", "tanh"] = "identity", scaling_factor: Optional[float] = None,
                  shift_factor: Optional[float] = None, trainable: Literal["all", "decoder"] = "all",
-                 logvar_min: float = -30.0, logvar_max: float = 20.0) -> None:
+                 logvar_min: float = -30.0, logvar_max: float = 20.0, latents_mean: Optional[Sequence[float]] = None,
+                 latents_std: Optional[Sequence[float]] = None) -> None:
         super().__init__(image_shape, output_range, (logvar_min, logvar_max))
         widths = _positive_ints(block_out_channels, "block_out_channels")
         (layers,) = _positive_ints([layers_per_block], "layers_per_block")
@@ -266,6 +270,14 @@ class AutoencoderKL(VAE):
                 raise ConfigError(f"autoencoder_kl: {name} must be {rule} or null, got {value!r}: latents scaled by it "
                                   "would be all zeros or NaN. Remove it (null) or set it again (train.estimate_scaling_factor).")
         self.scaling_factor, self.shift_factor = scaling_factor, shift_factor
+        for name, values in (("latents_mean", latents_mean), ("latents_std", latents_std)):
+            if values is not None and (isinstance(values, (str, bytes)) or not hasattr(values, "__len__")
+                                       or len(values) != c or not all(
+                                           isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                                           and (name == "latents_mean" or v > 0) for v in values)):
+                rule = "finite numbers" if name == "latents_mean" else "finite numbers > 0"
+                raise ConfigError(f"autoencoder_kl: {name} must be null or {c} {rule} (one per latent channel), got "
+                                  f"{values!r}. Remove it (null) or estimate it again (train.estimate_scaling_factor).")
         attention = bool(mid_block_add_attention)
         self.encoder = Encoder(channels, c, widths, layers, groups, attention)
         self.decoder = Decoder(channels, c, widths, layers, groups, attention)
@@ -295,13 +307,16 @@ class AutoencoderKL(VAE):
         return self.decoder.conv_out.weight
 
     def save_extra_formats(self, directory) -> None:
-        """Also write ``directory/diffusers``, the same model as a diffusers AutoencoderKL folder."""
+        """Also write ``directory/diffusers``, the same model as a diffusers AutoencoderKL folder, and
+        ``directory/ldm/vae.safetensors``, the single-file LDM layout ComfyUI and A1111 load."""
         from vaegan.errors import PluginError
 
         from .diffusers_io import save_diffusers
+        from .ldm_checkpoint import LDM_DIR, LDM_FILE, save_ldm
 
         if self.output_activation != "identity":
-            return  # no diffusers equivalent
+            return  # no diffusers or LDM equivalent
+        save_ldm(self, directory / LDM_DIR / LDM_FILE)  # needs nothing but safetensors
         try:
             save_diffusers(self, directory / "diffusers")
         except PluginError as exc:  # diffusers is optional: the vaegan files are complete without it

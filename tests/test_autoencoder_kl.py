@@ -19,6 +19,7 @@ from vaegan_plugins.diffusers_io import from_diffusers, options_from_diffusers, 
 
 import vaegan
 from vaegan.errors import ConfigError, PluginError
+from vaegan.latent_stats import compute_latent_stats
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -201,8 +202,12 @@ def test_the_scaling_factor_is_estimated_and_the_model_card_says_how_to_load_it(
     final = trainer.fit()
     config = json.loads((final / "config.json").read_text())
     model = vaegan.VAE.from_pretrained(final)
-    expected, std = vaegan.export.estimate_scaling_factor(model, trainer.loader.dataset, 32, seed=0)
+    stats = compute_latent_stats(model, trainer.loader.dataset, 32)  # train.estimate_scaling_factor's numbers
+    expected, std = stats.scaling_factor, stats.std
     assert config["options"]["scaling_factor"] == pytest.approx(expected, rel=1e-9) and std > 0
+    assert config["options"]["shift_factor"] == pytest.approx(stats.shift_factor, rel=1e-9)
+    # The sample-based estimate of old agrees to the noise of its draws.
+    assert vaegan.export.estimate_scaling_factor(model, trainer.loader.dataset, 32)[0] == pytest.approx(expected, rel=0.02)
     assert json.loads((final / "diffusers" / "config.json").read_text())["scaling_factor"] == pytest.approx(expected)
     card = (final / "README.md").read_text()
     assert "`autoencoder_kl` generator" in card and "1 / std of posterior samples of 32 training images" in card

@@ -82,9 +82,17 @@ def set_scaling_factor(model: VAE, value: float) -> bool:
 
 def estimate_and_store_scaling_factor(models: Sequence[VAE], dataset: Dataset, num_images: int,
                                      seed: int = 0) -> Tuple[str, ...]:
-    """``train.estimate_scaling_factor``: estimate on ``models[0]`` (the saved, EMA generator) and store the
-    factor in every model's options. Returns the model card's line about it (none when ``num_images`` is 0).
+    """Estimate on ``models[0]`` (the saved, EMA generator) and store the factor in every model's options.
+    Returns the model card's line about it (none when ``num_images`` is 0).
+
+    Deprecated: ``train.estimate_scaling_factor`` now computes the shift and per-channel statistics too,
+    on every process, with :func:`vaegan.latent_stats.estimate_and_store`.
     """
+    import warnings
+
+    warnings.warn("vaegan.export.estimate_and_store_scaling_factor is deprecated; use "
+                  "vaegan.latent_stats.estimate_and_store (shift and per-channel statistics too, exact under several "
+                  "processes).", DeprecationWarning, stacklevel=2)
     if not num_images:
         return ()
     scale, std = estimate_scaling_factor(models[0], dataset, num_images, seed=seed)
@@ -148,6 +156,29 @@ def load_discriminator(model_dir: Path, map_location: str = "cpu") -> Optional[t
     return disc.to(map_location).eval()
 
 
+def _latent_stats_section(final: Path, latent_dims: int) -> list:
+    """The card's lines on ``final/latent_stats.json``: how a diffusion pipeline normalises latents with it."""
+    from .latent_stats import LATENT_STATS_FILE, load_latent_stats
+
+    if not (final / LATENT_STATS_FILE).is_file():
+        return []
+    s = load_latent_stats(final / LATENT_STATS_FILE)
+    view = ", ".join(["1", "-1"] + ["1"] * (latent_dims - 1))  # (1, c, 1, 1) for a (c, h, w) latent
+    return ["", f"## Latent statistics (`{LATENT_STATS_FILE}`)", "",
+            f"Posterior {'samples' if s.posterior == 'sample' else 'means'} of {s.images} training images: mean "
+            f"{s.mean:.6g}, std {s.std:.6g}; per channel in the file. A diffusion model trains on normalised latents:",
+            "",
+            f"- globally (SD3 / FLUX; SD and SDXL pipelines use the scale only): `latents = (z - {s.shift_factor:.6g}) * "
+            f"{s.scaling_factor:.6g}` (shift_factor, scaling_factor; also in `config.json` and the diffusers config), "
+            f"back with `z = latents / {s.scaling_factor:.6g} + {s.shift_factor:.6g}`. `vaegan encode --scaled` writes "
+            "such latents and `vaegan decode` undoes it.",
+            "- per channel (FLUX.2 style):", "", "```python", "import json", "", "import torch", "",
+            f'stats = json.load(open("{final / LATENT_STATS_FILE}"))',
+            f'mean = torch.tensor(stats["channel_mean"]).view({view})',
+            f'std = torch.tensor(stats["channel_std"]).view({view})',
+            "latents = (z - mean) / std  # and z = latents * std + mean before decoding", "```"]
+
+
 def write_model_card(final: Path, config: ExperimentConfig, model: VAE, steps: int, images_seen: int,
                      results: Optional[Dict[str, Any]] = None, notes: Tuple[str, ...] = ()) -> Path:
     """Write ``final/README.md``: the generator, the data, the objective, the metrics, how to load it.
@@ -209,6 +240,11 @@ def write_model_card(final: Path, config: ExperimentConfig, model: VAE, steps: i
                   + (f"  # {scale:g}" if scale is not None else "  # 1.0: not estimated (train.estimate_scaling_factor)")
                   + (f", shift {shift:g}" if shift is not None else ""),
                   "```"]
+    if (final / "ldm" / "vae.safetensors").is_file():  # vaegan_plugins.ldm_checkpoint's single file
+        lines += ["", f"ComfyUI, A1111/Forge and Stability's generative-models load `{final / 'ldm' / 'vae.safetensors'}` "
+                  "(the LDM key layout): put it in `ComfyUI/models/vae/` or `stable-diffusion-webui/models/VAE/`; "
+                  f'diffusers reads it too: `AutoencoderKL.from_single_file(path, config="{final / "diffusers"}")`.']
+    lines += _latent_stats_section(final, len(model.latent_shape))
     path = final / "README.md"
     write_text_atomic(path, "\n".join(lines) + "\n")
     return path
