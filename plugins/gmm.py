@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from vaegan.errors import DataError
+from vaegan.progress import Phase
 from vaegan.samplers import LatentSampler, check_size
 
 __all__ = ["GaussianMixtureSampler"]
@@ -77,6 +78,10 @@ class GaussianMixtureSampler(LatentSampler):
         if not bool((diag > 0).all()):
             raise ValueError("its scales (standard deviations, or the Cholesky factors' diagonals) must be > 0.")
 
+    def fit_plan(self) -> str:
+        return (f"a {self.n_components}-component {self.covariance_type}-covariance mixture (k-means, then up to "
+                f"{self.max_iter * self.n_init} EM iterations)")
+
     def fit_latents(self, latents: Tensor, seed: int) -> Dict[str, Any]:
         from sklearn.mixture import GaussianMixture
 
@@ -84,8 +89,11 @@ class GaussianMixtureSampler(LatentSampler):
         if x.shape[0] < self.min_latents:
             raise DataError(f"A mixture of {self.n_components} components needs at least that many latents to fit; got "
                             f"{x.shape[0]}. Fit on more images or lower n_components.")
-        gm = GaussianMixture(self.n_components, covariance_type=self.covariance_type, reg_covar=self.reg_covar,
-                             max_iter=self.max_iter, n_init=self.n_init, random_state=seed).fit(x)
+        with Phase(f"{self.name or 'gmm'} fit", total=self.max_iter * self.n_init, unit="EM iterations",
+                   bound=True) as phase:
+            gm = _reporting(GaussianMixture, phase)(
+                self.n_components, covariance_type=self.covariance_type, reg_covar=self.reg_covar,
+                max_iter=self.max_iter, n_init=self.n_init, random_state=seed).fit(x)
         cov = torch.from_numpy(gm.covariances_)
         k, d = self.n_components, self.dim
         if self.covariance_type == "full":
@@ -119,3 +127,20 @@ class GaussianMixtureSampler(LatentSampler):
             comp = torch.distributions.Independent(torch.distributions.Normal(self.means, self.scales), 1)
         mix = torch.distributions.Categorical(probs=self.weights)
         return torch.distributions.MixtureSameFamily(mix, comp).log_prob(x)
+
+
+def _reporting(base: type, phase: Phase) -> type:
+    """``GaussianMixture`` that moves ``phase`` by one per EM iteration.
+
+    scikit-learn has no progress callback; its EM loop calls ``_print_verbose_msg_iter_end`` once per iteration
+    (and does nothing there unless ``verbose``), so overriding that hook reports progress without changing the
+    fit. A scikit-learn without the hook fits the same, with no progress shown.
+    """
+
+    class Reporting(base):  # type: ignore[misc, valid-type]
+        def _print_verbose_msg_iter_end(self, n_iter, diff_ll):
+            phase.update(1)
+            super()._print_verbose_msg_iter_end(n_iter, diff_ll)
+
+    Reporting.__name__ = Reporting.__qualname__ = base.__name__
+    return Reporting

@@ -58,6 +58,7 @@ if TYPE_CHECKING:  # what the lazy names below resolve to, for type checkers and
     from .callbacks import Callback
     from .factory import build_components, build_discriminator, build_generator, build_model, build_trainer, train
     from .objective import Objective
+    from .progress import set_progress
     from .step import StepOutput, TrainStep
     from .trainer import Trainer
 
@@ -72,6 +73,7 @@ _LAZY = {
     **dict.fromkeys(["build_components", "build_discriminator", "build_generator", "build_model", "build_trainer",
                      "train"], "factory"),
     "Objective": "objective",
+    "set_progress": "progress",
     "StepOutput": "step",
     "TrainStep": "step",
     "Trainer": "trainer",
@@ -104,5 +106,5 @@ __all__ = [
     "CheckpointError", "ConfigError", "DataError", "PluginError", "TrainingDiverged", "TrainingStopped",
     "VaeganError",
     "build_components", "build_discriminator", "build_generator", "build_model", "build_trainer", "train",
-    "Callback", "Objective", "Schedule", "StepOutput", "TrainStep", "Trainer",
+    "Callback", "Objective", "Schedule", "StepOutput", "TrainStep", "Trainer", "set_progress",
 ]

@@ -38,7 +38,6 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 from torch.utils.data import Dataset
-from tqdm.auto import tqdm
 
 from . import registry
 from .classifier import (  # noqa: F401  (DigitClassifier, load_or_train_classifier: public here since 0.1)
@@ -50,7 +49,7 @@ from .classifier import (  # noqa: F401  (DigitClassifier, load_or_train_classif
     load_or_train_classifier,
 )
 from .config import DataConfig, EvalConfig, ModelConfig
-from .data import TensorImages, build_dataset
+from .data import TensorImages, build_dataset, describe_dataset
 from .errors import PluginError
 from .files import dumps_json, write_text_atomic
 from .generator import VAE
@@ -62,6 +61,7 @@ from .metrics import (
     SharpnessRatio,
     importance_noise,
 )
+from .progress import Phase
 from .samplers import LatentSampler, sample_latents
 
 __all__ = ["DigitClassifier", "load_or_train_classifier", "EvalResources", "prepare_evaluation", "evaluate",
@@ -140,6 +140,8 @@ def prepare_evaluation(data: DataConfig, model_config: ModelConfig, config: Eval
     """
     data = dataclasses.replace(data, split=config.split, limit=config.limit)
     ds = build_dataset(data, model_config)
+    if accelerator is None or accelerator.is_main_process:
+        logger.info("Evaluation: %s", describe_dataset(data, ds))
     clf = classifier_for(data, model_config, ds, config.classifier, cache_dir, accelerator)
     lpips, note = _lpips_for(config.lpips)
     st_lpips, st_note = _lpips_for(config.st_lpips, "st_lpips")
@@ -205,7 +207,7 @@ def _batches(ds: Dataset, indices: Tensor, batch_size: int):
 def evaluate(model: VAE, data: DataConfig, config: EvalConfig = EvalConfig(), *, logvar: Optional[Tensor] = None,
              resources: Optional[EvalResources] = None, cache_dir: Optional[Path] = None, accelerator=None,
              output: Optional[Path] = None, sampler: Optional[LatentSampler] = None,
-             progress: bool = False) -> Dict[str, object]:
+             progress: bool = True, hint: Optional[str] = None) -> Dict[str, object]:
     """Compute every metric for ``model`` on the ``config.split`` split of ``data``'s dataset.
 
     The results do not depend on the number of processes: each rank takes every ``world``-th image, the
@@ -226,7 +228,9 @@ def evaluate(model: VAE, data: DataConfig, config: EvalConfig = EvalConfig(), *,
         output: When given, the main process writes the results there as JSON.
         sampler: Where the generated images' latents come from (a fitted :mod:`vaegan.samplers` sampler);
             None: the model's prior, N(0, I).
-        progress: Show a progress bar (images evaluated and generated) on stderr.
+        progress: Show progress (images evaluated and generated; a bar on a terminal, else a log line with the
+            time left, see :mod:`vaegan.progress`) on the local main process; False: none.
+        hint: Said with the first progress line (the CLI names its flags for a shorter evaluation).
 
     Returns:
         A JSON-able dict of metrics and the ``protocol`` they were measured with.
@@ -282,7 +286,9 @@ def evaluate(model: VAE, data: DataConfig, config: EvalConfig = EvalConfig(), *,
                              sampler=sampler)  # (S, *latent_shape)
 
     mine = torch.arange(rank, len(ds), world)
-    bar = tqdm(total=len(mine) + len(prior_z[rank::world]), desc="eval", unit="img", disable=not progress)
+    main = accelerator is None or accelerator.is_local_main_process
+    bar = Phase("eval", total=len(mine) + len(prior_z[rank::world]), unit="img", enabled=progress and main,
+                hint=hint)
     for idx, x in _batches(ds, mine, config.batch_size):
         bar.update(len(idx))
         x = x.to(device)

@@ -35,6 +35,7 @@ from torch import Tensor, nn
 
 from .errors import CheckpointError, ConfigError, OutputError, PluginError
 from .generator import check_finite
+from .progress import emit
 
 __all__ = ["LatentSampler", "NormalSampler", "build_sampler", "fit_sampler", "fit_configured", "fit_after_training",
            "save_sampler",
@@ -100,6 +101,11 @@ class LatentSampler(nn.Module):
         self.fitted.fill_(True)
         return summary
 
+    def fit_plan(self) -> str:
+        """What :meth:`fit` will do, for the line said before it ("a 50-component mixture (up to 200 EM
+        iterations)"); plugins with a long fit say how long it can take. Default: "the sampler"."""
+        return "the sampler"
+
     def draw(self, n: int, generator: Optional[torch.Generator], temperature: float) -> Tensor:  # pragma: no cover
         """``n`` latents (n, *latent_shape) on the CPU; ``temperature`` scales the spread around the modes."""
         raise NotImplementedError
@@ -160,8 +166,8 @@ def build_sampler(name: str, latent_shape: Sequence[int], options: Optional[Mapp
 
 @torch.no_grad()
 def fit_sampler(model, dataset, name: str, options: Optional[Mapping[str, Any]] = None, *, seed: int = 0,
-                batch_size: int = 256, limit: Optional[int] = None,
-                temperature: float = 1.0) -> Tuple[LatentSampler, Dict[str, Any]]:
+                batch_size: int = 256, limit: Optional[int] = None, temperature: float = 1.0,
+                announce: Optional[str] = "`limit` fits on fewer images") -> Tuple[LatentSampler, Dict[str, Any]]:
     """Fit sampler ``name`` to the posterior means of ``dataset``'s images under ``model``.
 
     Args:
@@ -169,6 +175,8 @@ def fit_sampler(model, dataset, name: str, options: Optional[Mapping[str, Any]] 
         dataset: The images the model was trained on (any dataset plugin's).
         limit: Fit on the first ``limit`` images only.
         temperature: The spread the fitted sampler draws with by default.
+        announce: How to make the fit shorter, said in a line before the fit starts (None: no line). The
+            encoding and the fit itself then show progress (:mod:`vaegan.progress`).
 
     Returns:
         (the fitted sampler, a JSON-able record of the fit: images, seconds, the sampler's summary).
@@ -188,6 +196,9 @@ def fit_sampler(model, dataset, name: str, options: Optional[Mapping[str, Any]] 
     if limit is not None:
         dataset = Subset(dataset, range(min(limit, len(dataset))))
     t0 = time.perf_counter()
+    if announce:
+        emit(f"Fitting the '{name}' sampler to the posterior means of {len(dataset)} images: encoding them, then "
+             f"fitting {sampler.fit_plan()}. Progress shows after a few seconds; {announce}.")
     latents, _ = encode(model, dataset, batch_size=batch_size)  # (N, *latent_shape) posterior means, CPU fp32
     summary = sampler.fit(latents, seed=seed)
     record = {"images": int(latents.shape[0]), "posterior": "mean", "seed": seed,
@@ -204,7 +215,9 @@ def fit_configured(model, dataset, config) -> Optional[Tuple[LatentSampler, Dict
     try:
         with torch.random.fork_rng():  # a dataset's random flips or crops must not move the training's RNG
             return fit_sampler(model, dataset, sc.name, sc.options, seed=config.train.seed, limit=sc.limit,
-                               temperature=sc.temperature)
+                               temperature=sc.temperature,
+                               announce="`sampler.limit: N` fits on fewer images, `sampler: null` skips the fit "
+                                        "(`vaegan fit-sampler` fits one later)")
     except Exception as exc:  # noqa: BLE001 - the model is saved; the sampler can be fitted again from it
         logger.error("Fitting the '%s' sampler failed (%s: %s). Fit one to the saved model later with `vaegan "
                      "fit-sampler --model <output-dir> --sampler %s`.", sc.name, type(exc).__name__, exc, sc.name)

@@ -37,6 +37,7 @@ from .errors import ConfigError, VaeganError
 from .evaluation import _batches
 from .generator import VAE
 from .metrics import LikelihoodBounds, importance_noise
+from .progress import Phase
 
 __all__ = ["SCORE_SUFFIXES", "check_scores_output", "score", "save_scores"]
 
@@ -59,7 +60,8 @@ def check_scores_output(path: Union[str, Path]) -> str:
 @torch.no_grad()
 def score(model: VAE, dataset: Dataset, *, num_samples: int = 100, likelihood: str = "bernoulli",
           logvar: Optional[Tensor] = None, seed: int = 0, batch_size: int = 256,
-          discriminator: Optional[nn.Module] = None, accelerator=None) -> Dict[str, np.ndarray]:
+          discriminator: Optional[nn.Module] = None, accelerator=None, progress: bool = True,
+          hint: Optional[str] = None) -> Dict[str, np.ndarray]:
     """Score every image of ``dataset``; call it on every process under a launcher.
 
     Args:
@@ -70,6 +72,9 @@ def score(model: VAE, dataset: Dataset, *, num_samples: int = 100, likelihood: s
         seed: Seed of the per-image importance noise (that of ``evaluate``'s ``eval.seed``).
         discriminator: A trained discriminator for ``disc_logit`` (None: no such column).
         accelerator: An ``accelerate.Accelerator`` to split the images over processes.
+        progress: Show progress on the local main process (a bar on a terminal, else log lines with the time
+            left; :mod:`vaegan.progress`).
+        hint: Said with the first progress line (the CLI names its flags for a shorter run).
 
     Returns:
         ``index`` and, per score, a float64 array (N,) in dataset order (``label`` too when the dataset
@@ -87,7 +92,10 @@ def score(model: VAE, dataset: Dataset, *, num_samples: int = 100, likelihood: s
     bounds = LikelihoodBounds(model, num_samples, likelihood, logvar)
     low, high = model.value_range
     rows: Dict[str, list] = {}
-    for idx, x in _batches(dataset, torch.arange(rank, len(dataset), world), batch_size):  # type: ignore[arg-type]
+    mine = torch.arange(rank, len(dataset), world)  # type: ignore[arg-type]
+    main = accelerator is None or accelerator.is_local_main_process
+    phase = Phase("score", total=len(mine), unit="img", enabled=progress and main, hint=hint)
+    for idx, x in _batches(dataset, mine, batch_size):
         if not rows:
             model.check_images(x, "the dataset")
         x = x.to(device)
@@ -101,6 +109,8 @@ def score(model: VAE, dataset: Dataset, *, num_samples: int = 100, likelihood: s
             part["disc_logit"] = discriminator(x).logits.float().flatten(1).mean(1)  # a PatchGAN map: its mean
         for key, value in part.items():
             rows.setdefault(key, []).append(value.double().cpu())
+        phase.update(len(idx))
+    phase.close()
     local = {k: torch.cat(v).numpy() for k, v in rows.items()}
     if world > 1:
         from accelerate.utils import gather_object
