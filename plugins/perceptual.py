@@ -170,6 +170,19 @@ class LPIPSLoss(LossTerm):
         # A plain attribute, deliberately not a registered submodule: see the class docstring.
         object.__setattr__(self, "_lpips", model)
 
+    @classmethod
+    def missing_resources(cls) -> Optional[str]:
+        """What the default ``net: alex`` lacks here (its ImageNet backbone weights), with the fix; None when it
+        has them (``vaegan plugins`` shows "needs weights: ..."). Looks for the file only: no download."""
+        try:
+            _resolve_backbone("alex", None, download=False)
+            return None
+        except PluginError:
+            name, cache = backbone_file_name("alex"), Path(torch.hub.get_dir()) / "checkpoints"
+            return (f"weights: torchvision's ImageNet file '{name}' is not in '{cache}' (downloaded on first use when "
+                    f"online; offline, copy it there or set the option backbone_path, or use net: alex_st, whose "
+                    f"weights ship with vaegan[stlpips])")
+
     @property
     def network(self) -> nn.Module:
         """The frozen ``lpips.LPIPS`` (or :class:`~vaegan_plugins._stlpips.ShiftTolerantLPIPS`) module

@@ -639,3 +639,27 @@ def test_an_option_flag_with_a_yaml_tag_is_one_paragraph():
         _options(["k=!!python/name:os.system"])
     assert str(err.value).startswith("--option 'k=!!python/name:os.system': the value is not valid YAML")
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("override, suggestion", [
+    ("train.epoch=1", "Did you mean 'epochs'?"),
+    ("train.bach_size=8", "Did you mean 'batch_size'?"),
+    ("modle.name=conv", "Did you mean 'model'?"),
+    ("losses=[{name: lpip}]", "Did you mean 'lpips'?"),  # a plugin name
+    ("losses=[{name: kl, options: {free_bit: 0.5}}]", "Did you mean 'free_bits'?"),  # a plugin option
+])
+def test_a_mistyped_key_or_name_gets_the_close_match(override, suggestion):
+    from vaegan.config import apply_overrides
+    from vaegan.errors import PluginError
+    from vaegan.objective import Objective
+
+    with pytest.raises((ConfigError, PluginError)) as err:
+        Objective.from_config(apply_overrides(ExperimentConfig(), [override]))
+    assert suggestion in str(err.value)
+
+
+def test_no_suggestion_when_nothing_is_close():
+    from vaegan.errors import did_you_mean
+
+    assert did_you_mean(["zzz"], ["epochs", "batch_size"]) == ""
+    assert did_you_mean(["epoch", "lr"], ["epochs", "lr_g"]) == " Did you mean 'epochs' for 'epoch', 'lr_g' for 'lr'?"

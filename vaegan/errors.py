@@ -6,8 +6,28 @@ paragraph alone (no traceback) and exits with status 2.
 
 from __future__ import annotations
 
-__all__ = ["VaeganError", "ConfigError", "DataError", "PluginError", "CheckpointError", "TrainingDiverged",
+import difflib
+from typing import Iterable
+
+__all__ = ["did_you_mean", "VaeganError", "ConfigError", "DataError", "PluginError", "CheckpointError", "TrainingDiverged",
            "TrainingStopped", "OutputError", "ResourceError"]
+
+
+def did_you_mean(words: Iterable[str], choices: Iterable[str]) -> str:
+    """" Did you mean 'epochs'?" for the close matches of ``words`` among ``choices`` (difflib's), else "".
+
+    Example:
+        >>> did_you_mean(["epoch"], ["epochs", "batch_size"])
+        " Did you mean 'epochs'?"
+    """
+    choices = [str(c) for c in choices]
+    found = {w: difflib.get_close_matches(str(w), choices, n=1, cutoff=0.6) for w in words}
+    pairs = [(w, m[0]) for w, m in found.items() if m]
+    if not pairs:
+        return ""
+    if len(pairs) == 1:
+        return f" Did you mean '{pairs[0][1]}'?"
+    return " Did you mean " + ", ".join(f"'{m}' for '{w}'" for w, m in pairs) + "?"
 
 
 class VaeganError(Exception):

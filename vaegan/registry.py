@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from importlib import metadata
 from typing import Any, Dict, List, Mapping, Optional
 
-from .errors import ConfigError, PluginError, VaeganError
+from .errors import ConfigError, PluginError, VaeganError, did_you_mean
 
 __all__ = ["GROUPS", "PluginInfo", "available", "load", "load_all", "describe", "refresh", "register",
            "build_plugin", "name_of"]
@@ -59,7 +59,7 @@ class PluginInfo:
     group: str
     value: str  # "module:attr"
     distribution: str
-    status: str  # "ok", "not loaded", "disabled" or "error: ..."
+    status: str  # "ok", "not loaded", "disabled", "needs ..." (see describe) or "error: ..."
 
 
 def _dist_name(ep: metadata.EntryPoint) -> str:
@@ -139,7 +139,8 @@ def load(group: str, name: str) -> Any:
     if name not in eps:
         kind = group.split(".", 1)[1]
         raise PluginError(
-            f"No {kind} plugin named '{name}'. Installed in '{group}': {', '.join(sorted(eps)) or 'none'}. "
+            f"No {kind} plugin named '{name}'.{did_you_mean([name], eps)} Installed in '{group}': "
+            f"{', '.join(sorted(eps)) or 'none'}. "
             "Check the spelling, or pip-install the package that provides it."
         )
     ep = eps[name]
@@ -207,8 +208,10 @@ def build_plugin(group: str, name: str, options: Mapping[str, Any],
         try:
             signature.bind(**kwargs)
         except TypeError as exc:
+            accepted = [p for p in signature.parameters if p not in context]
             raise ConfigError(
-                f"Plugin '{name}' ({group}) cannot take options {sorted(options)}: {exc}. "
+                f"Plugin '{name}' ({group}) cannot take options {sorted(options)}: {exc}."
+                f"{did_you_mean([k for k in options if k not in signature.parameters], accepted)} "
                 f"Its signature is {name}{signature}."
             ) from None
     try:
@@ -220,7 +223,11 @@ def build_plugin(group: str, name: str, options: Mapping[str, Any],
 
 
 def describe(groups: Optional[List[str]] = None, check: bool = True) -> List[PluginInfo]:
-    """Every plugin with its distribution and status; ``check`` imports each to report errors."""
+    """Every plugin with its distribution and status; ``check`` imports each to report errors.
+
+    A plugin that loads but cannot run here with its default options says so through an optional
+    ``missing_resources()`` (a function or classmethod of the registered object) returning what is missing and
+    the fix ("weights: put alexnet-owt-7be5be79.pth in ..."), or None; its status is then "needs ..."."""
     rows = []
     for group in groups or GROUPS:
         for name, ep in sorted(_entry_points(group).items()):
@@ -230,10 +237,21 @@ def describe(groups: Optional[List[str]] = None, check: bool = True) -> List[Plu
                 status = "not loaded"
             else:
                 try:
-                    load(group, name)
-                    status = "ok"
+                    status = _readiness(load(group, name))
                 except PluginError as exc:
                     cause = exc.__cause__
                     status = f"error: {type(cause).__name__}: {cause}" if cause else f"error: {exc}"
             rows.append(PluginInfo(name, group, ep.value, _dist_name(ep), status))
     return rows
+
+
+def _readiness(plugin: Any) -> str:
+    """"ok", or "needs ..." from the plugin's optional ``missing_resources()`` hook (see :func:`describe`)."""
+    hook = getattr(plugin, "missing_resources", None)
+    if not callable(hook):
+        return "ok"
+    try:
+        missing = hook()
+    except Exception as exc:  # noqa: BLE001 - a third-party hook's bug must not hide the other plugins
+        return f"error: missing_resources() raised {type(exc).__name__}: {exc}"
+    return f"needs {missing}" if missing else "ok"

@@ -27,7 +27,7 @@ from typing import Any, Literal, Mapping, Optional, Sequence, Tuple, Union
 
 import yaml
 
-from ..errors import ConfigError
+from ..errors import ConfigError, did_you_mean
 from .schema import ExperimentConfig
 
 __all__ = ["parse_yaml", "from_dict", "to_dict", "load_config", "apply_overrides"]
@@ -190,7 +190,7 @@ def from_dict(cls: type, data: Any, path: str = "") -> Any:
     unknown = sorted(set(data) - set(names))
     if unknown:
         raise ConfigError(
-            f"Unknown key(s) {unknown} in {where}. Allowed keys are: {', '.join(names)}. "
+            f"Unknown key(s) {unknown} in {where}.{did_you_mean(unknown, names)} Allowed keys are: {', '.join(names)}. "
             "Check the spelling; vaegan never ignores a key it does not understand."
         )
     kwargs = {name: _convert(hints[name], data[name], f"{path}.{name}" if path else name)
