@@ -165,6 +165,20 @@ def test_training_fits_the_configured_sampler_and_makes_it_the_default(tmp_path,
     assert cli(["sample", "--model", str(tmp_path / "run"), "--num", "6", "--out", str(out), "--sampler",
                 "normal"]) == 0
     assert "N(0, I)" in capsys.readouterr().out
+    # From Python as from the CLI: a loaded model (in eval mode) samples from its folder's default sampler.
+    model = vaegan.VAE.from_pretrained(final)
+    assert not model.training
+
+    def seeded() -> torch.Generator:
+        return torch.Generator().manual_seed(0)
+
+    with torch.no_grad():
+        gmm = load_sampler(final, "gmm", model.latent_shape)
+        assert torch.equal(model.sample(6, generator=seeded()), model.decode(gmm.sample(6, generator=seeded())))
+        prior = model.decode(model.sample_prior(6, generator=seeded()))
+        assert torch.equal(model.sample(6, generator=seeded(), sampler="normal"), prior)
+    with pytest.raises(CheckpointError, match="two_stage"):
+        model.sample(2, sampler="two_stage")  # not fitted in that folder
 
 
 @pytest.mark.parametrize("sampler, words", [

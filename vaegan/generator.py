@@ -238,12 +238,57 @@ class VAE(nn.Module, metaclass=_GeneratorMeta):
         return self.decode((q.rsample() if sample else q.mean).contiguous())
 
     @torch.no_grad()
-    def sample(self, n: int, temperature: float = 1.0, generator: Optional[torch.Generator] = None) -> Tensor:
-        """Draw ``n`` images (n, C, H, W) from the prior, its standard deviation scaled by ``temperature``."""
+    def sample(self, n: int, temperature: Optional[float] = None, generator: Optional[torch.Generator] = None,
+               sampler: Any = None) -> Tensor:
+        """Draw ``n`` images (n, C, H, W): latents from ``sampler``, decoded.
+
+        Args:
+            n: Images to draw.
+            temperature: The latents' spread (default: the sampler's own, saved with it; 1.0 for the prior).
+            generator: Seeds the draw (the same images for the same seed).
+            sampler: None: the model folder's default sampler when the model was loaded with
+                :meth:`from_pretrained` from a folder that has one (fitted at the end of training or by
+                ``vaegan fit-sampler``), as ``vaegan sample`` does, else the prior N(0, I); ``"normal"``: the
+                prior; another name: that sampler of the folder; or a fitted
+                :class:`~vaegan.samplers.LatentSampler`.
+
+        Raises:
+            CheckpointError: a named sampler that the model folder does not have.
+
+        Example:
+            >>> VAE.from_pretrained("outputs/vaegan_mnist/final").sample(16)  # its 'gmm' sampler  # doctest: +SKIP
+        """
         p = next(self.parameters())
-        # Drawn where the generator lives (a CPU generator cannot fill a CUDA tensor), then moved.
-        z = self.sample_prior(n, generator=generator, device=generator.device if generator is not None else p.device)
-        return self.decode((z * temperature).to(p.device, p.dtype))
+        chosen = self._sampler(sampler)
+        if chosen is None:
+            # Drawn where the generator lives (a CPU generator cannot fill a CUDA tensor), then moved.
+            z = self.sample_prior(n, generator=generator,
+                                  device=generator.device if generator is not None else p.device)
+            z = z * (1.0 if temperature is None else temperature)
+        else:
+            from .samplers import sample_latents
+
+            z = sample_latents(self, n, generator=generator, temperature=temperature, sampler=chosen)  # CPU
+        return self.decode(z.to(p.device, p.dtype))
+
+    def _sampler(self, sampler: Any):
+        """The :class:`~vaegan.samplers.LatentSampler` that :meth:`sample` draws from, or None for the prior."""
+        from .samplers import default_sampler_name, load_sampler
+
+        if sampler is not None and not isinstance(sampler, str):
+            return sampler
+        folder = getattr(self, "_pretrained_dir", None)
+        name = sampler if sampler is not None else (default_sampler_name(folder) if folder is not None else "normal")
+        if name == "normal":
+            return None
+        if folder is None:
+            raise CheckpointError(f"sample(sampler={name!r}) reads a fitted sampler from the model's folder, but this "
+                                  "model was not loaded with VAE.from_pretrained: pass a LatentSampler instead "
+                                  "(vaegan.samplers.load_sampler), or sampler='normal' for N(0, I).")
+        cache = self.__dict__.setdefault("_samplers", {})  # loaded once per name
+        if name not in cache:
+            cache[name] = load_sampler(folder, name, self.latent_shape)
+        return cache[name]
 
     @torch.no_grad()
     def interpolate(self, x0: Tensor, x1: Tensor, steps: int = 8) -> Tensor:
@@ -317,6 +362,10 @@ class VAE(nn.Module, metaclass=_GeneratorMeta):
     def from_pretrained(cls, directory: Union[str, Path], map_location: str = "cpu") -> "VAE":
         """Load a model written by :meth:`save_pretrained` (by vaegan 0.1 too), built through the registry.
 
+        Returns:
+            The model in eval mode, on ``map_location``; :meth:`sample` then draws from the folder's default
+            sampler.
+
         Raises:
             CheckpointError: missing/corrupt files or weights that do not fit the config.
             PluginError: the generator plugin the model was saved with is not installed.
@@ -371,7 +420,11 @@ class VAE(nn.Module, metaclass=_GeneratorMeta):
             _fits({k: tuple(v.shape) for k, v in state.items()}, model.state_dict(), w_path, cfg_path)
         check_finite(state, w_path)
         model.load_state_dict(state)
-        return model.to(map_location)
+        # Where it came from: sample() draws from the folder's default sampler. Not a module attribute (no state).
+        object.__setattr__(model, "_pretrained_dir", d)
+        # In eval mode, as diffusers and transformers return their models: dropout or a batch statistic of a
+        # plugin must not change a loaded model's outputs; training calls .train() itself.
+        return model.to(map_location).eval()
 
 
 def _header_shapes(path: Path) -> Dict[str, Tuple[int, ...]]:
