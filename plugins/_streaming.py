@@ -67,19 +67,25 @@ class ImageStream(IterableDataset):
         self.images = images
         self.length = int(length)
         self.name = name
+        self.describe = "read as a stream split by rank and data worker"  # subclasses say more
         # What the trainer reads to log data/unreadable_images (the same counters as an image folder's).
         self.skip_unreadable = images.skip_unreadable
         self.unreadable = images.unreadable
         self.rank, self.world, self.batch_size, self.workers, self.seed = 0, 1, 1, 0, 0
         self.shuffle = False  # index order until bound to a training loader
-        # [epoch, epoch of a resume, batches of that epoch already trained]: shared with the data workers.
-        self._position = multiprocessing.Array("q", [0, -1, 0])
+        # [epoch, epoch of a resume, batches of that epoch already trained, set_epoch armed the main process's
+        # next iteration]: shared with the data workers.
+        self._position = multiprocessing.Array("q", [0, -1, 0, 0])
 
     def __len__(self) -> int:
         return self.length
 
     def __getitem__(self, index: int) -> Any:
         return self.images[index]
+
+    def summary(self) -> str:
+        """What the run's first ``Data:`` line adds (vaegan.data.describe_dataset): how it is read."""
+        return self.describe
 
     # ---- the stream protocol (vaegan.data.is_stream) --------------------------------------------------
     def bind(self, rank: int, world: int, batch_size: int, workers: int, seed: int) -> None:
@@ -98,7 +104,7 @@ class ImageStream(IterableDataset):
 
     def set_epoch(self, epoch: int) -> None:
         """The epoch whose order the next iteration reads (DataLoaderShard calls it before each epoch)."""
-        self._position[0] = int(epoch)
+        self._position[0], self._position[3] = int(epoch), 1
 
     def start_at(self, epoch: int, batches: int) -> None:
         """Resume: in epoch ``epoch``, start after its first ``batches`` batches (this rank's)."""
@@ -118,7 +124,15 @@ class ImageStream(IterableDataset):
     def __iter__(self) -> Iterator[Any]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        epoch, resumed_epoch, resumed_batches = self._position[:]
+        epoch, resumed_epoch, resumed_batches, armed = self._position[:]
+        if info is None and self.shuffle:
+            if self.workers > 0 or not armed:
+                # Not the training loader (which reads in its workers, or calls set_epoch first): a plain DataLoader,
+                # such as the one that encodes the images for a sampler fit, gets every image in index order, the
+                # same on every rank.
+                yield from (self.images[i] for i in range(len(self.images)))
+                return
+            self._position[3] = 0
         role, done = worker, 0
         if resumed_epoch == epoch:
             # The DataLoader takes the first batch from worker 0, but batch `resumed_batches` of the uninterrupted

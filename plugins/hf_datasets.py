@@ -138,6 +138,9 @@ class HFStream(ImageStream):
         self.stream, self.shuffle_buffer = stream, int(shuffle_buffer)
         self.random_access = stream is None
         self._iterable = stream
+        self.describe = (f"streamed ({'an Arrow table' if stream is None else 'read in order, no random access'}): "
+                         f"split_dataset_by_node per rank and data worker, rows shuffled in a buffer of "
+                         f"{self.shuffle_buffer}")
 
     def _bound(self) -> None:
         if self.stream is None:  # a local table: as many equal shards as readers (x 8: a finer shard shuffle)

@@ -78,7 +78,8 @@ class Shard:
 
 
 def _split_name(name: str) -> Tuple[Optional[str], Optional[str]]:
-    from webdataset.tariterators import base_plus_ext  # webdataset's own key/extension rule
+    # webdataset's own rule for a member's sample key and extension
+    from webdataset.tariterators import base_plus_ext
 
     key, ext = base_plus_ext(name)
     return key, (ext.lower() if ext is not None else None)
@@ -134,8 +135,12 @@ def index_shard(path: Path, image_key: Optional[str], label_key: Optional[str],
     if missing:
         logger.warning("Shard '%s': %d samples without an image%s member left out (data.options.skip_unreadable).",
                        path, missing, "" if label_key is None else f" or a '{label_key}'")
-    as_array = lambda rows: np.asarray(rows, dtype=np.int64).reshape(-1, 2)  # noqa: E731
-    return Shard(path, names, as_array(image), as_array(label) if label_key is not None else None)
+    return Shard(path, names, _offsets(image), _offsets(label) if label_key is not None else None)
+
+
+def _offsets(rows: List[Tuple[int, int]]) -> np.ndarray:
+    """(offset, size) pairs as an (N, 2) int64 array (compact for shards of many samples)."""
+    return np.asarray(rows, dtype=np.int64).reshape(-1, 2)
 
 
 def _read(path: Path, where: np.ndarray) -> bytes:
@@ -186,6 +191,8 @@ class ShardStream(ImageStream):
     def __init__(self, images: ShardImages, name: str, shuffle_buffer: int) -> None:
         super().__init__(images, len(images), name)
         self.shuffle_buffer = int(shuffle_buffer)
+        self.describe = (f"in {len(images.shards)} tar shards, read as a stream: shards shuffled per epoch and split "
+                         f"by rank and data worker, samples shuffled in a buffer of {self.shuffle_buffer}")
 
     def _order(self, epoch: int) -> np.ndarray:
         """Shard indices in epoch ``epoch``'s order (the same on every rank)."""

@@ -145,6 +145,7 @@ def test_a_resume_without_data_workers_reads_the_rest_of_the_epoch(data):
     ds = _source("webdataset", data)
     ds.bind(rank=0, world=1, batch_size=4, workers=0, seed=0)
     ds.start_at(0, 5)
+    ds.set_epoch(0)  # as the trainer's loader does before each epoch
     assert len(list(DataLoader(ds, batch_size=4, drop_last=True))) == N // 4 - 5
 
 
@@ -156,6 +157,22 @@ def test_random_access_and_a_plain_loader_read_the_index_order(data, name):
     assert ids == [0, 1, 2]
     first = next(iter(DataLoader(ds, batch_size=3)))  # not bound to a training loader: index order
     assert first[1].tolist() == ids and torch.equal(first[0], torch.stack([ds[i][0] for i in range(3)]))
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("name", STREAMS)
+def test_a_plain_loader_over_a_bound_stream_reads_every_image_in_index_order(data, name, workers):
+    """What vaegan.codec.encode does to fit a sampler at the end of training (or for an evaluation mid-epoch):
+    every rank encodes all the images, alike, not its training part."""
+    ds = _source(name, data)
+    ds.bind(rank=1, world=2, batch_size=4, workers=workers, seed=0)
+    training = DataLoader(ds, batch_size=4, num_workers=workers, drop_last=True)
+    ds.set_epoch(0)
+    batches = iter(training)
+    part = next(batches)[1].tolist()
+    assert torch.cat([b[1] for b in DataLoader(ds, batch_size=10)]).tolist() == list(range(N))
+    rest = torch.cat([b[1] for b in batches]).tolist()  # the training epoch goes on where it was
+    assert len(part + rest) == N // 2 and len(set(part + rest)) == N // 2
 
 
 @needs_hf
@@ -300,7 +317,6 @@ def test_a_missing_column_split_or_length_is_one_paragraph(data):
 @needs_hf
 def test_an_unreadable_image_in_a_stream_is_replaced_by_the_next_row(tmp_path):
     import datasets
-
     from torchvision.datasets import MNIST
 
     digits = MNIST(str(MNIST_ROOT), train=True, download=False).data[:8]
