@@ -190,8 +190,8 @@ class CheckpointManager:
         accelerator.wait_for_everyone()
         try:
             accelerator.save_state(str(tmp))
+            accelerator.wait_for_everyone()  # every rank's files complete before any rank looks at the folder
             share_like_umask(tmp)  # safetensors writes 0600: the team's readers need the umask's mode
-            accelerator.wait_for_everyone()
             if accelerator.is_main_process:
                 for name, write in extra_files.items():
                     write(tmp / name)

@@ -87,10 +87,15 @@ def share_like_umask(folder: Union[str, Path]) -> None:
     other people's files are left alone: no permission is ever widened through a link)."""
     mode = file_mode()
     for entry in os.scandir(folder):
-        info = entry.stat(follow_symlinks=False)
-        mine = info.st_uid == os.getuid() if hasattr(os, "getuid") else True
-        if stat.S_ISREG(info.st_mode) and mine and stat.S_IMODE(info.st_mode) != mode:
-            os.chmod(entry.path, mode)
+        try:
+            info = entry.stat(follow_symlinks=False)
+            mine = info.st_uid == os.getuid() if hasattr(os, "getuid") else True
+            if stat.S_ISREG(info.st_mode) and mine and stat.S_IMODE(info.st_mode) != mode:
+                os.chmod(entry.path, mode)
+        except FileNotFoundError:
+            # Gone since the listing: another process's temporary file, renamed into place meanwhile
+            # (safetensors writes ``.tmpXXXX`` and renames it), is not an error of this folder.
+            continue
 
 
 def finite_json(obj: Any) -> Any:
