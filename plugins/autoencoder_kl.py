@@ -36,7 +36,7 @@ from vaegan.api import VAE, DiagonalGaussian
 from vaegan.errors import ConfigError
 from vaegan.model import GroupNorm  # nn.GroupNorm that stays fast on channels_last bf16 CPU input
 
-__all__ = ["ResnetBlock", "Attention", "Encoder", "Decoder", "AutoencoderKL"]
+__all__ = ["ResnetBlock", "Attention", "Encoder", "Decoder", "AutoencoderKL", "channels_mismatch"]
 
 logger = logging.getLogger(__name__)
 
@@ -321,3 +321,10 @@ class AutoencoderKL(VAE):
             save_diffusers(self, directory / "diffusers")
         except PluginError as exc:  # diffusers is optional: the vaegan files are complete without it
             logger.warning("No diffusers copy in %s: %s", directory, str(exc).split(". ")[0] + ".")
+
+
+def channels_mismatch(source: str, vae_channels: int, model_channels: int) -> str:
+    """The one paragraph for a pretrained VAE made for other images than the config's (both are named)."""
+    return (f"{source} was made for {vae_channels}-channel images (its input convolution), but model.image_channels "
+            f"is {model_channels}: set model.image_channels to {vae_channels}, or start from a VAE for "
+            f"{model_channels}-channel images.")

@@ -30,7 +30,7 @@ from typing import Any, Dict, Literal, Optional, Tuple, Union
 
 from vaegan.errors import ConfigError, PluginError
 
-from .autoencoder_kl import AutoencoderKL
+from .autoencoder_kl import AutoencoderKL, channels_mismatch
 
 __all__ = ["require_diffusers", "diffusers_config", "options_from_diffusers", "to_diffusers", "from_diffusers",
            "pretrained_autoencoder_kl", "save_diffusers"]
@@ -114,7 +114,8 @@ def to_diffusers(model: AutoencoderKL) -> Any:
 
 
 def from_diffusers(ae: Any, image_shape: Optional[Tuple[int, int, int]] = None, output_range: str = "symmetric",
-                   trainable: Literal["all", "decoder"] = "all") -> AutoencoderKL:
+                   trainable: Literal["all", "decoder"] = "all",
+                   source: str = "The diffusers AutoencoderKL") -> AutoencoderKL:
     """vaegan's ``autoencoder_kl`` with the architecture and weights of ``ae`` (a diffusers AutoencoderKL).
 
     Args:
@@ -122,14 +123,14 @@ def from_diffusers(ae: Any, image_shape: Optional[Tuple[int, int, int]] = None, 
         image_shape: (C, H, W) of the images to train on; default: its ``sample_size`` square.
         output_range: The range of the images (SD-family VAEs: ``symmetric``).
         trainable: ``all`` or ``decoder`` (see :class:`~vaegan_plugins.autoencoder_kl.AutoencoderKL`).
+        source: What ``ae`` is called in errors ("The diffusers AutoencoderKL in 'path'").
     """
     config = dict(ae.config)
     size = config.get("sample_size", 32)
     size = size if isinstance(size, int) else size[0]
     shape = tuple(image_shape) if image_shape is not None else (config.get("in_channels", 3), size, size)
     if shape[0] != config.get("in_channels", 3):
-        raise ConfigError(f"The diffusers AutoencoderKL takes {config.get('in_channels', 3)}-channel images, but "
-                          f"model.image_channels is {shape[0]}; set model.image_channels to match.")
+        raise ConfigError(channels_mismatch(source, config.get("in_channels", 3), shape[0]))
     model = AutoencoderKL(shape, output_range, trainable=trainable, **options_from_diffusers(config))
     model.load_state_dict({k: v.detach().float() for k, v in ae.state_dict().items()}, strict=True)
     return model
@@ -168,7 +169,9 @@ def pretrained_autoencoder_kl(image_shape: Tuple[int, int, int], output_range: s
             f"read as {where}: {str(exc).splitlines()[0][:300]}. Pass a folder holding config.json and "
             "diffusion_pytorch_model.safetensors (set subfolder: vae for a whole pipeline), or a reachable hub id."
         ) from None
-    return from_diffusers(ae, image_shape, output_range, trainable)
+    return from_diffusers(ae, image_shape, output_range, trainable,
+                          source=f"The diffusers AutoencoderKL in '{pretrained}'")
+
 
 
 def save_diffusers(model: AutoencoderKL, directory: Union[str, Path]) -> Path:

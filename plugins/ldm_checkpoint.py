@@ -52,7 +52,7 @@ from torch import Tensor
 
 from vaegan.errors import CheckpointError, ConfigError
 
-from .autoencoder_kl import AutoencoderKL
+from .autoencoder_kl import AutoencoderKL, channels_mismatch
 
 __all__ = ["LDM_DIR", "LDM_FILE", "PRESETS", "LAYOUTS", "ldm_key", "ldm_state_dict", "save_ldm", "read_ldm",
            "options_from_ldm", "from_ldm_state_dict", "pretrained_ldm_vae"]
@@ -325,8 +325,8 @@ def pretrained_ldm_vae(image_shape: Tuple[int, int, int], output_range: str = "s
     state, meta = read_ldm(pretrained)
     found = options_from_ldm(state)
     if found.pop("image_channels") != image_shape[0]:
-        raise ConfigError(f"'{pretrained}' takes {state['encoder.conv_in.weight'].shape[1]}-channel images, but "
-                          f"model.image_channels is {image_shape[0]}; set model.image_channels to match.")
+        raise ConfigError(channels_mismatch(f"The LDM VAE file '{pretrained}'", state["encoder.conv_in.weight"].shape[1],
+                                            image_shape[0]))
     given = {k: v for k, v in {"block_out_channels": block_out_channels, "layers_per_block": layers_per_block,
                                "latent_channels": latent_channels, "mid_block_add_attention": mid_block_add_attention,
                                "use_quant_conv": use_quant_conv, "use_post_quant_conv": use_post_quant_conv}.items()

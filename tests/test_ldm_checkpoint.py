@@ -142,7 +142,7 @@ def test_a_pickle_checkpoint_and_a_preset_or_option_that_contradicts_the_file_ar
         pretrained_ldm_vae(SHAPE, pretrained=path, block_out_channels=[8, 16])
     with pytest.raises(ConfigError, match="presets are sd, sdxl, sd3, flux"):
         pretrained_ldm_vae(SHAPE, pretrained=path, preset="sd15")
-    with pytest.raises(ConfigError, match="takes 3-channel images"):
+    with pytest.raises(ConfigError, match="was made for 3-channel images"):
         pretrained_ldm_vae((1, 16, 16), pretrained=path)
     with pytest.raises(ConfigError, match="divisible by norm_num_groups"):
         pretrained_ldm_vae(SHAPE, pretrained=path, norm_num_groups=3)
