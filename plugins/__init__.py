@@ -9,6 +9,8 @@ Modules (entry-point names in brackets; see docs/plugins.md for every option):
 - :mod:`.feature_matching` [``feature_matching``]: Larsen et al.'s learned similarity.
 - :mod:`.perceptual` [``lpips``, with the shift-tolerant networks of :mod:`._stlpips`], :mod:`.ssim`
   [``ssim``], :mod:`.frequency` [``focal_frequency``]: perceptual and structural reconstruction losses.
+- :mod:`.shards` [``webdataset``], :mod:`.hf_datasets` [``hf_datasets``]: datasets in WebDataset tar shards and
+  Hugging Face datasets (map-style or streamed), split across ranks and data workers by :mod:`._streaming`.
 
 Nothing is imported here: loading one plugin by name imports only its module.
 """

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Tuple, Union
 
 __all__ = ["TEST_OPTIONS", "options_for", "DatasetSetup", "DATASET_SETUP", "dataset_setup", "pattern",
-           "write_image_folder"]
+           "write_image_folder", "write_tar_shards", "write_arrow_dataset"]
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -50,18 +50,34 @@ def tiny_diffusers_folder(channels: int = 1) -> str:
     return str(folder)
 
 
+@functools.lru_cache(maxsize=None)
+def tiny_ldm_file(channels: int = 1) -> str:
+    """A single-file LDM VAE (``vae.safetensors``, vaegan_plugins.ldm_checkpoint) of a tiny autoencoder_kl for
+    ``channels``-channel images (widths 8/16, a 3-channel latent, 4 groups in its metadata), written once."""
+    import torch
+    from vaegan_plugins.autoencoder_kl import AutoencoderKL
+    from vaegan_plugins.ldm_checkpoint import save_ldm
+
+    torch.manual_seed(0)
+    model = AutoencoderKL((channels, 28, 28), "symmetric", block_out_channels=[8, 16], layers_per_block=1,
+                          latent_channels=3, norm_num_groups=4)
+    return str(save_ldm(model, Path(tempfile.mkdtemp(prefix="vaegan-test-ldm-")) / f"vae-{channels}ch.safetensors"))
+
+
 TEST_OPTIONS: Dict[Tuple[str, str], Union[Dict[str, Any], Callable[[], Dict[str, Any]]]] = {
     ("vaegan.generators", "conv"): {"channels": [8, 16], "norm_groups": 4, "latent_dim": 4},
     ("vaegan.generators", "mlp"): {"hidden": [32], "latent_dim": 4},
     ("vaegan.generators", "autoencoder_kl"): {"block_out_channels": [8, 16], "layers_per_block": 1,
                                               "latent_channels": 2, "norm_num_groups": 4},
     ("vaegan.generators", "diffusers_vae"): lambda: {"pretrained": tiny_diffusers_folder(), "trainable": "all"},
+    ("vaegan.generators", "ldm_vae"): lambda: {"pretrained": tiny_ldm_file(), "trainable": "all"},
     ("vaegan.losses", "lpips"): {"backbone": "random"},
     ("vaegan.discriminators", "simple"): {"channels": [8, 16]},
     ("vaegan.discriminators", "patchgan"): {"base_width": 8, "n_layers": 2},
     ("vaegan.discriminators", "dcgan"): {"base_width": 8},
     ("vaegan.samplers", "gmm"): {"n_components": 3},
     ("vaegan.samplers", "two_stage"): {"hidden": 32, "epochs": 2},
+    ("vaegan.datasets", "webdataset"): {"shards": "shards-{000000..000002}.tar"},  # write_tar_shards's
 }
 
 
@@ -101,6 +117,36 @@ def write_image_folder(root: Path) -> str:
     return str(folder)
 
 
+def write_tar_shards(root: Path) -> str:
+    """write_image_folder's five images (every mode and size) as three WebDataset tar shards ``shards-00000N.tar``
+    (2, 2 and 1 samples, with a ``.cls`` label), written by webdataset's own ShardWriter. Returns ``root``."""
+    import pytest
+
+    wds = pytest.importorskip("webdataset", reason="the webdataset package is not installed (vaegan[webdataset])")
+
+    folder = Path(write_image_folder(Path(root) / "source"))
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in (".png", ".jpg"))
+    with wds.ShardWriter(str(Path(root) / "shards-%06d.tar"), maxcount=2, verbose=0) as sink:
+        for i, path in enumerate(files):
+            sink.write({"__key__": f"{i:06d}", path.suffix.lower().lstrip("."): path.read_bytes(), "cls": str(i).encode()})
+    return str(root)
+
+
+def write_arrow_dataset(root: Path) -> str:
+    """write_image_folder's five images as a saved Hugging Face dataset (``save_to_disk``: an ``image`` column of
+    file bytes and an integer ``label``) at ``root/arrow``; returns that folder."""
+    import pytest
+
+    datasets = pytest.importorskip("datasets", reason="the datasets package is not installed (vaegan[hf])")
+
+    folder = Path(write_image_folder(Path(root) / "source"))
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in (".png", ".jpg"))
+    rows = {"image": [{"bytes": p.read_bytes(), "path": p.name} for p in files], "label": list(range(len(files)))}
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.Value("int64")})
+    datasets.Dataset.from_dict(rows, features=features).save_to_disk(str(Path(root) / "arrow"))
+    return str(Path(root) / "arrow")
+
+
 @dataclass(frozen=True)
 class DatasetSetup:
     """How the dataset contract runs one dataset plugin.
@@ -117,6 +163,8 @@ class DatasetSetup:
 DATASET_SETUP: Dict[str, DatasetSetup] = {
     "mnist": DatasetSetup(image_shapes=((1, 28, 28),), prepare=lambda tmp: str(FIXTURES)),  # committed digits
     "image_folder": DatasetSetup(image_shapes=((1, 28, 28), (3, 16, 24), (4, 32, 20)), prepare=write_image_folder),
+    "webdataset": DatasetSetup(image_shapes=((1, 28, 28), (3, 16, 24)), prepare=write_tar_shards),
+    "hf_datasets": DatasetSetup(image_shapes=((1, 28, 28), (3, 16, 24)), prepare=write_arrow_dataset),
 }
 
 

@@ -220,18 +220,39 @@ def test_load_all_without_broken_plugins_does_not_warn():
 # ---- describe --------------------------------------------------------------------------------------
 
 
-def test_describe_builtins():
+# Built-ins that report what they lack here (missing_resources): LPIPS's ImageNet backbone weights.
+NEEDS = {("vaegan.losses", "lpips"): "needs weights: torchvision's ImageNet file 'alexnet-owt-7be5be79.pth'"}
+
+
+@pytest.fixture
+def empty_torch_cache(tmp_path, monkeypatch) -> Path:
+    """An empty torchvision cache: the LPIPS backbone weights are absent, as on a fresh offline machine."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.delenv("VAEGAN_LPIPS_BACKBONE", raising=False)
+    return tmp_path / "torch" / "hub" / "checkpoints"
+
+
+def test_describe_builtins(empty_torch_cache):
     rows = registry.describe()
     by_key = {(r.group, r.name): r for r in rows}
     for group, names in BUILTINS.items():
         for name, value in names.items():
             r = by_key[(group, name)]
-            assert r.status == "ok"
+            assert r.status.startswith(NEEDS.get((group, name), "ok")), r
             assert r.distribution == "vaegan"
             assert r.value == value
     only = registry.describe(["vaegan.adversarial"], check=False)
     assert {r.group for r in only} == {"vaegan.adversarial"}
     assert all(r.status == "not loaded" for r in only)
+
+
+def test_a_plugin_whose_weights_are_absent_says_so_with_the_fix(empty_torch_cache, capsys):
+    assert cli.main(["plugins", "--group", "vaegan.losses"]) == 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("lpips "))
+    assert "needs weights:" in row and str(empty_torch_cache) in row and "backbone_path" in row and "alex_st" in row
+    empty_torch_cache.mkdir(parents=True)
+    (empty_torch_cache / "alexnet-owt-7be5be79.pth").write_bytes(b"")  # present (read when the loss is built)
+    assert [r.status for r in registry.describe(["vaegan.losses"]) if r.name == "lpips"] == ["ok"]
 
 
 def test_describe_reports_errors():
@@ -341,7 +362,7 @@ def test_refresh_clears_caches():
 # ---- the CLI ---------------------------------------------------------------------------------------
 
 
-def test_cli_plugins_lists_builtins(capsys):
+def test_cli_plugins_lists_builtins(capsys, empty_torch_cache):
     assert cli.main(["plugins"]) == 0
     out = capsys.readouterr().out
     lines = out.splitlines()
@@ -350,13 +371,14 @@ def test_cli_plugins_lists_builtins(capsys):
     for group, names in BUILTINS.items():
         for name in names:
             row = rows[(name, group)]
-            assert row[2] == "vaegan" and row[3] == "ok"
+            assert row[2] == "vaegan" and " ".join(row[3:]).startswith(NEEDS.get((group, name), "ok"))
 
 
 def test_cli_plugins_group_and_no_check(capsys):
     assert cli.main(["plugins", "--group", "vaegan.datasets", "--no-check"]) == 0
     lines = capsys.readouterr().out.splitlines()[1:]
-    assert sorted(line.split()[0] for line in lines) == sorted(BUILTINS["vaegan.datasets"])
+    listed = sorted(line.split()[0] for line in lines)
+    assert listed == sorted(registry.available("vaegan.datasets")) and set(BUILTINS["vaegan.datasets"]) <= set(listed)
     assert all(line.split()[1] == "vaegan.datasets" and line.endswith("not loaded") for line in lines)
 
 

@@ -25,17 +25,18 @@ import multiprocessing
 import re
 import shutil
 from pathlib import Path
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import BinaryIO, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from . import registry
 from .config import DataConfig, ModelConfig
 from .errors import ConfigError, DataError, PluginError
 
-__all__ = ["TensorImages", "ImageFolder", "mnist", "image_folder", "build_dataset", "first_batch"]
+__all__ = ["TensorImages", "ImageFolder", "mnist", "image_folder", "build_dataset", "describe_dataset", "first_batch",
+           "is_stream", "prepare_stream", "resume_batches"]
 
 logger = logging.getLogger(__name__)
 
@@ -119,14 +120,18 @@ class ImageFolder(Dataset):
         max_unreadable: With ``skip_unreadable``, the fraction of reads that may fail (after 100 reads) before
             a :class:`DataError` stops training anyway: a folder that lost most of its files must not train on
             the few left.
+        listing: Where the files were found and what was left out ("under 'photos/train'; 2 other files
+            skipped (.txt)"), said first by :meth:`summary`.
     """
 
     def __init__(self, files: Sequence[Path], image_shape: Tuple[int, int, int], value_range: Tuple[float, float],
                  random_flip: bool = False, crop: str = "center", resize: bool = True,
-                 jpeg_draft: bool = True, skip_unreadable: bool = False, max_unreadable: float = 0.01) -> None:
+                 jpeg_draft: bool = True, skip_unreadable: bool = False, max_unreadable: float = 0.01,
+                 listing: str = "") -> None:
         from torchvision.transforms import v2
 
         self.files = list(files)
+        self.listing = listing  # where the files were found and what the listing left out, for summary()
         c, h, w = image_shape
         modes = {1: "L", 3: "RGB", 4: "RGBA"}
         if c not in modes:
@@ -147,6 +152,49 @@ class ImageFolder(Dataset):
 
     def __len__(self) -> int:
         return len(self.files)
+
+    def summary(self, survey: int = 2000) -> str:
+        """What reading the folder does to its images, from the headers of the first ``survey`` files (PIL reads
+        no pixels for this): their sizes, how many are resized and converted to the model's mode, how many
+        cannot be read. The run's start logs it, so a folder of mixed images holds no quiet surprise.
+
+        Example:
+            >>> ImageFolder(files, (3, 64, 64), (0.0, 1.0)).summary()  # doctest: +SKIP
+            "under 'photos'; sizes 20x20 to 300x200: 96 resized to cover 64x64, 31 converted to RGB (L 20, P 11)"
+        """
+        from collections import Counter
+
+        from PIL import Image
+
+        files = self.files[:survey]
+        sizes, modes, unreadable = [], Counter(), []
+        for path in files:
+            try:
+                with Image.open(path) as img:
+                    sizes.append(img.size)  # (W, H)
+                    modes[img.mode] += 1
+            except OSError:
+                unreadable.append(path.name)
+        h, w = self.size
+        of = f"of the first {len(files)}: " if len(files) < len(self.files) else ""
+        parts = [self.listing] if self.listing else []
+        if sizes:
+            small = min(sizes, key=lambda s: s[0] * s[1])
+            large = max(sizes, key=lambda s: s[0] * s[1])
+            resized = sum(self._cover(h0, w0) != (h0, w0) for w0, h0 in sizes)
+            span = f"{small[0]}x{small[1]}" + (f" to {large[0]}x{large[1]}" if large != small else "")
+            parts.append(f"{of}sizes (W x H) {span}: {resized} resized to cover {w}x{h}"
+                         + ("" if self.resize else " (resize: false scales only the images smaller than that)"))
+            other = {m: n for m, n in sorted(modes.items()) if m != self.mode}
+            if other:
+                parts.append(f"{sum(other.values())} converted to {self.mode} ("
+                             + ", ".join(f"{m} {n}" for m, n in other.items()) + ")")
+        if unreadable:
+            what = ("skipped when read (data.options.skip_unreadable)" if self.skip_unreadable
+                    else "stop training when read; set data.options.skip_unreadable: true to skip them")
+            parts.append(f"{len(unreadable)} cannot be read ({', '.join(unreadable[:3])}"
+                         f"{', ...' if len(unreadable) > 3 else ''}): they {what}")
+        return "; ".join(parts)
 
     def _cover(self, h0: int, w0: int) -> Tuple[int, int]:
         """The size (H1, W1) that ``(h0, w0)`` is scaled to: its aspect ratio, covering (H, W) exactly."""
@@ -173,33 +221,44 @@ class ImageFolder(Dataset):
             except OSError as exc:  # PIL's UnidentifiedImageError is an OSError too
                 raise DataError(f"{self._cannot_read(index, exc)}; restore, replace or delete the file (or set "
                                 "data.options.skip_unreadable: true to skip such files).") from None
-        for attempt in range(len(self.files)):
+        for attempt in range(len(self)):  # len(self): subclasses read other sources (tar shards, Arrow tables)
             with self.reads.get_lock():
                 self.reads.value += 1
             try:
-                return self._read((index + attempt) % len(self.files))
+                return self._read((index + attempt) % len(self))
             except OSError as exc:
-                reason = self._cannot_read((index + attempt) % len(self.files), exc)
-                with self.unreadable.get_lock():
-                    self.unreadable.value += 1
-                    failed, reads = self.unreadable.value, self.reads.value
-                if reads >= 100 and failed > self.max_unreadable * reads:
-                    raise DataError(f"{failed} of the last {reads} image reads failed (the last: {reason}), more than "
-                                    f"data.options.max_unreadable = {self.max_unreadable:g} allows: the folder lost "
-                                    "too many files to go on. Restore the images, or raise max_unreadable.") from None
-                logger.warning("%s: skipped (data.options.skip_unreadable), the next image is used instead.", reason)
-        raise DataError(f"None of the {len(self.files)} images can be read any more; restore the image folder.")
+                self._skipped(self._cannot_read((index + attempt) % len(self), exc))
+        raise DataError(f"None of the {len(self)} images can be read any more; restore the image folder.")
+
+    def _skipped(self, reason: str) -> None:
+        """Count a read that failed under ``skip_unreadable`` and warn; raise when too many failed."""
+        with self.unreadable.get_lock():
+            self.unreadable.value += 1
+            failed, reads = self.unreadable.value, self.reads.value
+        if reads >= 100 and failed > self.max_unreadable * reads:
+            raise DataError(f"{failed} of the last {reads} image reads failed (the last: {reason}), more than "
+                            f"data.options.max_unreadable = {self.max_unreadable:g} allows: the folder lost "
+                            "too many files to go on. Restore the images, or raise max_unreadable.") from None
+        logger.warning("%s: skipped (data.options.skip_unreadable), the next image is used instead.", reason)
 
     def _cannot_read(self, index: int, exc: OSError) -> str:
         return f"Image '{self.files[index]}' cannot be read ({exc})"
 
     def _read(self, index: int) -> Tensor:
+        return self.decode(self.files[index])
+
+    def decode(self, source: Union[str, Path, BinaryIO]) -> Tensor:
+        """One image (a path or a binary file object) as an item: converted, resized, cropped and flipped as
+        this folder's images are (the dataset plugins that read tar shards or Arrow tables use it too).
+
+        Raises:
+            OSError: the image cannot be read (PIL's UnidentifiedImageError included).
+        """
         from PIL import Image
         from torchvision.transforms.v2 import functional as TF
 
-        path = self.files[index]
         (h, w) = self.size
-        with Image.open(path) as img:  # an OSError (missing, truncated, not an image) is handled by the caller
+        with Image.open(source) as img:  # an OSError (missing, truncated, not an image) is handled by the caller
             w0, h0 = img.size
             h1, w1 = self._cover(h0, w0)
             if (h1, w1) == (h0, w0):  # no resize: crop first, so only the window is converted
@@ -307,7 +366,8 @@ def image_folder(root: str, split: str, download: bool, limit: Optional[int], im
         base = base / split
     if not base.is_dir():
         raise DataError(f"Image folder '{base}' does not exist. Set --data-dir (data.root) to a folder of images.")
-    files: List[Path] = sorted(p for p in base.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    found = [p for p in base.rglob("*") if p.is_file()]
+    files: List[Path] = sorted(p for p in found if p.suffix.lower() in IMAGE_EXTENSIONS)
     if not files:
         raise DataError(
             f"No images ({', '.join(IMAGE_EXTENSIONS)}) were found under '{base}'. Point data.root at a folder "
@@ -316,7 +376,23 @@ def image_folder(root: str, split: str, download: bool, limit: Optional[int], im
     if split == "test":  # evaluation: the same images every time
         random_flip, crop = False, "center"
     return ImageFolder(files[:limit], image_shape, value_range, random_flip=random_flip, crop=crop, resize=resize,
-                       skip_unreadable=skip_unreadable, max_unreadable=max_unreadable)
+                       skip_unreadable=skip_unreadable, max_unreadable=max_unreadable,
+                       listing=_listing(base, split, len(files), [p for p in found if p.suffix.lower()
+                                                                   not in IMAGE_EXTENSIONS], limit))
+
+
+def _listing(base: Path, split: str, images: int, others: Sequence[Path], limit: Optional[int]) -> str:
+    """"under 'photos/train'; 2 other files skipped (.txt, .json)": what :meth:`ImageFolder.summary` says first."""
+    text = f"under '{base}'"
+    if base.name != split:
+        text += " (no train/ and test/ subfolders: both splits read these images)"
+    if limit is not None and limit < images:
+        text += f"; the first {limit} of {images} (data.limit)"
+    if others:
+        kinds = sorted({p.suffix.lower() or p.name for p in others})
+        text += (f"; {len(others)} other file{'s' * (len(others) != 1)} skipped ({', '.join(kinds[:5])}"
+                 f"{', ...' if len(kinds) > 5 else ''}; images are {', '.join(IMAGE_EXTENSIONS)})")
+    return text
 
 
 def build_dataset(data: DataConfig, model: ModelConfig) -> Dataset:
@@ -336,6 +412,71 @@ def build_dataset(data: DataConfig, model: ModelConfig) -> Dataset:
     if len(ds) == 0:
         raise DataError(f"The '{data.name}' dataset at '{data.root}' ({data.split}) is empty.")
     return ds
+
+
+def is_stream(dataset: object) -> bool:
+    """Whether ``dataset`` is a stream that splits itself across ranks and data workers (the ``webdataset`` and
+    streamed ``hf_datasets`` plugins): an ``IterableDataset`` with ``bind``, ``set_epoch`` and ``start_at``.
+
+    Such a dataset also has ``__len__`` (the images of an epoch, all ranks together) and ``__getitem__`` (for the
+    previews, checks and sampler fit that read a few images), but training iterates it: each rank and worker
+    reads its own shards, and a resume starts where the checkpoint's counters say, reading nothing twice.
+    """
+    return isinstance(dataset, IterableDataset) and all(hasattr(dataset, m) for m in ("bind", "set_epoch", "start_at"))
+
+
+def prepare_stream(loader: DataLoader, accelerator) -> DataLoader:
+    """Accelerate's device-placing loader for a stream (:func:`is_stream`), without its sharding.
+
+    ``accelerator.prepare`` would either read the whole stream on the main process and send each rank its
+    batches, or have every rank read all of it and keep every n-th batch; a stream splits itself instead, so it
+    is told its rank, the batch size, the loader's worker count and seed (``bind``) and prepared as if for one
+    process.
+
+    Raises:
+        DataError: the stream cannot be split that way (fewer shards than ranks x workers).
+    """
+    from accelerate.data_loader import prepare_data_loader
+
+    loader.dataset.bind(rank=accelerator.process_index, world=accelerator.num_processes,
+                        batch_size=loader.batch_size, workers=loader.num_workers, seed=loader.generator.initial_seed())
+    return prepare_data_loader(loader, device=accelerator.device, num_processes=1, process_index=0,
+                               put_on_device=True, dispatch_batches=False, rng_types=[],
+                               non_blocking=accelerator.non_blocking)
+
+
+def resume_batches(accelerator, loader, epoch: int, batches: int):
+    """The loader's batches of ``epoch`` from batch ``batches`` on (a mid-epoch resume).
+
+    A stream is told where to start (``start_at``: its readers seek there, decoding nothing they skip); any other
+    loader is skipped by Accelerate (``skip_first_batches``: its sampler drops the indices already seen).
+    """
+    if is_stream(loader.dataset):
+        loader.dataset.start_at(epoch, batches)
+        return loader
+    return accelerator.skip_first_batches(loader, batches)
+
+
+def describe_dataset(data: DataConfig, dataset: Dataset) -> str:
+    """One line for the start of a run: the images found in ``data.split`` and, for a dataset with a
+    ``summary()`` method (an image folder: sizes, resizes, mode conversions, skipped files), what reading them does.
+
+    Example:
+        >>> describe_dataset(DataConfig(root="data"), build_dataset(DataConfig(root="data"), ModelConfig()))  # doctest: +SKIP
+        "Data: 60000 images in the train split of 'mnist' at 'data'"
+    """
+    line = f"Data: {len(dataset)} images in the {data.split} split of '{data.name}' at '{data.root}'"
+    if data.limit is not None:
+        line += f" (data.limit: {data.limit})"
+    summary = getattr(dataset, "summary", None)
+    if callable(summary):
+        try:
+            said = summary()
+        except Exception as exc:  # noqa: BLE001 - a plugin's summary must never stop a run
+            said = f"(its summary() failed: {type(exc).__name__}: {exc})"
+        if said:
+            line += f", {said}"
+    return line
 
 
 def first_batch(dataset: Dataset, n: int) -> Tensor:

@@ -13,6 +13,7 @@ Example:
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import warnings
@@ -30,7 +31,7 @@ from torch.utils.data import DataLoader, Dataset
 from . import api, registry
 from .callbacks import Callback
 from .config import ExperimentConfig, TrainConfig
-from .data import TensorImages, build_dataset
+from .data import TensorImages, build_dataset, describe_dataset, is_stream, prepare_stream
 from .errors import ConfigError, DataError, OutputError, PluginError
 from .faults import check_output, output_estimate
 from .generator import build_generator
@@ -48,6 +49,8 @@ if TYPE_CHECKING:  # evaluation pulls in torchmetrics (~2 s): imported only when
 
 __all__ = ["build_generator", "build_discriminator", "build_accelerator", "build_loader", "check_dataset",
            "Components", "build_components", "build_trainer", "train", "build_model", "check_sampler"]
+
+logger = logging.getLogger(__name__)
 
 
 def build_discriminator(config: ExperimentConfig) -> Optional[nn.Module]:
@@ -133,7 +136,10 @@ def check_dataset(model: api.VAE, dataset: Dataset, global_batch: int) -> None:
         )
     # 64 images spread over the whole dataset, not only its first batch: a bad file in the middle is
     # refused now rather than found at step 40,000.
-    items = [dataset[i] for i in torch.linspace(0, n - 1, min(n, 64)).round().long().unique().tolist()]
+    spread = torch.linspace(0, n - 1, min(n, 64)).round().long().unique().tolist()
+    if not getattr(dataset, "random_access", True):  # a stream read in order (a hub dataset): its first images
+        spread = range(min(n, 64))
+    items = [dataset[i] for i in spread]
     model.check_images(torch.stack([it[0] if isinstance(it, (tuple, list)) else it for it in items]), "the dataset")
 
 
@@ -148,11 +154,12 @@ def build_loader(dataset: Dataset, config: ExperimentConfig, accelerator: Accele
     if isinstance(dataset, TensorImages) and on_gpu and workers == 0:
         dataset = dataset.to(accelerator.device)
     streamed = not isinstance(dataset, TensorImages)  # decoded per item
+    shuffle = not is_stream(dataset)  # a stream shuffles its shards and samples itself (seeded by the generator)
     # A private generator: DataLoader.__iter__ otherwise draws a seed from the global RNG, which would
     # shift the reparameterisation noise after a mid-epoch resume.
     # Workers leave stop signals (a whole process group's SIGTERM, SLURM's warning) to the main process.
     stops = stop_signals(tc)
-    return DataLoader(dataset, batch_size=tc.batch_size, shuffle=True, drop_last=True, num_workers=workers,
+    return DataLoader(dataset, batch_size=tc.batch_size, shuffle=shuffle, drop_last=True, num_workers=workers,
                       generator=torch.Generator().manual_seed(tc.seed), pin_memory=on_gpu and streamed,
                       persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None,
                       worker_init_fn=WorkerSignals(stops) if workers > 0 else None)
@@ -189,6 +196,9 @@ def build_components(config: ExperimentConfig, model: api.VAE, objective: Object
     check_dataset(model, dataset, tc.batch_size * accelerator.num_processes)
     set_seed(tc.seed)
     loader = build_loader(dataset, config, accelerator)
+    to_prepare: tuple = (loader,)
+    if is_stream(dataset):  # it splits itself across ranks and workers: Accelerate must not shard it again
+        loader, to_prepare = prepare_stream(loader, accelerator), ()
     batches = len(dataset) // (tc.batch_size * accelerator.num_processes)  # full micro-batches per epoch
     per_epoch = math.ceil(batches / tc.grad_accum)
     total_steps = min(tc.max_steps or per_epoch * tc.epochs, per_epoch * tc.epochs)
@@ -201,7 +211,7 @@ def build_components(config: ExperimentConfig, model: api.VAE, objective: Object
     gen = PlayerModule(model, objective.generator_terms)
     g_opt, g_sched = build_optimizer(gen.parameters(), config.optim_g, total_steps)
     if discriminator is None:
-        gen, g_opt, g_sched, loader = accelerator.prepare(gen, g_opt, g_sched, loader)
+        gen, g_opt, g_sched, *prepared = accelerator.prepare(gen, g_opt, g_sched, *to_prepare)
         d_player = None
     else:
         if accelerator.num_processes > 1 and accelerator.device.type == "cuda":
@@ -209,9 +219,10 @@ def build_components(config: ExperimentConfig, model: api.VAE, objective: Object
             discriminator = nn.SyncBatchNorm.convert_sync_batchnorm(discriminator)
         disc = PlayerModule(discriminator, objective.discriminator_terms)
         d_opt, d_sched = build_optimizer(disc.parameters(), config.optim_d, total_steps)
-        gen, disc, g_opt, d_opt, g_sched, d_sched, loader = accelerator.prepare(
-            gen, disc, g_opt, d_opt, g_sched, d_sched, loader)  # generator first: the checkpoint's file order
+        gen, disc, g_opt, d_opt, g_sched, d_sched, *prepared = accelerator.prepare(
+            gen, disc, g_opt, d_opt, g_sched, d_sched, *to_prepare)  # generator first: the checkpoint's file order
         d_player = Trainable(disc, d_opt, d_sched, config.optim_d)
+    loader = prepared[0] if prepared else loader
     raw = accelerator.unwrap_model(gen).net
     ema = None
     if tc.ema_decay is not None:
@@ -262,6 +273,8 @@ def build_trainer(config: ExperimentConfig, accelerator: Optional[Accelerator] =
     folder = run_folder(config.train)
     on_main(accelerator, folder.check)
     dataset = build_dataset(config.data, config.model) if dataset is None else dataset
+    if accelerator.is_main_process:
+        logger.info(describe_dataset(config.data, dataset))
     if config.sampler is not None:  # a bad sampler name, option or size fails now, not after training
         check_sampler(config, model, len(dataset))
     parts = build_components(config, model, objective, dataset, disc, accelerator)

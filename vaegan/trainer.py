@@ -24,14 +24,15 @@ import torch
 import yaml
 from safetensors.torch import save_file
 
+from . import latent_stats
 from ._deprecation import deprecated_names
 from ._trainer_compat import legacy_components, moved_to_step
 from .callbacks import Callback, CallbackList
 from .checkpointing import MARKER, CheckpointManager, name_step, read_counters, read_marker, resolve_resume, restore
 from .config import ExperimentConfig, to_dict
-from .data import first_batch
+from .data import first_batch, resume_batches
 from .errors import CheckpointError, DataError, TrainingDiverged
-from .export import estimate_and_store_scaling_factor, save_discriminator, write_model_card
+from .export import save_discriminator, write_model_card
 from .faults import Boundary, SoftWrites, save_after_fault, writing_final
 from .files import dumps_json, write_text_atomic
 from .generator import VAE
@@ -171,7 +172,7 @@ class Trainer:
             self.loader.set_epoch(state.epoch)
             batches = self.loader  # mid-epoch after a resume: the batches this epoch has not seen yet
             if state.batch_in_epoch:
-                batches = acc.skip_first_batches(self.loader, state.batch_in_epoch)
+                batches = resume_batches(acc, self.loader, state.epoch, state.batch_in_epoch)
                 self._control.loaders.append(batches)  # its workers end with training too
             for batch in batches:
                 x = batch[0] if isinstance(batch, (list, tuple)) else batch
@@ -270,12 +271,15 @@ class Trainer:
         acc, cfg = self.accelerator, self.config
         final = self.output_dir / "final"
         acc.wait_for_everyone()
-        notes: Tuple[str, ...] = ()
+        # Latent statistics on every process (each encodes its share of the images; the sums are all-reduced).
+        notes: Tuple[str, ...]
+        stats, notes = latent_stats.estimate_and_store((self.ema_model, self.model), self.loader.dataset,
+                                                       cfg.train.estimate_scaling_factor, accelerator=acc)
         if acc.is_main_process:
-            notes = estimate_and_store_scaling_factor((self.ema_model, self.model), self.loader.dataset,
-                                                      cfg.train.estimate_scaling_factor, cfg.train.seed)
             with writing_final(final, self.checkpoints.root):  # a failed write leaves no half-written final/
                 self.ema_model.save_pretrained(final)
+                if stats is not None:
+                    latent_stats.save_latent_stats(stats, final / latent_stats.LATENT_STATS_FILE)
                 if self.train_step.ema is not None:
                     self.model.save_pretrained(final / "raw")
                 if self.train_step.disc_net is not None:
@@ -325,7 +329,7 @@ class Trainer:
             fitted = fit_configured(model, self.loader.dataset, self.config)  # deterministic: alike on every rank
             sampler = fitted[0] if fitted is not None else None
         results = evaluate(model, self._eval.data, ec, resources=self._eval, accelerator=self.accelerator,
-                           sampler=sampler)
+                           sampler=sampler, progress=self.config.train.progress != "off")
         logger.info("Evaluation at step %d took %.1f s: %s", self.state.step, time.perf_counter() - t0,
                     ", ".join(f"{k} {v:.4g}" for k, v in results.items() if isinstance(v, float)))
         if self.accelerator.is_main_process:
@@ -337,15 +341,20 @@ class Trainer:
         return results
 
     def write_images(self, name: str) -> None:
-        """Write real | reconstruction pairs, prior samples and interpolation strips of the EMA
-        generator as ``samples/<name>_<panel>.png``, and log the same panels to the trackers."""
+        """Write real | reconstruction pairs, prior samples (captioned; none for a spatial latent without a
+        sampler) and interpolation strips of the EMA generator as ``samples/<name>_<panel>.png``, and log the
+        same panels to the trackers."""
         if not self.accelerator.is_main_process:
             return
         sampled = {}
         if self.sampler is not None:  # the fitted sampler's latents, next to the prior's
             gen = torch.Generator().manual_seed(self.config.train.seed)
             sampled[self.sampler.name] = self.sampler.sample(self._fixed_noise.shape[0], generator=gen)
-        args = (self.output_dir / "samples", name, self.ema_model, self._fixed_real, self._fixed_noise, sampled)
+        # A spatial latent with no sampler is sampled by a diffusion model, not its prior: N(0, I) decodes to noise,
+        # so no prior-sample grid is written for it.
+        prior = len(self.ema_model.latent_shape) == 1 or self.config.sampler is not None
+        noise = self._fixed_noise if prior else None
+        args = (self.output_dir / "samples", name, self.ema_model, self._fixed_real, noise, sampled)
         self.soft_writes("sample grids", lambda: self.tracking.log_images(write_previews(*args), self.state.step))
 
     # ---- checkpoints ---------------------------------------------------------------------------------
