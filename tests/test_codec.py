@@ -47,6 +47,7 @@ def _read(path: Path):
 
 
 def _error(capsys, argv) -> str:
+    capsys.readouterr()  # what earlier commands said ("encode: 12 images of the test split ...")
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("vaegan: error: ") and err.count("\n") == 1 and "Traceback" not in err, err
@@ -104,6 +105,31 @@ def test_decode_png_is_a_grid_of_the_same_pixels(models, tmp_path):
         r, c = divmod(i, nrow)
         top, left = pad + r * 30, pad + c * 30
         np.testing.assert_array_equal(grid[top:top + 28, left:left + 28], images[i, 0])
+
+
+def test_a_png_holds_a_readable_grid_unless_num_asks_and_encode_names_its_split(models, tmp_path, capsys):
+    from PIL import Image
+
+    from vaegan.cli_handlers import GRID_IMAGES
+
+    z = tmp_path / "z.safetensors"
+    many = ["--data-dir", str(MNIST_ROOT), "--split", "test", "--limit", str(GRID_IMAGES + 6)]
+    assert main(["encode", "--model", str(models["tiny_spatial"]), *many, "--out", str(z)]) == 0
+    err = capsys.readouterr().err
+    assert f"encode: {GRID_IMAGES + 6} images of the test split of 'mnist'" in err and "--split train" in err
+
+    def decoded(out: str, *flags) -> str:
+        assert main(["decode", "--model", str(models["tiny_spatial"]), "--latents", str(z), "--out",
+                     str(tmp_path / out), *flags]) == 0
+        return capsys.readouterr().out
+
+    said = decoded("all.png")  # 70 latents: the grid holds the first 64 and says so
+    assert f"wrote {GRID_IMAGES} of the {GRID_IMAGES + 6} images" in said and "--num" in said
+    with Image.open(tmp_path / "all.png") as img:
+        assert img.size == (8 * 30 + 2, 8 * 30 + 2)  # 8 x 8 cells of 28 px and make_grid's padding
+    assert "wrote 3 of the 70 images" in decoded("three.png", "--num", "3")
+    assert "wrote 70 images" in decoded("all.npz")  # an array takes every latent
+    assert _npz(tmp_path / "all.npz").shape[0] == GRID_IMAGES + 6
 
 
 def test_sample_is_seeded_and_independent_of_the_batch_size(models, tmp_path):

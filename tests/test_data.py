@@ -429,3 +429,39 @@ def test_mnist_classes_option_keeps_only_those_digits(mnist_root):
     for bad in ([], [10], [1.5]):
         with pytest.raises(ConfigError, match="data.options.classes"):
             build_dataset(DataConfig(root=str(mnist_root), download=False, options={"classes": bad}), ModelConfig())
+
+
+def test_the_run_start_says_what_reading_a_mixed_folder_does(tmp_path, caplog):
+    """Sizes, resizes, mode conversions, skipped and unreadable files, and a missing split folder: said once at
+    the start of the run (build_trainer), before any training."""
+    import logging
+
+    import numpy as np
+    from conftest import tiny_config
+
+    from vaegan import build_trainer
+    from vaegan.data import describe_dataset
+
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i, (size, mode) in enumerate([((20, 20), "L"), ((300, 200), "RGB"), ((28, 28), "RGBA"), ((100, 80), "P"),
+                                      ((28, 28), "L"), ((28, 28), "L")]):
+        Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).convert(mode).save(
+            folder / f"{i}.png")
+    (folder / "notes.txt").write_text("not an image")
+    (folder / "broken.png").write_bytes(b"not a png")
+    data = DataConfig(name="image_folder", root=str(folder))
+    line = describe_dataset(data, build_dataset(data, ModelConfig(image_channels=1, image_size=(28, 28))))
+    assert line.startswith(f"Data: 7 images in the train split of 'image_folder' at '{folder}'")
+    assert "no train/ and test/ subfolders: both splits read these images" in line
+    assert "1 other file skipped (.txt" in line and "sizes (W x H) 20x20 to 300x200: 3 resized to cover 28x28" in line
+    assert "3 converted to L (P 1, RGB 1, RGBA 1)" in line
+    assert "1 cannot be read (broken.png)" in line and "skip_unreadable: true" in line
+
+    (folder / "broken.png").unlink()
+    with caplog.at_level(logging.INFO, logger="vaegan.factory"):
+        build_trainer(tiny_config(tmp_path / "run", "data.name=image_folder", f"data.root={folder}", "data.limit=4",
+                                  "train.batch_size=2"))
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Data: ")]
+    assert len(said) == 1 and "the first 4 of 6 (data.limit)" in said[0] and "converted to L" in said[0], said

@@ -57,6 +57,10 @@ def test_training_logs_every_term_and_saves_a_spatial_generator(spatial_run):
     assert model.config.name == spatial_run.name and model.latent_shape == GENERATORS[spatial_run.name][1]
     assert model.sample_prior(3).shape == (3, *model.latent_shape)
     assert (spatial_run / "samples" / "final_interpolations.png").is_file()
+    # No sampler (sampler: null): a spatial latent is sampled by a diffusion model, not N(0, I), so no grid of
+    # decoded prior noise is written, at any step.
+    written = sorted(p.name for p in (spatial_run / "samples").iterdir())
+    assert "final_reconstructions.png" in written and not [n for n in written if "_samples" in n], written
 
 
 def test_kl_and_free_bits_are_per_latent_channel():

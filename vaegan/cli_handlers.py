@@ -50,7 +50,9 @@ def sample_command(args: argparse.Namespace) -> int:
     sampler = _sampler(args, model)
     images = commands.sample(model, args.num, seed=args.seed, batch_size=args.batch_size,
                              temperature=args.temperature, sampler=sampler)
-    path = commands.save_images(args.out, images)
+    from .previews import sample_caption
+
+    path = commands.save_images(args.out, images, caption=sample_caption(sampler.name if sampler is not None else None))
     source = f"the '{sampler.name}' sampler" if sampler is not None else "N(0, I)"
     sys.stdout.write(f"wrote {images.shape[0]} samples {tuple(images.shape[1:])} (latents from {source}) to {path}\n")
     return 0
@@ -66,11 +68,61 @@ def _dataset_name(args: argparse.Namespace) -> str:
     return trained.name if trained is not None else "mnist"
 
 
-def _dataset(args: argparse.Namespace, model, name: Optional[str] = None):
+# A .png of decoded or reconstructed images holds at most this many unless asked (--num / --limit): a grid of
+# 10,000 digits is not a picture anyone reads.
+GRID_IMAGES = 64
+
+
+def _dataset(args: argparse.Namespace, model, name: Optional[str] = None, what: Optional[str] = None,
+             limit: Optional[int] = None):
+    """The images the command reads: the model's training data options when it is the dataset it was trained on
+    (an image folder's resize or crop); ``what`` (e.g. "encode") says on stderr which split and how many."""
     from . import commands
 
-    return commands.load_dataset(model, name or _dataset_name(args), args.data_dir, split=args.split,
-                                 limit=args.limit, download=args.download)
+    name = name or _dataset_name(args)
+    trained = commands.trained_data_config(args.model)
+    options = trained.options if trained is not None and trained.name == name else {}
+    limit = args.limit if limit is None else limit
+    if getattr(args, "image_size", None):  # --image-size (vaegan.tiling): images at another size than the model's
+        dataset = _resized_dataset(args, model, name, limit, options)
+    else:
+        dataset = commands.load_dataset(model, name, args.data_dir, split=args.split, limit=limit,
+                                        download=args.download, options=options)
+    if what is not None:
+        other = "train" if args.split == "test" else "test"
+        fewer = "" if args.limit is not None else ", --limit N for fewer"
+        sys.stderr.write(f"{what}: {len(dataset)} images of the {args.split} split of '{name}' in {args.data_dir} "
+                         f"(--split {other} for the {other} split{fewer})\n")
+    return dataset
+
+
+def _resized_dataset(args: argparse.Namespace, model, name: str, limit: Optional[int], options):
+    """The dataset at --image-size H [W] rather than the model's image size."""
+    import dataclasses
+
+    from .config import DataConfig, from_dict
+    from .data import build_dataset
+
+    size = args.image_size
+    if len(size) > 2:
+        raise ConfigError(f"--image-size takes H or H W (pixels), got {' '.join(map(str, size))}.")
+    data = from_dict(DataConfig, {"name": name, "root": str(args.data_dir), "split": args.split, "limit": limit,
+                                  "download": args.download, "options": dict(options or {})}, "data")
+    return build_dataset(data, dataclasses.replace(model.config, image_size=(size[0], size[-1])))
+
+
+def _tiling(args: argparse.Namespace, model):
+    """--tile / --overlap / --image-size as a :class:`vaegan.tiling.Tiling`, checked against the model before
+    any work; None: the untiled path at the model's own size."""
+    from .tiling import Tiling, check_tiling
+
+    if args.tile is None and args.overlap is not None:
+        raise ConfigError("--overlap is the overlap of --tile's tiles: pass --tile PIXELS too.")
+    if args.tile is None and not getattr(args, "image_size", None):
+        return None
+    tiling = Tiling(args.tile, args.overlap)  # tile None: one piece of any size (--image-size alone)
+    check_tiling(model, tiling)
+    return tiling
 
 
 def reconstruct_command(args: argparse.Namespace) -> int:
@@ -78,9 +130,19 @@ def reconstruct_command(args: argparse.Namespace) -> int:
 
     commands.check_output(args.out)
     model = commands.load_model(args.model, raw=args.raw, device=args.device)
-    inputs, recons = commands.reconstruct(model, _dataset(args, model), batch_size=args.batch_size)
+    png = Path(args.out).suffix.lower() == ".png"
+    limit = GRID_IMAGES if png and args.limit is None else None  # a readable grid unless --limit asks for more
+    tiling = _tiling(args, model)
+    dataset = _dataset(args, model, what="reconstruct", limit=limit)
+    if tiling is not None:
+        from .tiling import reconstruct_dataset
+
+        inputs, recons = reconstruct_dataset(model, dataset, tiling, batch_size=args.batch_size)
+    else:
+        inputs, recons = commands.reconstruct(model, dataset, batch_size=args.batch_size)
     path = commands.save_reconstructions(args.out, inputs, recons)
-    sys.stdout.write(f"wrote {recons.shape[0]} reconstructions of the {args.split} split to {path}\n")
+    note = f" (a .png holds the first {GRID_IMAGES} unless --limit says; .npz takes all)" if limit else ""
+    sys.stdout.write(f"wrote {recons.shape[0]} reconstructions of the {args.split} split to {path}{note}\n")
     return 0
 
 
@@ -134,13 +196,20 @@ def eval_command(args: argparse.Namespace) -> int:
     # Under a launcher, load on the CPU and let evaluate() move the model to this process's device.
     model = commands.load_model(args.model, raw=args.raw, device="cpu" if accelerator is not None else args.device)
     sampler = _sampler(args, model)
-    data = from_dict(DataConfig, {"name": _dataset_name(args), "root": args.data_dir, "download": args.download},
-                     "data")
+    name = _dataset_name(args)
+    trained = commands.trained_data_config(args.model)
+    options = dict(trained.options) if trained is not None and trained.name == name else {}  # as it was trained
+    data = from_dict(DataConfig, {"name": name, "root": args.data_dir, "download": args.download,
+                                  "options": options}, "data")
+    if accelerator is None or accelerator.is_main_process:
+        limit = f"the first {args.limit}" if args.limit else "all"
+        sys.stderr.write(f"eval: {limit} images of the {args.split} split of '{name}' in {args.data_dir}, "
+                         f"{args.num_samples} generated images\n")
     logvar = None if args.logvar is None else torch.tensor(args.logvar)
     try:
         results = evaluate(model, data, eval_config, logvar=logvar, accelerator=accelerator, output=args.out,
-                           sampler=sampler, progress=sys.stderr.isatty() and (
-                               accelerator is None or accelerator.is_local_main_process))
+                           sampler=sampler, hint=f"--limit N evaluates fewer images, --num-samples fewer samples, "
+                                                 f"--nll-samples K (now {args.nll_samples}) fewer importance samples")
     finally:
         shutdown_distributed()
     if accelerator is None or accelerator.is_main_process:
@@ -164,12 +233,15 @@ def encode_command(args: argparse.Namespace) -> int:
     codec.check_latents_output(args.out)
     model = commands.load_model(args.model, raw=args.raw, device=args.device)
     scaling = codec.scaling_of(model) if args.scaled else None  # refused before any work
+    tiling = _tiling(args, model)
     name = _dataset_name(args)
-    latents, logvar = codec.encode(model, _dataset(args, model, name), sample=args.sample, seed=args.seed,
-                                      batch_size=args.batch_size, scaled=args.scaled)
+    latents, logvar = codec.encode(model, _dataset(args, model, name, what="encode"), sample=args.sample, seed=args.seed,
+                                      batch_size=args.batch_size, scaled=args.scaled, tiling=tiling)
     info = {"model": str(commands.resolve_model_dir(args.model, args.raw).resolve()), "dataset": name,
             "split": args.split, "posterior": "sample" if args.sample else "mean",
-            **({"seed": args.seed} if args.sample else {})}
+            **({"seed": args.seed} if args.sample else {}),
+            **({"latent_shape": list(latents.shape[1:]), "tile": tiling.tile, "overlap": tiling.overlap}
+               if tiling is not None else {})}
     path = codec.save_latents(args.out, latents, logvar, model=model, scaled=args.scaled, metadata=info)
     stats = codec.latent_stats(latents, scaling)
     kind = "posterior samples" if args.sample else "posterior means"
@@ -191,12 +263,23 @@ def decode_command(args: argparse.Namespace) -> int:
     scaling = file.scaling
     if scaling is None and args.unscale:
         scaling = codec.scaling_of(model)
-    images = codec.decode(model, file.latents, batch_size=args.batch_size, scaling=scaling,
-                             source=f"The latents in '{args.latents}'")
+    total = file.latents.shape[0]
+    num = args.num or (GRID_IMAGES if Path(args.out).suffix.lower() == ".png" else total)
+    tiling = _tiling(args, model)
+    shape, own = tuple(file.latents.shape[1:]), tuple(model.latent_shape)
+    if tiling is None and len(shape) == len(own) == 3 and shape[0] == own[0] and shape != own:
+        from .tiling import Tiling
+
+        tiling = Tiling()  # latents of large images (encode --image-size): decoded in one piece unless --tile
+    images = codec.decode(model, file.latents[:num], batch_size=args.batch_size, scaling=scaling,
+                          source=f"The latents in '{args.latents}'", tiling=tiling)
     path = commands.save_images(args.out, images)
     unscaled = f" (unscaled by {scaling[0]:g}, shift {scaling[1]:g})" if scaling else ""
-    sys.stdout.write(f"wrote {images.shape[0]} images {tuple(images.shape[1:])} decoded from {args.latents}"
-                     f"{unscaled} to {path}\n")
+    count = f"{images.shape[0]} of the {total}" if images.shape[0] < total else f"{images.shape[0]}"
+    note = (f"; a .png holds the first {GRID_IMAGES} unless --num says, .npz takes all"
+            if images.shape[0] < total and args.num is None else "")
+    sys.stdout.write(f"wrote {count} images {tuple(images.shape[1:])} decoded from {args.latents}"
+                     f"{unscaled} to {path}{note}\n")
     return 0
 
 
@@ -237,7 +320,8 @@ def fit_sampler_command(args: argparse.Namespace) -> int:
     if args.dataset is not None and trained is not None and args.dataset != trained.name:
         data = dataclasses.replace(data, options={})  # another plugin's options would not fit
     sampler, record = fit_sampler(model, build_dataset(data, model.config), args.sampler, options, seed=args.seed,
-                                  batch_size=args.batch_size, temperature=args.temperature)
+                                  batch_size=args.batch_size, temperature=args.temperature,
+                                  announce="--limit N fits on fewer images")
     folder = save_sampler(sampler, model_dir, default=not args.no_default,
                           fitted_on={"dataset": data.name, "root": str(data.root), "split": data.split, **record})
     default = "" if args.no_default else "; it is now the folder's default sampler"
@@ -259,11 +343,13 @@ def score_command(args: argparse.Namespace) -> int:
     device = "cpu" if accelerator is not None else args.device
     model = commands.load_model(args.model, raw=args.raw, device=device)
     disc = load_discriminator(commands.resolve_model_dir(args.model), map_location=str(next(model.parameters()).device))
-    dataset = _dataset(args, model)
+    dataset = _dataset(args, model, what="score" if accelerator is None or accelerator.is_main_process else None)
     logvar = None if args.logvar is None else torch.tensor(args.logvar)
     try:
         scores = score(model, dataset, num_samples=args.nll_samples, likelihood=args.likelihood, logvar=logvar,
-                       seed=args.seed, batch_size=args.batch_size, discriminator=disc, accelerator=accelerator)
+                       seed=args.seed, batch_size=args.batch_size, discriminator=disc, accelerator=accelerator,
+                       hint=f"--limit N scores fewer images, --nll-samples K (now {args.nll_samples}) fewer "
+                            "importance samples")
     finally:
         shutdown_distributed()
     if accelerator is None or accelerator.is_main_process:

@@ -25,6 +25,8 @@ from torch.utils.data import DataLoader, Dataset
 from .commands import _device_of, _image, to_uint8
 from .errors import ConfigError, DataError, VaeganError
 from .generator import VAE
+from .progress import Phase
+from .tiling import Tiling, check_any_size_images, check_tiling, decode_tiled, encode_tiled
 
 __all__ = ["LATENTS_SUFFIX", "LatentsFile", "scaling_of", "encode", "decode", "latent_stats",
            "check_latents_output", "save_latents", "load_latents"]
@@ -65,28 +67,37 @@ def scaling_of(model: VAE) -> Tuple[float, float]:
 
 @torch.no_grad()
 def encode(model: VAE, dataset: Dataset, sample: bool = False, seed: int = 0, batch_size: int = 256,
-           scaled: bool = False) -> Tuple[Tensor, Tensor]:
+           scaled: bool = False, progress: bool = True, tiling: Optional[Tiling] = None) -> Tuple[Tensor, Tensor]:
     """Encode every image of ``dataset`` in order to its posterior mean (or, with ``sample``, a draw from it).
 
     The noise of ``sample`` is drawn on the CPU from ``seed`` for all images at once: the latents do not
     depend on ``batch_size`` or the device. ``scaled`` applies ``(z - shift) * scaling`` (see
     :func:`scaling_of`) and adds ``2 log |scaling|`` to the log-variance, which stays that of the latents.
+    ``progress`` shows the images encoded and the time left once it takes more than a few seconds
+    (:mod:`vaegan.progress`). ``tiling`` (:mod:`vaegan.tiling`) encodes tile by tile, images of any size.
 
     Returns:
-        (latents, logvar), both fp32 (N, *latent_shape) on the CPU.
+        (latents, logvar), both fp32 (N, *latent_shape) on the CPU ((N, c, ceil(H / f), ceil(W / f)) tiled).
 
     Raises:
         DataError: the images do not fit the model. ConfigError: ``scaled`` without a scaling factor.
     """
     scaling = scaling_of(model) if scaled else None  # refused before any work
+    if tiling is not None:
+        check_tiling(model, tiling)
     means, logvars = [], []
-    for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False):
-        x = _image(batch)  # (B, C, H, W); labels dropped
-        if not means:
-            model.check_images(x, "the dataset")
-        q = model.encode(x.to(_device_of(model)))
-        means.append(q.mean.float().cpu())
-        logvars.append(q.logvar.float().cpu())
+    with Phase("encode", total=len(dataset), unit="img", enabled=progress) as phase:
+        for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False):
+            x = _image(batch)  # (B, C, H, W); labels dropped
+            if not means and tiling is None:
+                model.check_images(x, "the dataset")
+            elif not means:  # any size
+                check_any_size_images(model, x, "the dataset")
+            q = model.encode(x.to(_device_of(model))) if tiling is None else encode_tiled(model, x, tiling.tile,
+                                                                                          tiling.overlap)
+            means.append(q.mean.float().cpu())
+            logvars.append(q.logvar.float().cpu())
+            phase.update(x.shape[0])
     if not means:
         raise DataError("The dataset has no images to encode.")
     z, logvar = torch.cat(means), torch.cat(logvars)  # (N, *latent_shape)
@@ -99,19 +110,25 @@ def encode(model: VAE, dataset: Dataset, sample: bool = False, seed: int = 0, ba
 
 @torch.no_grad()
 def decode(model: VAE, latents: Tensor, batch_size: int = 256, scaling: Optional[Tuple[float, float]] = None,
-           source: str = "The latents") -> Tensor:
+           source: str = "The latents", progress: bool = True, tiling: Optional[Tiling] = None) -> Tensor:
     """Decode latents (N, *latent_shape) to uint8 images (N, C, H, W), ``batch_size`` at a time.
 
     Args:
         scaling: The (scaling_factor, shift_factor) the latents were scaled with, undone first
             (``z / scaling + shift``). None: they are the model's own latents.
         source: What the latents are called in errors (a file, say).
+        progress: Show the images decoded and the time left once it takes more than a few seconds.
+        tiling: Decode tile by tile (:mod:`vaegan.tiling`); latents of any spatial size, the model's channels.
 
     Raises:
-        DataError: no latents, or latents whose shape is not the model's ``latent_shape``.
+        DataError: no latents, or latents whose shape is not the model's ``latent_shape`` (its channel
+            count, with ``tiling``).
     """
     got, want = tuple(latents.shape[1:]), tuple(model.latent_shape)
-    if latents.ndim < 2 or got != want or latents.shape[0] == 0:
+    if tiling is not None:
+        check_tiling(model, tiling)
+    if latents.ndim < 2 or (got != want if tiling is None else got[:1] != want[:1] or len(got) != 3) \
+            or latents.shape[0] == 0:
         raise DataError(
             f"{source} have the shape {tuple(latents.shape)}, i.e. latent shape {got} per image, but this "
             f"'{model.config.name}' model's latent_shape is {want}: they were encoded by another model (or there "
@@ -119,8 +136,14 @@ def decode(model: VAE, latents: Tensor, batch_size: int = 256, scaling: Optional
     if scaling is not None:
         latents = latents.float() / scaling[0] + scaling[1]
     p = next(model.parameters())
-    return torch.cat([to_uint8(model.decode(chunk.to(p.device, p.dtype)), model.value_range)
-                      for chunk in latents.split(batch_size)])
+    images = []
+    with Phase("decode", total=latents.shape[0], unit="img", enabled=progress) as phase:
+        for chunk in latents.split(batch_size):
+            pixels = model.decode(chunk.to(p.device, p.dtype)) if tiling is None else decode_tiled(
+                model, chunk, tiling.tile, tiling.overlap)
+            images.append(to_uint8(pixels, model.value_range))  # (b, C, H, W)
+            phase.update(chunk.shape[0])
+    return torch.cat(images)
 
 
 def latent_stats(latents: Tensor, scaling: Optional[Tuple[float, float]] = None) -> Dict[str, Optional[float]]:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import math
 from pathlib import Path
-from typing import Optional, Sequence, Tuple, Union
+from typing import Any, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -28,6 +28,7 @@ from .data import build_dataset
 from .errors import CheckpointError, ConfigError, DataError, VaeganError
 from .generator import CONFIG_NAME, VAE
 from .previews import PAIR_LABELS, label_columns, strip_labels
+from .previews import caption as add_caption
 from .samplers import LatentSampler, sample_latents
 
 __all__ = [
@@ -124,14 +125,17 @@ def trained_data_config(path: Union[str, Path]) -> Optional[DataConfig]:
 
 
 def load_dataset(model: VAE, name: str, root: Union[str, Path], split: str = "test", limit: Optional[int] = None,
-                 download: bool = False) -> Dataset:
+                 download: bool = False, options: Optional[Mapping[str, Any]] = None) -> Dataset:
     """A dataset plugin's ``split`` in the shape and value range ``model`` expects.
 
+    Args:
+        options: The plugin's options (``data.options``); the CLI passes those the model was trained with.
+
     Raises:
-        ConfigError: bad split or limit. DataError: missing or unreadable data. PluginError: unknown name.
+        ConfigError: bad split, limit or options. DataError: missing or unreadable data. PluginError: unknown name.
     """
     data = from_dict(DataConfig, {"name": name, "root": str(root), "split": split, "limit": limit,
-                                  "download": download}, "data")
+                                  "download": download, "options": dict(options or {})}, "data")
     return build_dataset(data, model.config)
 
 
@@ -245,7 +249,7 @@ def _image(item) -> Tensor:
 
 
 def save_images(path: Union[str, Path], images: Tensor, nrow: Optional[int] = None,
-                labels: Optional[Sequence[str]] = None, **arrays: Tensor) -> Path:
+                labels: Optional[Sequence[str]] = None, caption: Optional[str] = None, **arrays: Tensor) -> Path:
     """Write uint8 images as a ``.png`` grid or as the array ``images`` of a ``.npz`` archive.
 
     Args:
@@ -254,6 +258,8 @@ def save_images(path: Union[str, Path], images: Tensor, nrow: Optional[int] = No
             row per P; a .npz keeps the shape).
         nrow: Images per row of a .png grid (default: about square).
         labels: Column names written in a band above a .png grid (:func:`vaegan.previews.label_columns`).
+        caption: A line written in a band above a .png grid (:func:`vaegan.previews.caption`), e.g. where samples'
+            latents came from.
         arrays: Further uint8 arrays stored in a .npz next to ``images`` (ignored for .png).
 
     Returns:
@@ -281,6 +287,8 @@ def save_images(path: Union[str, Path], images: Tensor, nrow: Optional[int] = No
             grid = make_grid(images, nrow=nrow, padding=2, pad_value=0)  # uint8 (3, H', W')
             if labels:
                 grid = label_columns(grid, labels, images.shape[-1])
+            if caption:
+                grid = add_caption(grid, caption)
             Image.fromarray(grid.permute(1, 2, 0).numpy()).save(path)
     except OSError as exc:
         raise VaeganError(f"Cannot write '{path}': {exc}. Choose another --out path.") from None
