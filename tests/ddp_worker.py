@@ -24,6 +24,12 @@ def fingerprint(module: torch.nn.Module) -> dict:
 
 
 def main(out: Path, *overrides: str) -> None:
+    train_and_report(out, *overrides)
+    # As the recipe does, once the run's objects are unreferenced: never leave gloo to static destructors at exit.
+    shutdown_distributed()
+
+
+def train_and_report(out: Path, *overrides: str) -> None:
     cfg = tiny_config(out, "train.max_steps=4", "train.checkpoint_every=2", *overrides)
     trainer = vaegan.build_trainer(cfg)
     acc = trainer.accelerator
@@ -40,7 +46,6 @@ def main(out: Path, *overrides: str) -> None:
         "history": trainer.history,
     }
     (out / f"rank{acc.process_index}.json").write_text(json.dumps(report))
-    shutdown_distributed()  # as the recipe does: never leave gloo to static destructors at exit
 
 
 if __name__ == "__main__":

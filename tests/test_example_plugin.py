@@ -238,7 +238,8 @@ def test_disabling_third_party_plugins_refuses_them(example, tiny, tmp_path, mon
     rows = _plugins_table(capsys)
     assert all(rows[(group, name)] == (dist, "disabled") for group, name in PLUGINS.items())
     assert not [m for m in sys.modules if m.split(".")[0] == PACKAGE]  # none of its code ran
-    assert rows[("vaegan.losses", "lpips")] == ("vaegan", "ok")  # vaegan's own still load
+    dist_, status = rows[("vaegan.losses", "lpips")]  # vaegan's own still load (offline: weights not cached)
+    assert dist_ == "vaegan" and (status == "ok" or status.startswith("needs weights")), status
     assert rows[("vaegan.generators", "mlp")] == ("vaegan", "ok")
     registry.load("vaegan.discriminators", "patchgan")
 
