@@ -45,7 +45,7 @@ import logging
 import math
 import re
 from pathlib import Path
-from typing import Any, Dict, List, Literal, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Literal, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -92,6 +92,25 @@ def _resnet(rest: str) -> str:
     return f"{_RESNET.get(head, head)}.{tail}"
 
 
+# diffusers name pattern -> its LDM key, given the match and the number of levels. diffusers counts the decoder's
+# up blocks from the lowest resolution, LDM from the highest.
+_KEY_RULES: Tuple[Tuple[str, Callable[[re.Match, int], str]], ...] = (
+    (r"(encoder|decoder)\.conv_norm_out\.(\w+)", lambda m, n: f"{m[1]}.norm_out.{m[2]}"),
+    (r"encoder\.down_blocks\.(\d+)\.resnets\.(\d+)\.(.+)",
+     lambda m, n: f"encoder.down.{m[1]}.block.{m[2]}.{_resnet(m[3])}"),
+    (r"encoder\.down_blocks\.(\d+)\.downsamplers\.0\.conv\.(\w+)",
+     lambda m, n: f"encoder.down.{m[1]}.downsample.conv.{m[2]}"),
+    (r"decoder\.up_blocks\.(\d+)\.resnets\.(\d+)\.(.+)",
+     lambda m, n: f"decoder.up.{n - 1 - int(m[1])}.block.{m[2]}.{_resnet(m[3])}"),
+    (r"decoder\.up_blocks\.(\d+)\.upsamplers\.0\.conv\.(\w+)",
+     lambda m, n: f"decoder.up.{n - 1 - int(m[1])}.upsample.conv.{m[2]}"),
+    (r"(encoder|decoder)\.mid_block\.resnets\.(\d)\.(.+)",
+     lambda m, n: f"{m[1]}.mid.block_{int(m[2]) + 1}.{_resnet(m[3])}"),
+    (r"(encoder|decoder)\.mid_block\.attentions\.0\.(group_norm|to_q|to_k|to_v|to_out\.0)\.(\w+)",
+     lambda m, n: f"{m[1]}.mid.attn_1.{_ATTENTION[m[2]]}.{m[3]}"),
+)
+
+
 def ldm_key(name: str, levels: int) -> str:
     """The LDM key of the ``autoencoder_kl`` (diffusers) parameter ``name`` of a model with ``levels`` levels.
 
@@ -99,27 +118,10 @@ def ldm_key(name: str, levels: int) -> str:
         >>> ldm_key("decoder.up_blocks.0.upsamplers.0.conv.weight", levels=4)
         'decoder.up.3.upsample.conv.weight'
     """
-    m = re.fullmatch(r"(encoder|decoder)\.conv_norm_out\.(\w+)", name)
-    if m:
-        return f"{m[1]}.norm_out.{m[2]}"
-    m = re.fullmatch(r"encoder\.down_blocks\.(\d+)\.resnets\.(\d+)\.(.+)", name)
-    if m:
-        return f"encoder.down.{m[1]}.block.{m[2]}.{_resnet(m[3])}"
-    m = re.fullmatch(r"encoder\.down_blocks\.(\d+)\.downsamplers\.0\.conv\.(\w+)", name)
-    if m:
-        return f"encoder.down.{m[1]}.downsample.conv.{m[2]}"
-    m = re.fullmatch(r"decoder\.up_blocks\.(\d+)\.resnets\.(\d+)\.(.+)", name)
-    if m:  # diffusers counts from the lowest resolution, LDM from the highest
-        return f"decoder.up.{levels - 1 - int(m[1])}.block.{m[2]}.{_resnet(m[3])}"
-    m = re.fullmatch(r"decoder\.up_blocks\.(\d+)\.upsamplers\.0\.conv\.(\w+)", name)
-    if m:
-        return f"decoder.up.{levels - 1 - int(m[1])}.upsample.conv.{m[2]}"
-    m = re.fullmatch(r"(encoder|decoder)\.mid_block\.resnets\.(\d)\.(.+)", name)
-    if m:
-        return f"{m[1]}.mid.block_{int(m[2]) + 1}.{_resnet(m[3])}"
-    m = re.fullmatch(r"(encoder|decoder)\.mid_block\.attentions\.0\.(group_norm|to_q|to_k|to_v|to_out\.0)\.(\w+)", name)
-    if m:
-        return f"{m[1]}.mid.attn_1.{_ATTENTION[m[2]]}.{m[3]}"
+    for pattern, key in _KEY_RULES:
+        m = re.fullmatch(pattern, name)
+        if m:
+            return key(m, levels)
     return name  # conv_in, conv_out, quant_conv, post_quant_conv: the same in both
 
 
