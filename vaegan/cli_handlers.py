@@ -47,11 +47,11 @@ def sample_command(args: argparse.Namespace) -> int:
 
     commands.check_output(args.out)
     model = commands.load_model(args.model, raw=args.raw, device=args.device)
+    from .previews import sample_caption
+
     sampler = _sampler(args, model)
     images = commands.sample(model, args.num, seed=args.seed, batch_size=args.batch_size,
                              temperature=args.temperature, sampler=sampler)
-    from .previews import sample_caption
-
     path = commands.save_images(args.out, images, caption=sample_caption(sampler.name if sampler is not None else None))
     source = f"the '{sampler.name}' sampler" if sampler is not None else "N(0, I)"
     sys.stdout.write(f"wrote {images.shape[0]} samples {tuple(images.shape[1:])} (latents from {source}) to {path}\n")
@@ -235,8 +235,9 @@ def encode_command(args: argparse.Namespace) -> int:
     scaling = codec.scaling_of(model) if args.scaled else None  # refused before any work
     tiling = _tiling(args, model)
     name = _dataset_name(args)
-    latents, logvar = codec.encode(model, _dataset(args, model, name, what="encode"), sample=args.sample, seed=args.seed,
-                                      batch_size=args.batch_size, scaled=args.scaled, tiling=tiling)
+    dataset = _dataset(args, model, name, what="encode")
+    latents, logvar = codec.encode(model, dataset, sample=args.sample, seed=args.seed, batch_size=args.batch_size,
+                                   scaled=args.scaled, tiling=tiling)
     info = {"model": str(commands.resolve_model_dir(args.model, args.raw).resolve()), "dataset": name,
             "split": args.split, "posterior": "sample" if args.sample else "mean",
             **({"seed": args.seed} if args.sample else {}),
