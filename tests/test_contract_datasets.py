@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader
 from vaegan import registry
 from vaegan.api import DatasetFactory
 from vaegan.config import DataConfig, ModelConfig
-from vaegan.data import build_dataset, first_batch
+from vaegan.data import build_dataset, first_batch, image_of
 from vaegan.errors import ConfigError, DataError
 
 DATASETS = registry.available("vaegan.datasets")
@@ -35,9 +35,7 @@ def _build(name, root, shape=None, output_range="unit", **data):
     return build_dataset(config, ModelConfig(image_channels=c, image_size=(h, w), output_range=output_range))
 
 
-def _image(item):
-    """An item is an image, or an (image, label) pair."""
-    return item[0] if isinstance(item, (tuple, list)) else item
+_image = image_of  # an item is an image, or an (image, label) pair
 
 
 @pytest.mark.parametrize("name", DATASETS)

@@ -22,7 +22,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from .commands import _device_of, _image, to_uint8
+from .commands import _device_of, to_uint8
+from .data import image_of
 from .errors import ConfigError, DataError, VaeganError
 from .generator import VAE
 from .progress import Phase
@@ -88,7 +89,7 @@ def encode(model: VAE, dataset: Dataset, sample: bool = False, seed: int = 0, ba
     means, logvars = [], []
     with Phase("encode", total=len(dataset), unit="img", enabled=progress) as phase:
         for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False):
-            x = _image(batch)  # (B, C, H, W); labels dropped
+            x = image_of(batch)  # (B, C, H, W); labels dropped
             if not means and tiling is None:
                 model.check_images(x, "the dataset")
             elif not means:  # any size

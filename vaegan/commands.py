@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ._deprecation import deprecated_names
 from .config import DataConfig, from_dict, load_config
-from .data import build_dataset
+from .data import build_dataset, image_of
 from .errors import CheckpointError, ConfigError, DataError, VaeganError
 from .generator import CONFIG_NAME, VAE
 from .previews import PAIR_LABELS, label_columns, strip_labels
@@ -192,7 +192,7 @@ def reconstruct(model: VAE, dataset: Dataset, batch_size: int = 256) -> Tuple[Te
     """
     inputs, recons = [], []
     for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False):
-        x = batch[0] if isinstance(batch, (list, tuple)) else batch  # (B, C, H, W); labels dropped
+        x = image_of(batch)  # (B, C, H, W); labels dropped
         if not inputs:
             model.check_images(x, "the dataset")
         x = x.to(_device_of(model))
@@ -236,16 +236,12 @@ def interpolate(model: VAE, num_pairs: int = 4, steps: int = 8, seed: int = 0, d
         bad = [i for i in picks if not 0 <= i < n]
         if bad:
             raise ConfigError(f"--indices {bad} are outside the dataset, which has {n} images (0 to {n - 1}).")
-    x = torch.stack([_image(dataset[i]) for i in picks])  # (2P, C, H, W): start, end, start, end, ...
+    x = torch.stack([image_of(dataset[i]) for i in picks])  # (2P, C, H, W): start, end, start, end, ...
     model.check_images(x, "the dataset")
     x = x.to(device)
     strips = model.interpolate(x[0::2], x[1::2], steps=steps)  # (P, steps, C, H, W)
     ends = torch.stack([x[0::2], x[1::2]], dim=1)  # (P, 2, C, H, W)
     return to_uint8(strips, model.value_range), to_uint8(ends, model.value_range)
-
-
-def _image(item) -> Tensor:
-    return item[0] if isinstance(item, (list, tuple)) else item
 
 
 def save_images(path: Union[str, Path], images: Tensor, nrow: Optional[int] = None,

@@ -36,6 +36,7 @@ from .config import DataConfig, ModelConfig
 from .errors import ConfigError, DataError, PluginError
 
 __all__ = ["TensorImages", "ImageFolder", "mnist", "image_folder", "build_dataset", "describe_dataset", "first_batch",
+           "image_of",
            "is_stream", "prepare_stream", "resume_batches"]
 
 logger = logging.getLogger(__name__)
@@ -479,8 +480,17 @@ def describe_dataset(data: DataConfig, dataset: Dataset) -> str:
     return line
 
 
+def image_of(item: Union[Tensor, Sequence[Tensor]]) -> Tensor:
+    """The images of a dataset item or a DataLoader batch: ``item`` itself, or the first element of an
+    ``(image, label)`` pair (a dataset plugin may return either; vaegan never trains on labels).
+
+    Example:
+        >>> image_of((torch.zeros(1, 2, 2), 7)).shape
+        torch.Size([1, 2, 2])
+    """
+    return item[0] if isinstance(item, (list, tuple)) else item
+
+
 def first_batch(dataset: Dataset, n: int) -> Tensor:
     """The first ``n`` images of a dataset as one (n, C, H, W) batch (labels dropped)."""
-    items = [dataset[i] for i in range(min(n, len(dataset)))]
-    items = [it[0] if isinstance(it, (tuple, list)) else it for it in items]
-    return torch.stack(items)
+    return torch.stack([image_of(dataset[i]) for i in range(min(n, len(dataset)))])

@@ -49,7 +49,7 @@ from .classifier import (  # noqa: F401  (DigitClassifier, load_or_train_classif
     load_or_train_classifier,
 )
 from .config import DataConfig, EvalConfig, ModelConfig
-from .data import TensorImages, build_dataset, describe_dataset
+from .data import TensorImages, build_dataset, describe_dataset, image_of
 from .errors import PluginError
 from .files import dumps_json, write_text_atomic
 from .generator import VAE
@@ -200,7 +200,7 @@ def _batches(ds: Dataset, indices: Tensor, batch_size: int):
             yield idx, ds[idx]
         else:
             items = [ds[int(i)] for i in idx]
-            yield idx, torch.stack([it[0] if isinstance(it, (tuple, list)) else it for it in items])
+            yield idx, torch.stack([image_of(it) for it in items])
 
 
 @torch.no_grad()

@@ -25,6 +25,7 @@ import yaml
 from torch.utils.data import Dataset
 
 from .config import ExperimentConfig, to_dict
+from .data import image_of
 from .files import save_safetensors, write_text_atomic
 from .generator import VAE
 
@@ -55,7 +56,7 @@ def estimate_scaling_factor(model: VAE, dataset: Dataset, num_images: int = 1024
     model.eval()
     for start in range(0, n, batch_size):
         items = [dataset[i] for i in range(start, min(n, start + batch_size))]
-        x = torch.stack([it[0] if isinstance(it, (tuple, list)) else it for it in items]).to(device)
+        x = torch.stack([image_of(it) for it in items]).to(device)
         q = model.encode(x)
         eps = torch.randn(q.mean.shape, generator=gen).to(q.mean)  # seeded on the CPU: any device, same numbers
         z = (q.mean + q.std * eps).double()

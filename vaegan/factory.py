@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader, Dataset
 from . import api, registry
 from .callbacks import Callback
 from .config import ExperimentConfig, TrainConfig
-from .data import TensorImages, build_dataset, describe_dataset, is_stream, prepare_stream
+from .data import TensorImages, build_dataset, describe_dataset, image_of, is_stream, prepare_stream
 from .errors import ConfigError, DataError, OutputError, PluginError
 from .faults import check_output, output_estimate
 from .generator import build_generator
@@ -140,7 +140,7 @@ def check_dataset(model: api.VAE, dataset: Dataset, global_batch: int) -> None:
     if not getattr(dataset, "random_access", True):  # a stream read in order (a hub dataset): its first images
         spread = range(min(n, 64))
     items = [dataset[i] for i in spread]
-    model.check_images(torch.stack([it[0] if isinstance(it, (tuple, list)) else it for it in items]), "the dataset")
+    model.check_images(torch.stack([image_of(it) for it in items]), "the dataset")
 
 
 def build_loader(dataset: Dataset, config: ExperimentConfig, accelerator: Accelerator) -> DataLoader:

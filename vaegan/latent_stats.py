@@ -37,6 +37,7 @@ from typing import Any, Dict, Literal, Optional, Sequence, Tuple, Union
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from .data import image_of
 from .errors import DataError
 from .generator import VAE
 
@@ -121,7 +122,7 @@ def compute_latent_stats(model: VAE, dataset: Dataset, num_images: int = 1024, b
     model.eval()
     try:
         for batch in DataLoader(Subset(dataset, range(rank, n, world)), batch_size=batch_size, shuffle=False):
-            x = batch[0] if isinstance(batch, (list, tuple)) else batch  # (B, C, H, W); labels dropped
+            x = image_of(batch)  # (B, C, H, W); labels dropped
             if not sums[0].any():
                 model.check_images(x, "the dataset")
             q = model.encode(x.to(device))

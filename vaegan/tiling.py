@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .data import image_of
 from .distributions import DiagonalGaussian
 from .errors import ConfigError, DataError
 from .generator import VAE
@@ -278,7 +279,7 @@ def reconstruct_dataset(model: VAE, dataset, tiling: Tiling, batch_size: int = 1
     check_tiling(model, tiling)
     inputs, recons = [], []
     for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False):
-        x = batch[0] if isinstance(batch, (list, tuple)) else batch  # (B, C, H, W); labels dropped
+        x = image_of(batch)  # (B, C, H, W); labels dropped
         inputs.append(to_uint8(x, model.value_range))
         recons.append(to_uint8(reconstruct_tiled(model, x, tiling.tile, tiling.overlap), model.value_range))
     if not inputs:

@@ -30,7 +30,7 @@ from ._trainer_compat import legacy_components, moved_to_step
 from .callbacks import Callback, CallbackList
 from .checkpointing import MARKER, CheckpointManager, name_step, read_counters, read_marker, resolve_resume, restore
 from .config import ExperimentConfig, to_dict
-from .data import first_batch, resume_batches
+from .data import first_batch, image_of, resume_batches
 from .errors import CheckpointError, DataError, TrainingDiverged
 from .export import save_discriminator, write_model_card
 from .faults import Boundary, SoftWrites, save_after_fault, writing_final
@@ -175,7 +175,7 @@ class Trainer:
                 batches = resume_batches(acc, self.loader, state.epoch, state.batch_in_epoch)
                 self._control.loaders.append(batches)  # its workers end with training too
             for batch in batches:
-                x = batch[0] if isinstance(batch, (list, tuple)) else batch
+                x = image_of(batch)  # (B, C, H, W); labels dropped
                 self.callbacks.on_batch_start(self, x)
                 out = self.train_step(x, state.step)
                 state.batch_in_epoch += 1
