@@ -367,3 +367,14 @@ def test_the_command_line_shows_a_plugins_deprecated_import(tmp_path):
     proc = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "vaegan.model.VAE is deprecated; import it from vaegan.api" in proc.stderr and "old_plugin.py" in proc.stderr
+
+
+@pytest.mark.slow
+def test_data_dir_defaults_to_the_data_the_model_was_trained_on(run_dir, tmp_path, capsys):
+    assert main(["reconstruct", "--model", str(run_dir), "--limit", "3", "--out", str(tmp_path / "r.npz")]) == 0
+    assert f"of the test split of 'mnist' in {MNIST_ROOT}" in capsys.readouterr().err
+    bare = tmp_path / "bare"  # a model folder that says nothing of its data
+    shutil.copytree(run_dir / "final", bare)
+    (bare / "training_config.yaml").unlink()
+    err = _error(capsys, ["encode", "--model", str(bare), "--out", str(tmp_path / "z.safetensors")])
+    assert "does not say which data it was trained on" in err and "--data-dir" in err

@@ -410,3 +410,13 @@ def test_console_script_runs():
         for name in names:
             assert any(line.split() == [name, group, "vaegan", "not", "loaded"]
                        for line in res.stdout.splitlines()), name
+
+
+# A plugin of every group with a base class that builds something else: a plain dict, say.
+@pytest.mark.parametrize("group", sorted(registry.BASES))
+def test_a_plugin_that_builds_the_wrong_kind_of_object_is_refused_naming_the_base(group):
+    registry.register(group, "not_a_plugin", "builtins:dict")
+    context = {"vaegan.generators": {"image_shape": (1, 28, 28), "output_range": "unit"},
+               "vaegan.discriminators": {"image_shape": (1, 28, 28)}, "vaegan.samplers": {"latent_shape": (4,)}}
+    with pytest.raises(PluginError, match=rf"built a dict, not a {registry.BASES[group].replace(':', '.')}"):
+        registry.build_plugin(group, "not_a_plugin", {}, **context.get(group, {}))

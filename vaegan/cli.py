@@ -190,9 +190,11 @@ def _model_flags(p: argparse.ArgumentParser, out_help: str, out_required: bool =
     p.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
 
 
-def _data_flags(p: argparse.ArgumentParser, required: bool, split: str = "test") -> None:
+def _data_flags(p: argparse.ArgumentParser, trained_root: bool, split: str = "test") -> None:
     datasets = registry.available("vaegan.datasets")
-    p.add_argument("--data-dir", required=required, metavar="D", help="dataset root, as data.root in a config")
+    p.add_argument("--data-dir", required=False, metavar="D",
+                   help="dataset root, as data.root in a config" + (
+                       " (default: the data.root the model was trained with)" if trained_root else ""))
     p.add_argument("--dataset", choices=datasets, metavar="NAME",
                    help=f"dataset plugin ({', '.join(datasets)}; default: the one the model was trained on)")
     p.add_argument("--split", choices=["train", "test"], default=split, help=f"default: {split}")
@@ -259,7 +261,7 @@ def _parser() -> argparse.ArgumentParser:
                  "dataset plugin works (see `vaegan plugins`); the model's training data options are kept.",
                  "vaegan reconstruct --model outputs/vaegan_mnist --data-dir data --split test --out recon.npz")
     _model_flags(r, ".npz (arrays 'images' and 'inputs') or .png (a grid of pairs)")
-    _data_flags(r, required=True)
+    _data_flags(r, trained_root=True)
     _tile_flags(r, image_size=True)
     r.add_argument("--batch-size", type=_positive_int, default=256, help="images per forward (default 256)")
 
@@ -276,7 +278,7 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("--indices", type=int, nargs="+", metavar="I",
                    help="dataset images to interpolate between, in pairs (e.g. 0 7 3 5); needs --data-dir")
     _sampler_flag(i, "the random end points'")
-    _data_flags(i, required=False)
+    _data_flags(i, trained_root=False)
 
     c = _command(sub, "encode", "encode a dataset split to latents (a safetensors file)",
                  "Encode every image of a dataset split (in dataset order) to its posterior mean, or with --sample "
@@ -288,7 +290,7 @@ def _parser() -> argparse.ArgumentParser:
                  "file back into images.",
                  "vaegan encode --model outputs/vaegan_mnist --data-dir data --split test --out latents.safetensors")
     _model_flags(c, "a .safetensors file (tensors 'latents' and 'logvar', and metadata)", out_metavar="FILE.safetensors")
-    _data_flags(c, required=True)
+    _data_flags(c, trained_root=True)
     _tile_flags(c, image_size=True)
     c.add_argument("--sample", action="store_true", help="a draw from the posterior instead of its mean")
     c.add_argument("--seed", type=int, default=0, help="seed of --sample's noise (default 0)")
@@ -324,7 +326,7 @@ def _parser() -> argparse.ArgumentParser:
                  "are the same as on one.",
                  "vaegan eval --model outputs/vaegan_mnist --data-dir data --num-samples 10000 --out eval.json")
     _model_flags(e, "also write the results as JSON", out_required=False, out_metavar="FILE.json")
-    _data_flags(e, required=True)
+    _data_flags(e, trained_root=True)
     e.add_argument("--num-samples", type=_positive_int, default=10000, help="prior samples (default 10000)")
     e.add_argument("--nll-images", type=_positive_int, default=1000, help="images for the NLL bounds (default 1000)")
     _likelihood_flags(e, 100)
@@ -361,7 +363,7 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--raw", action="store_true", help="fit for the raw weights (final/raw) instead of the EMA ones")
     f.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
     f.add_argument("--batch-size", type=_positive_int, default=256, help="images per forward (default 256)")
-    _data_flags(f, required=False, split="train")
+    _data_flags(f, trained_root=True, split="train")
 
     sc = _command(sub, "score", "per-image scores: ELBO, NLL bound, reconstruction error, KL, discriminator logit",
                   "Score every image of a dataset split, streamed in batches: negative ELBO and the importance-"
@@ -371,7 +373,7 @@ def _parser() -> argparse.ArgumentParser:
                   "seed and K); under `accelerate launch` / torchrun the images are split over the processes.",
                   "vaegan score --model outputs/vaegan_mnist --data-dir data --split test --out scores.csv")
     _model_flags(sc, ".csv (one row per image) or .npz (one array per score)")
-    _data_flags(sc, required=True)
+    _data_flags(sc, trained_root=True)
     _likelihood_flags(sc, 100)
     sc.add_argument("--batch-size", type=_positive_int, default=256, help="images per forward (default 256)")
     sc.add_argument("--seed", type=int, default=0, help="seed of the importance noise (default 0, as vaegan eval)")

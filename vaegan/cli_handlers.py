@@ -73,6 +73,19 @@ def _dataset_name(args: argparse.Namespace) -> str:
 GRID_IMAGES = 64
 
 
+def _data_root(args: argparse.Namespace) -> str:
+    """--data-dir, else the data.root the model was trained with (its training_config.yaml), resolved once."""
+    from . import commands
+
+    if args.data_dir is None:
+        trained = commands.trained_data_config(args.model)
+        if trained is None:
+            raise ConfigError(f"'{args.model}' does not say which data it was trained on (no training_config.yaml): "
+                              "pass --data-dir (and --dataset) to name the images to read.")
+        args.data_dir = str(trained.root)
+    return args.data_dir
+
+
 def _dataset(args: argparse.Namespace, model, name: Optional[str] = None, what: Optional[str] = None,
              limit: Optional[int] = None):
     """The images the command reads: the model's training data options when it is the dataset it was trained on
@@ -80,6 +93,7 @@ def _dataset(args: argparse.Namespace, model, name: Optional[str] = None, what: 
     from . import commands
 
     name = name or _dataset_name(args)
+    _data_root(args)
     trained = commands.trained_data_config(args.model)
     options = trained.options if trained is not None and trained.name == name else {}
     limit = args.limit if limit is None else limit
@@ -199,7 +213,7 @@ def eval_command(args: argparse.Namespace) -> int:
     name = _dataset_name(args)
     trained = commands.trained_data_config(args.model)
     options = dict(trained.options) if trained is not None and trained.name == name else {}  # as it was trained
-    data = from_dict(DataConfig, {"name": name, "root": args.data_dir, "download": args.download,
+    data = from_dict(DataConfig, {"name": name, "root": _data_root(args), "download": args.download,
                                   "options": options}, "data")
     if accelerator is None or accelerator.is_main_process:
         limit = f"the first {args.limit}" if args.limit else "all"

@@ -511,8 +511,6 @@ def build_generator(config: ModelConfig) -> VAE:
 
     model = registry.build_plugin(GROUP, config.name, dict(config.options), image_shape=config.image_shape,
                                   output_range=config.output_range)
-    if not isinstance(model, VAE):
-        raise PluginError(f"Generator plugin '{config.name}' built a {type(model).__name__}, not a vaegan.api.VAE.")
     if not model.config.name:  # a class registered under its own name keeps it (a factory plugin may build one)
         model.config = dataclasses.replace(model.config, name=config.name)
     return model

@@ -94,15 +94,11 @@ class Objective(nn.Module):
         for tc in config.losses:
             term = registry.build_plugin("vaegan.losses", tc.name, dict(tc.options),
                                          optional_context={"image_shape": config.model.image_shape})
-            if not isinstance(term, api.LossTerm):
-                raise PluginError(f"Loss plugin '{tc.name}' built a {type(term).__name__}, not a vaegan.api.LossTerm.")
             terms.append((tc.key, term, tc.weight))
         disc_start = 0
         adv: Optional[AdversarialConfig] = config.adversarial
         if adv is not None:
             pair = registry.build_plugin("vaegan.adversarial", adv.name, dict(adv.options))
-            if not isinstance(pair, api.AdversarialLoss):
-                raise PluginError(f"Adversarial plugin '{adv.name}' built a {type(pair).__name__}, not an AdversarialLoss.")
             terms.append(("adversarial", _GeneratorAdversarial(pair), adv.weight))
             terms.append(("discriminator", _DiscriminatorAdversarial(pair), Schedule.constant(1.0)))
             disc_start = adv.disc_start

@@ -27,6 +27,7 @@ Example:
 from __future__ import annotations
 
 import functools
+import importlib
 import inspect
 import logging
 import os
@@ -44,6 +45,11 @@ logger = logging.getLogger(__name__)
 
 GROUPS = ("vaegan.generators", "vaegan.losses", "vaegan.adversarial", "vaegan.discriminators", "vaegan.datasets",
           "vaegan.samplers")
+# What a plugin of each group must build ("module:class", imported only to check: the registry loads no torch).
+# Datasets are duck-typed instead (map-style or a stream; vaegan.data.build_dataset checks them).
+BASES = {"vaegan.generators": "vaegan.api:VAE", "vaegan.losses": "vaegan.api:LossTerm",
+         "vaegan.adversarial": "vaegan.api:AdversarialLoss", "vaegan.discriminators": "vaegan.api:Discriminator",
+         "vaegan.samplers": "vaegan.api:LatentSampler"}
 FIRST_PARTY = ("vaegan",)  # distributions whose plugins load even with third-party ones disabled
 DISABLE_ENV = "VAEGAN_DISABLE_THIRD_PARTY_PLUGINS"
 
@@ -187,7 +193,8 @@ def build_plugin(group: str, name: str, options: Mapping[str, Any],
     plugin's signature first, so a misspelt option fails before anything is built.
 
     Raises:
-        PluginError: unknown, disabled or broken plugin.
+        PluginError: unknown, disabled or broken plugin, or one that built something other than its group's
+            base class (:data:`BASES`).
         ConfigError: an option the plugin does not accept, or a value it rejects (``ValueError`` or
             ``TypeError`` from its constructor), naming the plugin and its signature.
 
@@ -215,11 +222,25 @@ def build_plugin(group: str, name: str, options: Mapping[str, Any],
                 f"Its signature is {name}{signature}."
             ) from None
     try:
-        return factory(**kwargs)
+        built = factory(**kwargs)
     except VaeganError:  # already one paragraph that says what to do (a DataError from a dataset, say)
         raise
     except (ValueError, TypeError) as exc:
         raise ConfigError(f"Plugin '{name}' ({group}) rejected its options {dict(options)}: {exc}") from exc
+    _check_base(group, name, built)
+    return built
+
+
+def _check_base(group: str, name: str, built: Any) -> None:
+    """Refuse what a plugin built when it is not its group's base class (:data:`BASES`)."""
+    if group not in BASES:
+        return
+    module, _, attr = BASES[group].partition(":")
+    base = getattr(importlib.import_module(module), attr)
+    if not isinstance(built, base):
+        raise PluginError(
+            f"Plugin '{name}' ({group}) built a {type(built).__name__}, not a {module}.{attr}: a {group} plugin must "
+            f"subclass {module}.{attr} (docs/plugins.md). Fix the plugin, or choose another.")
 
 
 def describe(groups: Optional[List[str]] = None, check: bool = True) -> List[PluginInfo]:

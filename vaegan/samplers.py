@@ -158,8 +158,6 @@ def build_sampler(name: str, latent_shape: Sequence[int], options: Optional[Mapp
 
     options = dict(options or {})
     sampler = registry.build_plugin(GROUP, name, options, latent_shape=tuple(latent_shape))
-    if not isinstance(sampler, LatentSampler):
-        raise PluginError(f"Sampler plugin '{name}' built a {type(sampler).__name__}, not a vaegan.api.LatentSampler.")
     sampler.name, sampler.options = name, options
     return sampler
 
