@@ -22,6 +22,7 @@ from PIL import Image
 import vaegan
 from vaegan import commands
 from vaegan.cli import main
+from vaegan.images import to_uint8
 from vaegan.previews import LABEL_HEIGHT
 
 ROOT = Path(__file__).parents[1]
@@ -215,7 +216,7 @@ def test_reconstruct_mnist_test_split_in_dataset_order(run_dir, tmp_path, test_d
     assert data["images"].dtype == np.uint8 and data["images"].shape == (20, 1, 28, 28)
     np.testing.assert_array_equal(data["inputs"][:, 0], test_digits[:20].numpy())  # the split, in order
     model = commands.load_model(run_dir)
-    expected = commands.to_uint8(model.reconstruct(test_digits[:20, None].float() / 255), model.value_range)
+    expected = to_uint8(model.reconstruct(test_digits[:20, None].float() / 255), model.value_range)
     np.testing.assert_array_equal(data["images"], expected.numpy())
 
 
@@ -275,7 +276,7 @@ def test_interpolate_between_given_dataset_images(run_dir, tmp_path, test_digits
     assert data["images"].shape == (2, 6, 1, 28, 28) and data["inputs"].shape == (2, 2, 1, 28, 28)
     np.testing.assert_array_equal(data["inputs"][:, :, 0], test_digits[torch.tensor([[0, 7], [3, 5]])].numpy())
     model = commands.load_model(run_dir)
-    ends = commands.to_uint8(model.reconstruct(test_digits[[0, 3, 7, 5], None].float() / 255), model.value_range)
+    ends = to_uint8(model.reconstruct(test_digits[[0, 3, 7, 5], None].float() / 255), model.value_range)
     np.testing.assert_array_equal(data["images"][:, 0], ends[:2].numpy())  # t = 0: the first image's code
     np.testing.assert_array_equal(data["images"][:, -1], ends[2:].numpy())  # t = 1: the second's
     labelled = _png(tmp_path / "i.png")

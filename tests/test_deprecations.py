@@ -25,7 +25,9 @@ OLD_PATHS = {
                          "build_plugin": ("vaegan.registry", "build_plugin")},
     "vaegan.discriminators": {"Discriminator": ("vaegan.api", "Discriminator"),
                               "DiscriminatorOutput": ("vaegan.api", "DiscriminatorOutput")},
-    "vaegan.commands": {"preview_grids": ("vaegan.previews", "preview_grids")},
+    "vaegan.commands": {"preview_grids": ("vaegan.previews", "preview_grids"),
+                        **{n: ("vaegan.images", n) for n in ("OUTPUT_SUFFIXES", "check_output", "to_uint8", "save_images",
+                                                              "save_reconstructions", "save_interpolations")}},
     "vaegan.trainer": {"Player": ("vaegan.step", "PlayerModule")},
 }
 CASES = [(m, n) for m, names in OLD_PATHS.items() for n in names]

@@ -44,15 +44,16 @@ def _sampler(args: argparse.Namespace, model):
 
 def sample_command(args: argparse.Namespace) -> int:
     from . import commands
+    from .images import check_output, save_images
 
-    commands.check_output(args.out)
+    check_output(args.out)
     model = commands.load_model(args.model, raw=args.raw, device=args.device)
     from .previews import sample_caption
 
     sampler = _sampler(args, model)
     images = commands.sample(model, args.num, seed=args.seed, batch_size=args.batch_size,
                              temperature=args.temperature, sampler=sampler)
-    path = commands.save_images(args.out, images, caption=sample_caption(sampler.name if sampler is not None else None))
+    path = save_images(args.out, images, caption=sample_caption(sampler.name if sampler is not None else None))
     source = f"the '{sampler.name}' sampler" if sampler is not None else "N(0, I)"
     sys.stdout.write(f"wrote {images.shape[0]} samples {tuple(images.shape[1:])} (latents from {source}) to {path}\n")
     return 0
@@ -141,8 +142,9 @@ def _tiling(args: argparse.Namespace, model):
 
 def reconstruct_command(args: argparse.Namespace) -> int:
     from . import commands
+    from .images import check_output, save_reconstructions
 
-    commands.check_output(args.out)
+    check_output(args.out)
     model = commands.load_model(args.model, raw=args.raw, device=args.device)
     png = Path(args.out).suffix.lower() == ".png"
     limit = GRID_IMAGES if png and args.limit is None else None  # a readable grid unless --limit asks for more
@@ -154,7 +156,7 @@ def reconstruct_command(args: argparse.Namespace) -> int:
         inputs, recons = reconstruct_dataset(model, dataset, tiling, batch_size=args.batch_size)
     else:
         inputs, recons = commands.reconstruct(model, dataset, batch_size=args.batch_size)
-    path = commands.save_reconstructions(args.out, inputs, recons)
+    path = save_reconstructions(args.out, inputs, recons)
     note = f" (a .png holds the first {GRID_IMAGES} unless --limit says; .npz takes all)" if limit else ""
     sys.stdout.write(f"wrote {recons.shape[0]} reconstructions of the {args.split} split to {path}{note}\n")
     return 0
@@ -162,8 +164,9 @@ def reconstruct_command(args: argparse.Namespace) -> int:
 
 def interpolate_command(args: argparse.Namespace) -> int:
     from . import commands
+    from .images import check_output, save_interpolations
 
-    commands.check_output(args.out)
+    check_output(args.out)
     model = commands.load_model(args.model, raw=args.raw, device=args.device)
     dataset = _dataset(args, model) if args.data_dir is not None else None
     if args.indices is not None and dataset is None:
@@ -171,7 +174,7 @@ def interpolate_command(args: argparse.Namespace) -> int:
     sampler = _sampler(args, model) if dataset is None else None
     strips, ends = commands.interpolate(model, args.num_pairs, args.steps, seed=args.seed, dataset=dataset,
                                         indices=args.indices, sampler=sampler)
-    path = commands.save_interpolations(args.out, strips, ends)
+    path = save_interpolations(args.out, strips, ends)
     sys.stdout.write(f"wrote {strips.shape[0]} interpolation strips of {strips.shape[1]} steps to {path}\n")
     return 0
 
@@ -271,8 +274,9 @@ def encode_command(args: argparse.Namespace) -> int:
 
 def decode_command(args: argparse.Namespace) -> int:
     from . import codec, commands
+    from .images import check_output, save_images
 
-    commands.check_output(args.out)
+    check_output(args.out)
     file = codec.load_latents(args.latents)  # a missing, unreadable or latents-less file: before loading a model
     model = commands.load_model(args.model, raw=args.raw, device=args.device)
     scaling = file.scaling
@@ -288,7 +292,7 @@ def decode_command(args: argparse.Namespace) -> int:
         tiling = Tiling()  # latents of large images (encode --image-size): decoded in one piece unless --tile
     images = codec.decode(model, file.latents[:num], batch_size=args.batch_size, scaling=scaling,
                           source=f"The latents in '{args.latents}'", tiling=tiling)
-    path = commands.save_images(args.out, images)
+    path = save_images(args.out, images)
     unscaled = f" (unscaled by {scaling[0]:g}, shift {scaling[1]:g})" if scaling else ""
     count = f"{images.shape[0]} of the {total}" if images.shape[0] < total else f"{images.shape[0]}"
     note = (f"; a .png holds the first {GRID_IMAGES} unless --num says, .npz takes all"

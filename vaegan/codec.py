@@ -22,10 +22,11 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from .commands import _device_of, to_uint8
+from .commands import device_of
 from .data import image_of
 from .errors import ConfigError, DataError, VaeganError
 from .generator import VAE
+from .images import to_uint8
 from .progress import Phase
 from .tiling import Tiling, check_any_size_images, check_tiling, decode_tiled, encode_tiled
 
@@ -94,7 +95,7 @@ def encode(model: VAE, dataset: Dataset, sample: bool = False, seed: int = 0, ba
                 model.check_images(x, "the dataset")
             elif not means:  # any size
                 check_any_size_images(model, x, "the dataset")
-            q = model.encode(x.to(_device_of(model))) if tiling is None else encode_tiled(model, x, tiling.tile,
+            q = model.encode(x.to(device_of(model))) if tiling is None else encode_tiled(model, x, tiling.tile,
                                                                                           tiling.overlap)
             means.append(q.mean.float().cpu())
             logvars.append(q.logvar.float().cpu())

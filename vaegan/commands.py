@@ -1,11 +1,10 @@
-"""What the ``vaegan sample | reconstruct | interpolate`` commands do, usable from Python too (``encode``
-and ``decode``, the codec use of a trained VAE, are in :mod:`vaegan.codec`).
-
-Images leave vaegan as uint8 arrays (N, C, H, W), the way image files and metric tools expect them:
-``.npz`` files hold them under ``images``; ``.png`` files show them as one grid with exactly the same
-pixel values.
+"""Inference with a trained model, as the ``vaegan sample | reconstruct | interpolate`` commands do it, usable
+from Python too: find and load a model folder, the dataset it was trained on, and uint8 images (N, C, H, W) out.
+``encode`` and ``decode``, the codec use of a trained VAE, are in :mod:`vaegan.codec`; writing the images as
+.png grids or .npz arrays is :mod:`vaegan.images`.
 
 Example:
+    >>> from vaegan.images import save_images
     >>> model = load_model("outputs/vaegan_mnist")  # doctest: +SKIP
     >>> save_images("samples.npz", sample(model, 16, seed=0))  # doctest: +SKIP
 """
@@ -13,11 +12,9 @@ Example:
 from __future__ import annotations
 
 import logging
-import math
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence, Tuple, Union
 
-import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
@@ -27,40 +24,13 @@ from .config import DataConfig, from_dict, load_config
 from .data import build_dataset, image_of
 from .errors import CheckpointError, ConfigError, DataError, VaeganError
 from .generator import CONFIG_NAME, VAE
-from .previews import PAIR_LABELS, label_columns, strip_labels
-from .previews import caption as add_caption
+from .images import to_uint8 as _uint8  # public as vaegan.images.to_uint8
 from .samplers import LatentSampler, sample_latents
 
-__all__ = [
-    "OUTPUT_SUFFIXES", "check_output", "resolve_model_dir", "load_model", "trained_data_config",
-    "to_uint8", "sample", "reconstruct", "interpolate", "save_images", "save_reconstructions",
-    "save_interpolations", "load_dataset",
-]
+__all__ = ["resolve_model_dir", "load_model", "trained_data_config", "load_dataset", "device_of", "sample",
+           "reconstruct", "interpolate"]
 
 logger = logging.getLogger(__name__)
-
-OUTPUT_SUFFIXES = (".png", ".npz")
-
-
-def check_output(path: Union[str, Path], allowed: Sequence[str] = OUTPUT_SUFFIXES) -> str:
-    """Return the lower-case suffix of ``path`` if vaegan can write it.
-
-    Raises:
-        ConfigError: any other extension (checked before any work is done).
-
-    Example:
-        >>> check_output("grid.PNG")
-        '.png'
-    """
-    suffix = Path(path).suffix.lower()
-    if suffix not in allowed:
-        raise ConfigError(
-            f"--out '{path}' has the extension '{suffix or '(none)'}', which vaegan cannot write. Use "
-            f"{' or '.join(allowed)}: .png writes one image grid, .npz a NumPy archive whose array "
-            "'images' is uint8 with shape (N, C, H, W)."
-        )
-    return suffix
-
 
 def resolve_model_dir(path: Union[str, Path], raw: bool = False) -> Path:
     """The folder holding the weights to load: ``path`` itself, or ``path/final`` for a run's output
@@ -139,19 +109,8 @@ def load_dataset(model: VAE, name: str, root: Union[str, Path], split: str = "te
     return build_dataset(data, model.config)
 
 
-def to_uint8(images: Tensor, value_range: Tuple[float, float]) -> Tensor:
-    """Images in ``value_range`` to uint8 in [0, 255], rounded as torchvision's ``save_image`` does.
-
-    Example:
-        >>> to_uint8(torch.tensor([-1.0, 0.0, 1.0]), (-1.0, 1.0)).tolist()
-        [0, 128, 255]
-    """
-    low, high = value_range
-    unit = (images.detach().float() - low) / (high - low)
-    return unit.mul(255).add_(0.5).clamp_(0, 255).to(torch.uint8).cpu()
-
-
-def _device_of(model: VAE) -> torch.device:
+def device_of(model: VAE) -> torch.device:
+    """The device of ``model``'s parameters (where its inputs go)."""
     return next(model.parameters()).device
 
 
@@ -173,8 +132,8 @@ def sample(model: VAE, num: int, seed: int = 0, batch_size: int = 256, temperatu
     """
     z = sample_latents(model, num, generator=torch.Generator().manual_seed(seed), temperature=temperature,
                        sampler=sampler)  # (num, *latent_shape)
-    out = [model.decode(chunk.to(_device_of(model))) for chunk in z.split(batch_size)]
-    return to_uint8(torch.cat(out), model.value_range)
+    out = [model.decode(chunk.to(device_of(model))) for chunk in z.split(batch_size)]
+    return _uint8(torch.cat(out), model.value_range)
 
 
 @torch.no_grad()
@@ -195,9 +154,9 @@ def reconstruct(model: VAE, dataset: Dataset, batch_size: int = 256) -> Tuple[Te
         x = image_of(batch)  # (B, C, H, W); labels dropped
         if not inputs:
             model.check_images(x, "the dataset")
-        x = x.to(_device_of(model))
-        inputs.append(to_uint8(x, model.value_range))
-        recons.append(to_uint8(model.reconstruct(x), model.value_range))
+        x = x.to(device_of(model))
+        inputs.append(_uint8(x, model.value_range))
+        recons.append(_uint8(model.reconstruct(x), model.value_range))
     return torch.cat(inputs), torch.cat(recons)
 
 
@@ -218,11 +177,11 @@ def interpolate(model: VAE, num_pairs: int = 4, steps: int = 8, seed: int = 0, d
         ConfigError: an odd number of indices, or indices outside the dataset.
     """
     gen = torch.Generator().manual_seed(seed)
-    device = _device_of(model)
+    device = device_of(model)
     if dataset is None:
         z0, z1 = sample_latents(model, 2 * num_pairs, generator=gen, sampler=sampler).to(device).chunk(2)  # (P, *latent)
         images = model.decode_path(z0, z1, steps)  # (P, steps, C, H, W)
-        return to_uint8(images, model.value_range), None
+        return _uint8(images, model.value_range), None
     n = len(dataset)  # type: ignore[arg-type]
     if indices is None:
         if n < 2:
@@ -241,75 +200,13 @@ def interpolate(model: VAE, num_pairs: int = 4, steps: int = 8, seed: int = 0, d
     x = x.to(device)
     strips = model.interpolate(x[0::2], x[1::2], steps=steps)  # (P, steps, C, H, W)
     ends = torch.stack([x[0::2], x[1::2]], dim=1)  # (P, 2, C, H, W)
-    return to_uint8(strips, model.value_range), to_uint8(ends, model.value_range)
-
-
-def save_images(path: Union[str, Path], images: Tensor, nrow: Optional[int] = None,
-                labels: Optional[Sequence[str]] = None, caption: Optional[str] = None, **arrays: Tensor) -> Path:
-    """Write uint8 images as a ``.png`` grid or as the array ``images`` of a ``.npz`` archive.
-
-    Args:
-        path: Ends in .png or .npz; parent folders are created.
-        images: uint8 (N, C, H, W), or (P, S, C, H, W) for rows of S images (a .png lays out one
-            row per P; a .npz keeps the shape).
-        nrow: Images per row of a .png grid (default: about square).
-        labels: Column names written in a band above a .png grid (:func:`vaegan.previews.label_columns`).
-        caption: A line written in a band above a .png grid (:func:`vaegan.previews.caption`), e.g. where samples'
-            latents came from.
-        arrays: Further uint8 arrays stored in a .npz next to ``images`` (ignored for .png).
-
-    Returns:
-        ``path`` as a Path.
-
-    Raises:
-        ConfigError: an extension other than .png/.npz. VaeganError: the file cannot be written.
-    """
-    from PIL import Image
-    from torchvision.utils import make_grid
-
-    path = Path(path)
-    suffix = check_output(path)
-    if images.dtype != torch.uint8:
-        raise TypeError(f"save_images takes uint8 images, got {images.dtype}")  # a caller's bug
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if suffix == ".npz":
-            np.savez_compressed(path, images=images.numpy(), **{k: v.numpy() for k, v in arrays.items()})
-        else:
-            if images.ndim == 5:  # (P, S, C, H, W): one row per P
-                nrow = images.shape[1]
-                images = images.flatten(0, 1)
-            nrow = nrow or math.ceil(math.sqrt(images.shape[0]))
-            grid = make_grid(images, nrow=nrow, padding=2, pad_value=0)  # uint8 (3, H', W')
-            if labels:
-                grid = label_columns(grid, labels, images.shape[-1])
-            if caption:
-                grid = add_caption(grid, caption)
-            Image.fromarray(grid.permute(1, 2, 0).numpy()).save(path)
-    except OSError as exc:
-        raise VaeganError(f"Cannot write '{path}': {exc}. Choose another --out path.") from None
-    return path
-
-
-def save_reconstructions(path: Union[str, Path], inputs: Tensor, recons: Tensor) -> Path:
-    """``.npz``: ``images`` (the reconstructions) and ``inputs``; ``.png``: a grid of input |
-    reconstruction pairs, eight pairs per row. Both uint8 (N, C, H, W)."""
-    if check_output(path) == ".png":
-        return save_images(path, torch.stack([inputs, recons], dim=1).flatten(0, 1), nrow=16,  # in, out, in, ...
-                           labels=PAIR_LABELS)
-    return save_images(path, recons, inputs=inputs)
-
-
-def save_interpolations(path: Union[str, Path], strips: Tensor, ends: Optional[Tensor] = None) -> Path:
-    """``.npz``: ``images`` (P, steps, C, H, W) and, for dataset images, ``inputs`` (P, 2, C, H, W);
-    ``.png``: one strip per row, with the real images at both ends (so labelled) when there are any."""
-    if check_output(path) == ".npz":
-        return save_images(path, strips, **({"inputs": ends} if ends is not None else {}))
-    if ends is None:
-        return save_images(path, strips)
-    rows = torch.cat([ends[:, :1], strips, ends[:, 1:]], dim=1)  # (P, S + 2, C, H, W)
-    return save_images(path, rows, labels=strip_labels(rows.shape[1]))
+    return _uint8(strips, model.value_range), _uint8(ends, model.value_range)
 
 
 # The trainer's preview panels moved to their own module (the trainer no longer imports this CLI-side one).
-__getattr__ = deprecated_names(__name__, {"preview_grids": "vaegan.previews:preview_grids"})
+__getattr__ = deprecated_names(__name__, {
+    "preview_grids": "vaegan.previews:preview_grids",
+    # 0.5: images out of vaegan have their own module
+    **{name: f"vaegan.images:{name}" for name in ("OUTPUT_SUFFIXES", "check_output", "to_uint8", "save_images",
+                                                   "save_reconstructions", "save_interpolations")},
+})

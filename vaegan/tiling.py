@@ -274,7 +274,7 @@ def reconstruct_dataset(model: VAE, dataset, tiling: Tiling, batch_size: int = 1
     """
     from torch.utils.data import DataLoader
 
-    from .commands import to_uint8
+    from .images import to_uint8
 
     check_tiling(model, tiling)
     inputs, recons = [], []

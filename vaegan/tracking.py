@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Union
 
 import numpy as np
-import torch
 from accelerate import Accelerator
 from accelerate.tracking import GeneralTracker
 from torch import Tensor
@@ -136,8 +135,9 @@ def grid_to_uint8(grid: Tensor) -> np.ndarray:
         >>> grid_to_uint8(torch.ones(3, 2, 4)).shape
         (2, 4, 3)
     """
-    pixels = grid.detach().float().mul(255).add_(0.5).clamp_(0, 255).to(torch.uint8)
-    return pixels.permute(1, 2, 0).cpu().numpy()  # (H, W, C)
+    from .images import to_uint8
+
+    return to_uint8(grid).permute(1, 2, 0).numpy()  # (H, W, C)
 
 
 class Tracking:
