@@ -29,6 +29,7 @@ OLD_PATHS = {
                         **{n: ("vaegan.images", n) for n in ("OUTPUT_SUFFIXES", "check_output", "to_uint8", "save_images",
                                                               "save_reconstructions", "save_interpolations")}},
     "vaegan.trainer": {"Player": ("vaegan.step", "PlayerModule")},
+    "vaegan.guards": {n: ("vaegan.preemption", n) for n in ("GracefulStop", "stopped", "EXIT_CODES", "CONTINUE")},
 }
 CASES = [(m, n) for m, names in OLD_PATHS.items() for n in names]
 

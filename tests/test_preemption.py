@@ -43,7 +43,7 @@ from torch.utils.data import DataLoader
 import vaegan
 from vaegan.checkpointing import list_checkpoints, resolve_resume
 from vaegan.errors import CheckpointError, TrainingStopped
-from vaegan.guards import GracefulStop
+from vaegan.preemption import GracefulStop
 from vaegan.preemption import WorkerSignals, requeue_slurm_job, slurm_job_id
 
 SLURM = ROOT / "recipes" / "slurm"

@@ -1,4 +1,4 @@
-"""Training guards: non-finite steps, discriminator collapse, and a graceful stop on SIGINT/SIGTERM.
+"""Training guards: non-finite steps and discriminator collapse (stopping on signals is :mod:`vaegan.preemption`).
 
 - :class:`StepGuard` decides, on the device, whether each optimizer step is applied: every loss, the
   input batch and both players' clipped gradient norms must be finite on *every* process. The flags
@@ -12,9 +12,8 @@
 - :class:`CollapseMonitor` reads the metrics already averaged over processes at each log interval
   (no extra host sync) and warns when the discriminator wins everything for several intervals in a
   row or the generator's adversarial loss explodes.
-- :class:`GracefulStop` turns signals into a call; :class:`vaegan.preemption.RunControl` makes every
-  process agree, through the flags the guard reduces with each step, on the step after which the run
-  saves or stops, and exits with status ``128 + signal`` (130 for SIGINT, 143 for SIGTERM).
+- :class:`vaegan.preemption.RunControl` makes every process agree, through flags the guard reduces with each
+  step (:attr:`StepGuard.flags`), on the step after which the run saves or stops.
 
 Example:
     >>> guard = StepGuard(max_consecutive=3)
@@ -30,25 +29,19 @@ Example:
 from __future__ import annotations
 
 import logging
-import os
-import signal
-import threading
-import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from .errors import TrainingDiverged, TrainingStopped
+from ._deprecation import deprecated_names
+from .errors import TrainingDiverged
 
-__all__ = ["TrainingDiverged", "StepGuard", "CollapseMonitor", "GracefulStop", "all_finite", "stopped", "EXIT_CODES"]
+__all__ = ["TrainingDiverged", "StepGuard", "CollapseMonitor", "all_finite"]
 
 logger = logging.getLogger(__name__)
 
-# Exit status after a graceful stop: the shell's convention (128 + N) for "terminated by signal N".
-EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
-CONTINUE = "Continue with --resume auto (train.resume=auto)."  # how every stopped run is told to go on
 
 
 class StepGuard:
@@ -244,76 +237,6 @@ class CollapseMonitor:
         return message
 
 
-class GracefulStop:
-    """Context manager: the given signals call ``on_signal`` instead of killing the process at once.
-
-    Handlers are installed only in the main thread (Python's rule) and the previous ones are put back on
-    exit. The same signal arriving again is the same request: launchers (torchrun, ``accelerate launch``)
-    forward what they receive to their workers, which under SLURM or ``kill -- -PGID`` already got it,
-    and schedulers escalate to SIGKILL themselves. Only a second SIGINT more than ``repeat_window``
-    seconds after the first (a user pressing Ctrl-C again) restores the previous handler and re-sends
-    itself, so an impatient user still gets an immediate stop.
-
-    Args:
-        on_signal: Called with the signal number from the handler, every time one arrives.
-        signals: The signals to catch.
-        repeat_window: Seconds within which a repeated SIGINT counts as the forwarded copy of the first.
-    """
-
-    def __init__(self, on_signal: Optional[Callable[[int], None]] = None,
-                 signals: Iterable[int] = (signal.SIGINT, signal.SIGTERM), repeat_window: float = 1.0) -> None:
-        self.signals = tuple(signals)
-        self.on_signal = on_signal
-        self.repeat_window = repeat_window
-        self.signum: Optional[int] = None  # the first signal received
-        self._received: Dict[int, float] = {}  # signal -> when it first arrived (monotonic)
-        self._previous: Dict[int, Any] = {}
-
-    def __enter__(self) -> "GracefulStop":
-        if threading.current_thread() is threading.main_thread():
-            for sig in self.signals:
-                self._previous[sig] = signal.signal(sig, self._handle)
-        else:
-            logger.debug("Not in the main thread: %s keep their default behaviour.",
-                         ", ".join(signal.Signals(s).name for s in self.signals))
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for sig, previous in self._previous.items():
-            signal.signal(sig, previous)
-        self._previous = {}
-
-    def _handle(self, signum: int, frame: object) -> None:
-        now = time.monotonic()
-        first = self._received.setdefault(signum, now)
-        if signum == signal.SIGINT and now - first > self.repeat_window:  # Ctrl-C again: stop now
-            signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
-            os.kill(os.getpid(), signum)
-            return
-        if self.signum is None:
-            self.signum = signum
-        if first == now:
-            logger.warning("Received %s: a checkpoint is written after the current step (all processes agree on "
-                           "the step), then training exits%s.", signal.Signals(signum).name,
-                           " (press Ctrl-C again to stop immediately)" if signum == signal.SIGINT else "")
-        if self.on_signal is not None:
-            self.on_signal(signum)
-
-
-def stopped(signum: Optional[int], step: int, detail: str = "",
-            then: str = CONTINUE) -> TrainingStopped:
-    """The ``SystemExit`` that ends a run stopped by a signal (status ``128 + signum``), logged with ``then``.
-
-    ``signum`` is None on a process that learnt of another process's signal; it exits like SIGTERM.
-    ``detail`` follows the signal's name in the message (`` (the scheduler's warning)``).
-    """
-    signum = signal.SIGTERM if signum is None else signum
-    why = f"stopped by {signal.Signals(signum).name}{detail}"
-    logger.warning("%s after step %d; the checkpoint of that step is saved. %s", why[:1].upper() + why[1:], step,
-                   then)
-    return TrainingStopped(128 + int(signum), why, step)
-
-
 def all_finite(modules: Iterable[Optional[nn.Module]]) -> bool:
     """True when every parameter and floating buffer of ``modules`` is finite (one host sync)."""
     flags: List[Tensor] = []
@@ -324,3 +247,8 @@ def all_finite(modules: Iterable[Optional[nn.Module]]) -> bool:
             if t.is_floating_point():
                 flags.append(torch.isfinite(t.detach()).all())
     return bool(torch.stack(flags).all()) if flags else True
+
+
+# 0.5: the signal handling moved to the module of preemption (vaegan.preemption), which is what it serves.
+__getattr__ = deprecated_names(__name__, {name: f"vaegan.preemption:{name}"
+                                          for name in ("GracefulStop", "stopped", "EXIT_CODES", "CONTINUE")})
