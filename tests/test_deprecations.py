@@ -30,6 +30,7 @@ OLD_PATHS = {
                                                               "save_reconstructions", "save_interpolations")}},
     "vaegan.trainer": {"Player": ("vaegan.step", "PlayerModule")},
     "vaegan.guards": {n: ("vaegan.preemption", n) for n in ("GracefulStop", "stopped", "EXIT_CODES", "CONTINUE")},
+    "vaegan.checkpoint_checks": {n: ("vaegan.checkpointing", n) for n in ("safe_torch_load", "verify_checkpoint")},
 }
 CASES = [(m, n) for m, names in OLD_PATHS.items() for n in names]
 
@@ -37,7 +38,8 @@ CASES = [(m, n) for m, names in OLD_PATHS.items() for n in names]
 @pytest.mark.parametrize("module, name", CASES, ids=[f"{m}.{n}" for m, n in CASES])
 def test_old_import_paths_resolve_with_a_warning_naming_the_new_one(module, name):
     new_module, new_name = OLD_PATHS[module][name]
-    with pytest.warns(DeprecationWarning, match=f"{module}.{name} is deprecated; import it from {new_module}"):
+    with pytest.warns(DeprecationWarning, match=f"{module}.{name} is deprecated; import it from {new_module}.*"
+                                                 r"removed in vaegan 0\.6"):
         old = getattr(importlib.import_module(module), name)
     assert old is getattr(importlib.import_module(new_module), new_name)
     with pytest.warns(DeprecationWarning):  # `from module import name` goes through the same hook
@@ -85,7 +87,7 @@ def test_a_0_1_plugin_written_against_the_old_paths_still_trains(tiny):
 
 def test_vae_of_a_model_config_builds_the_generator(tmp_path):
     cfg = vaegan.ModelConfig(options={"channels": [8, 16], "norm_groups": 4, "latent_dim": 4})
-    with pytest.warns(DeprecationWarning, match="build_generator"):
+    with pytest.warns(DeprecationWarning, match=r"build_generator.* will be removed in vaegan 0\.6\.$"):
         model = vaegan.VAE(cfg)
     assert isinstance(model, vaegan.VAE) and type(model).__name__ == "ConvVAE" and model.latent_shape == (4,)
     with pytest.raises(TypeError, match="base class"):
@@ -97,7 +99,7 @@ def test_build_model_and_the_0_1_trainer_constructor(tiny):
     with pytest.warns(DeprecationWarning, match="build_generator"):
         model = vaegan.build_model(cfg)
     dataset = vaegan.data.build_dataset(cfg.data, cfg.model)
-    with pytest.warns(DeprecationWarning, match="build_trainer"):
+    with pytest.warns(DeprecationWarning, match=r"build_trainer.* will be removed in vaegan 0\.6\.$"):
         trainer = vaegan.Trainer(cfg, model, vaegan.Objective.from_config(cfg), dataset, vaegan.build_discriminator(cfg))
     assert trainer.fit().is_dir() and trainer.state.step == 2
 
@@ -168,3 +170,18 @@ def test_a_checkpoint_written_by_0_1_resumes(tmp_path):
     first = load_file(str(ckpt / "model.safetensors"))
     assert any(not torch.equal(v, first[k]) for k, v in trainer.train_step.generator.module.state_dict().items())
     assert vaegan.VAE.from_pretrained(Path(trainer.output_dir) / "final").config.name == "conv"
+
+
+def test_every_old_form_names_the_release_that_removes_it():
+    """0.1's config keys and attributes and every moved name say when they go (vaegan._deprecation.REMOVED_IN)."""
+    import warnings
+
+    from vaegan._deprecation import REMOVED_IN
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cfg = vaegan.ExperimentConfig.from_dict({"model": {"arch": "mlp", "latent_dim": 4}})
+        cfg.model.arch, cfg.model.latent_dim  # noqa: B018 - the deprecated attributes
+        importlib.import_module("vaegan.guards").GracefulStop  # noqa: B018
+    messages = [str(w.message) for w in caught if issubclass(w.category, DeprecationWarning)]
+    assert len(messages) >= 4 and all(m.endswith(f"will be removed in vaegan {REMOVED_IN}.") for m in messages), messages

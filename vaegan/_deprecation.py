@@ -15,8 +15,10 @@ import importlib
 import warnings
 from typing import Any, Callable, Dict, Mapping
 
-__all__ = ["deprecated_names", "MOVED"]
+__all__ = ["deprecated_names", "warn_deprecated", "MOVED", "REMOVED_IN"]
 
+# The release that removes every old name registered here.
+REMOVED_IN = "0.6"
 MOVED: Dict[str, Dict[str, str]] = {}  # old module -> {name: "new.module:name"}, for the tests and docs
 
 
@@ -33,8 +35,21 @@ def deprecated_names(module: str, moved: Mapping[str, str]) -> Callable[[str], A
         if name not in moved:
             raise AttributeError(f"module '{module}' has no attribute '{name}'")
         target, _, attr = moved[name].partition(":")
-        warnings.warn(f"{module}.{name} is deprecated; import it from {target} ({target}.{attr}). The old path "
-                      "will be removed in a future release.", DeprecationWarning, stacklevel=2)
+        warn_deprecated(f"{module}.{name} is deprecated; import it from {target} ({target}.{attr}).", stacklevel=2)
         return getattr(importlib.import_module(target), attr)
 
     return __getattr__
+
+
+def warn_deprecated(message: str, stacklevel: int = 2) -> None:
+    """Warn that an old form still works, naming the new one (``message``) and the release that removes it.
+
+    Args:
+        message: What is deprecated and what to use instead ("X is deprecated; use Y.").
+        stacklevel: As for :func:`warnings.warn`, counted from the caller of this function.
+
+    Example:
+        >>> warn_deprecated("vaegan.build_model(config) is deprecated; use vaegan.build_generator(config.model).")  # doctest: +SKIP
+    """
+    warnings.warn(f"{message} The old form will be removed in vaegan {REMOVED_IN}.", DeprecationWarning,
+                  stacklevel=stacklevel + 1)

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import warnings
 from typing import Any, Tuple
+
+from ._deprecation import warn_deprecated
 
 __all__ = ["moved_to_step", "legacy_components"]
 
@@ -35,17 +36,15 @@ def moved_to_step(trainer: Any, name: str) -> Any:
     moved = _MOVED_TO_STEP.get(name)
     if moved is None:
         raise AttributeError(f"'Trainer' object has no attribute '{name}'")
-    warnings.warn(f"Trainer.{name} is deprecated; use trainer.train_step.{moved[0]}.", DeprecationWarning,
-                  stacklevel=3)
+    warn_deprecated(f"Trainer.{name} is deprecated; use trainer.train_step.{moved[0]}.", stacklevel=3)
     return moved[1](trainer)
 
 
 def legacy_components(config: Any, model: Any, objective: Any, dataset: Any, *legacy: Any) -> Tuple[Any, ...]:
     """vaegan 0.1's ``Trainer(config, model, objective, dataset, discriminator, accelerator)``: the step, loader,
     total steps and evaluation built from those, with a DeprecationWarning naming the new way."""
-    warnings.warn("Trainer(config, model, objective, dataset, discriminator, accelerator) is deprecated; "
-                  "use vaegan.build_trainer(config) or vaegan.factory.build_components(...).",
-                  DeprecationWarning, stacklevel=3)
+    warn_deprecated("Trainer(config, model, objective, dataset, discriminator, accelerator) is deprecated; "
+                    "use vaegan.build_trainer(config) or vaegan.factory.build_components(...).", stacklevel=3)
     from .factory import build_components
 
     parts = build_components(config, model, objective, dataset, *legacy)

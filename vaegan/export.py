@@ -89,11 +89,11 @@ def estimate_and_store_scaling_factor(models: Sequence[VAE], dataset: Dataset, n
     Deprecated: ``train.estimate_scaling_factor`` now computes the shift and per-channel statistics too,
     on every process, with :func:`vaegan.latent_stats.estimate_and_store`.
     """
-    import warnings
+    from ._deprecation import warn_deprecated
 
-    warnings.warn("vaegan.export.estimate_and_store_scaling_factor is deprecated; use "
-                  "vaegan.latent_stats.estimate_and_store (shift and per-channel statistics too, exact under several "
-                  "processes).", DeprecationWarning, stacklevel=2)
+    warn_deprecated("vaegan.export.estimate_and_store_scaling_factor is deprecated; use "
+                    "vaegan.latent_stats.estimate_and_store (shift and per-channel statistics too, exact under several "
+                    "processes).")
     if not num_images:
         return ()
     scale, std = estimate_scaling_factor(models[0], dataset, num_images, seed=seed)

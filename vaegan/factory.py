@@ -16,7 +16,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional, Sequence
@@ -29,6 +28,7 @@ from torch.optim.swa_utils import AveragedModel
 from torch.utils.data import DataLoader, Dataset
 
 from . import api, registry
+from ._deprecation import warn_deprecated
 from .callbacks import Callback
 from .config import ExperimentConfig, TrainConfig
 from .data import TensorImages, build_dataset, describe_dataset, image_of, is_stream, prepare_stream
@@ -68,8 +68,7 @@ def build_discriminator(config: ExperimentConfig) -> Optional[nn.Module]:
 
 def build_model(config: ExperimentConfig) -> api.VAE:
     """Deprecated: ``build_generator(config.model)``."""
-    warnings.warn("vaegan.build_model(config) is deprecated; use vaegan.build_generator(config.model).",
-                  DeprecationWarning, stacklevel=2)
+    warn_deprecated("vaegan.build_model(config) is deprecated; use vaegan.build_generator(config.model).")
     return build_generator(config.model)
 
 

@@ -42,6 +42,7 @@ from torch import Tensor, nn
 
 from .config import ModelConfig
 from .distributions import DiagonalGaussian, VAEOutput  # defined there; this module's names since 0.2
+from ._deprecation import warn_deprecated
 from .errors import CheckpointError, ConfigError, DataError, PluginError, ResourceError
 
 __all__ = ["DiagonalGaussian", "VAEOutput", "VAE", "build_generator", "check_finite", "CONFIG_NAME", "WEIGHTS_NAME"]
@@ -58,9 +59,8 @@ class _GeneratorMeta(type):
     def __call__(cls, *args: Any, **kwargs: Any) -> Any:
         if cls is VAE:
             if len(args) == 1 and not kwargs and isinstance(args[0], ModelConfig):
-                warnings.warn("VAE(config) is deprecated; use vaegan.build_generator(config), which builds "
-                              f"the generator plugin config.name ('{args[0].name}') through the registry.",
-                              DeprecationWarning, stacklevel=2)
+                warn_deprecated("VAE(config) is deprecated; use vaegan.build_generator(config), which builds "
+                                f"the generator plugin config.name ('{args[0].name}') through the registry.")
                 return build_generator(args[0])
             raise TypeError("VAE is the base class of generators; build one with vaegan.build_generator(config) "
                             "or subclass it (see vaegan.api).")

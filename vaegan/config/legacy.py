@@ -7,9 +7,9 @@ shows the new form. :mod:`vaegan.config.schema` wires these into :class:`~vaegan
 from __future__ import annotations
 
 import json
-import warnings
 from typing import Any, Dict, Mapping
 
+from .._deprecation import warn_deprecated
 from ..errors import ConfigError
 
 __all__ = ["LEGACY_MODEL_KEYS", "normalize_model", "legacy_model_attribute", "accept_legacy_keywords"]
@@ -57,11 +57,10 @@ def normalize_model(cls: Any, value: Any, path: str) -> Any:
     options.update(moved)
     data.update(name=name, options=options)
     shown = ", ".join(f"{k}: {json.dumps(list(v) if isinstance(v, tuple) else v)}" for k, v in moved.items())
-    warnings.warn(
+    warn_deprecated(
         f"'{path}' uses vaegan 0.1's keys ({', '.join(sorted(LEGACY_MODEL_KEYS & set(value)))}); write "
         f"`{path}: {{name: {name}, options: {{{shown}}}}}` instead (the shared image_channels, image_size and "
-        "output_range stay where they are). The old keys will stop working in a future release.",
-        DeprecationWarning, stacklevel=3)  # the caller of ModelConfig.normalize_config
+        "output_range stay where they are).", stacklevel=3)  # the caller of ModelConfig.normalize_config
     return data
 
 
@@ -70,11 +69,10 @@ def legacy_model_attribute(self: Any, name: str) -> Any:
     if name not in LEGACY_MODEL_KEYS:
         raise AttributeError(f"'ModelConfig' object has no attribute '{name}'")
     if name == "arch":
-        warnings.warn("ModelConfig.arch is deprecated; use ModelConfig.name.", DeprecationWarning, stacklevel=2)
+        warn_deprecated("ModelConfig.arch is deprecated; use ModelConfig.name.")
         return self.name
     key = LEGACY_MODEL_OPTIONS.get(self.name, {}).get(name, name)
-    warnings.warn(f"ModelConfig.{name} is deprecated; the generator's options hold it: "
-                  f"config.options['{key}'].", DeprecationWarning, stacklevel=2)
+    warn_deprecated(f"ModelConfig.{name} is deprecated; the generator's options hold it: config.options['{key}'].")
     if key not in self.options:
         raise AttributeError(f"This ModelConfig's options do not set '{key}' (the generator's default applies); "
                              "read it from the built generator's config.options instead.")
