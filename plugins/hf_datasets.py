@@ -39,7 +39,7 @@ from typing import Any, Iterator, List, Optional, Sequence, Tuple, Union
 
 from torch import Tensor
 
-from vaegan.data import IMAGE_EXTENSIONS, ImageFolder, _check_crop
+from vaegan.data import IMAGE_EXTENSIONS, ImageFolder, check_crop
 from vaegan.errors import DataError
 
 from ._streaming import ImageStream
@@ -276,7 +276,7 @@ def hf_datasets(root: str, split: str, download: bool, limit: Optional[int], ima
         raise ValueError(f"num_images must be a positive number of images, got {num_images!r}.")
     if not isinstance(image_column, str) or not image_column:
         raise ValueError(f"image_column must be a column name, got {image_column!r}.")
-    _check_crop(crop)
+    check_crop(crop)
     try:
         import datasets
     except ImportError:

@@ -38,7 +38,7 @@ from typing import Iterator, List, Optional, Sequence, Tuple, Union
 import numpy as np
 from torch import Tensor
 
-from vaegan.data import IMAGE_EXTENSIONS, ImageFolder, _check_crop
+from vaegan.data import IMAGE_EXTENSIONS, ImageFolder, check_crop
 from vaegan.errors import DataError
 
 from ._streaming import ImageStream, item_seed
@@ -290,7 +290,7 @@ def webdataset(root: str, split: str, download: bool, limit: Optional[int], imag
             raise ValueError(f"{option} must be a member extension such as 'jpg' or 'cls', got {value!r}.")
     if not isinstance(shards, (str, list)) or not shards:
         raise ValueError(f"shards must be a brace pattern of tar files (or a list of them), got {shards!r}.")
-    _check_crop(crop)
+    check_crop(crop)
     paths = _shard_paths(root, split, shards, skip_unreadable)
     index: List[Shard] = []
     total = 0

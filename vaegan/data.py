@@ -36,8 +36,7 @@ from .config import DataConfig, ModelConfig
 from .errors import ConfigError, DataError, PluginError
 
 __all__ = ["TensorImages", "ImageFolder", "mnist", "image_folder", "build_dataset", "describe_dataset", "first_batch",
-           "image_of",
-           "is_stream", "prepare_stream", "resume_batches"]
+           "image_of", "check_crop", "is_stream", "prepare_stream", "resume_batches"]
 
 logger = logging.getLogger(__name__)
 
@@ -84,7 +83,9 @@ class TensorImages(Dataset):
 CROPS = ("center", "random")
 
 
-def _check_crop(crop: str) -> None:
+def check_crop(crop: str) -> None:
+    """Refuse a ``crop`` option other than ``"center"`` or ``"random"`` (``ValueError``; the registry reports it as
+    a ConfigError): a dataset plugin calls it before listing or indexing any file."""
     if crop not in CROPS:
         raise ValueError(f"crop must be one of {', '.join(repr(c) for c in CROPS)}, got {crop!r}.")
 
@@ -137,7 +138,7 @@ class ImageFolder(Dataset):
         modes = {1: "L", 3: "RGB", 4: "RGBA"}
         if c not in modes:
             raise DataError(f"Image folders can be read as 1, 3 or 4 channels, but the model wants {c}.")
-        _check_crop(crop)
+        check_crop(crop)
         self.mode = modes[c]
         self.value_range = value_range
         self.size = (h, w)
@@ -361,7 +362,7 @@ def image_folder(root: str, split: str, download: bool, limit: Optional[int], im
             raise ValueError(f"{option} must be true or false, got {value!r}.")
     if not (isinstance(max_unreadable, (int, float)) and 0 <= max_unreadable < 1):
         raise ValueError(f"max_unreadable must be a fraction in [0, 1), got {max_unreadable!r}.")
-    _check_crop(crop)  # before the folder is listed: a bad option is reported first
+    check_crop(crop)  # before the folder is listed: a bad option is reported first
     base = Path(root)
     if (base / split).is_dir():
         base = base / split
