@@ -31,6 +31,8 @@ OLD_PATHS = {
     "vaegan.trainer": {"Player": ("vaegan.step", "PlayerModule")},
     "vaegan.guards": {n: ("vaegan.preemption", n) for n in ("GracefulStop", "stopped", "EXIT_CODES", "CONTINUE")},
     "vaegan.checkpoint_checks": {n: ("vaegan.checkpointing", n) for n in ("safe_torch_load", "verify_checkpoint")},
+    "vaegan.generator": {"check_finite": ("vaegan.files", "check_finite")},
+    "vaegan.generator": {"check_finite": ("vaegan.files", "check_finite")},
 }
 CASES = [(m, n) for m, names in OLD_PATHS.items() for n in names]
 

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Callable, List, Optional, Sequence
 
 from . import registry
+from .launcher import shutdown_distributed  # public here too: the recipes' scripts end with it
 from .config import ExperimentConfig, load_config
 from .errors import ConfigError, VaeganError
 
@@ -138,25 +139,6 @@ def run_recipe(argv: Optional[Sequence[str]] = None, default_config: Optional[Pa
         return 0
 
     return _guard(go)
-
-
-def shutdown_distributed() -> None:
-    """Destroy the process group, if any, before the interpreter exits.
-
-    Left to static destructors at exit, gloo's threads can abort the process ("terminate called
-    without an active exception") after training has finished; the script that owns the run ends it.
-    The trainer's DDP modules hold the process group too: a run's objects no longer referenced (reference
-    cycles included) are collected first, and once more after the group is destroyed, so that nothing of
-    gloo is left for the interpreter's shutdown (1 in 3 two-process runs aborted at exit without it).
-    """
-    import gc
-
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        gc.collect()
-        dist.destroy_process_group()
-        gc.collect()
 
 
 def _positive_int(text: str) -> int:

@@ -179,24 +179,13 @@ def interpolate_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def _launched_accelerator():
-    """An Accelerator under torchrun / accelerate launch (the work is split over the processes), else None."""
-    import os
-
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        from accelerate import Accelerator
-
-        return Accelerator()
-    return None
-
-
 def eval_command(args: argparse.Namespace) -> int:
     import json
 
     import torch
 
     from . import commands
-    from .cli import shutdown_distributed  # public there; imported when run: cli imports this module
+    from .launcher import launched_accelerator, shutdown_distributed
     from .config import DataConfig, EvalConfig, from_dict
     from .evaluation import evaluate
 
@@ -209,7 +198,7 @@ def eval_command(args: argparse.Namespace) -> int:
         "lpips": {"auto": None, "on": True, "off": False}[args.lpips], "inception": args.inception,
         "st_lpips": {"auto": None, "on": True, "off": False}[args.st_lpips],
         "seed": args.seed}, "eval")
-    accelerator = _launched_accelerator()
+    accelerator = launched_accelerator()
     # Under a launcher, load on the CPU and let evaluate() move the model to this process's device.
     model = commands.load_model(args.model, raw=args.raw, device="cpu" if accelerator is not None else args.device)
     sampler = _sampler(args, model)
@@ -353,12 +342,12 @@ def score_command(args: argparse.Namespace) -> int:
     import torch
 
     from . import commands
-    from .cli import shutdown_distributed
+    from .launcher import launched_accelerator, shutdown_distributed
     from .export import load_discriminator
     from .scoring import check_scores_output, save_scores, score
 
     check_scores_output(args.out)
-    accelerator = _launched_accelerator()
+    accelerator = launched_accelerator()
     device = "cpu" if accelerator is not None else args.device
     model = commands.load_model(args.model, raw=args.raw, device=device)
     disc = load_discriminator(commands.resolve_model_dir(args.model), map_location=str(next(model.parameters()).device))

@@ -16,19 +16,20 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Dict, NamedTuple, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Dict, NamedTuple, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from .commands import device_of
 from .data import image_of
 from .errors import ConfigError, DataError, VaeganError
-from .generator import VAE
 from .images import to_uint8
 from .progress import Phase
 from .tiling import Tiling, check_any_size_images, check_tiling, decode_tiled, encode_tiled
+
+if TYPE_CHECKING:  # the type only: the generator module imports what imports this one
+    from .generator import VAE
 
 __all__ = ["LATENTS_SUFFIX", "LatentsFile", "scaling_of", "encode", "decode", "latent_stats",
            "check_latents_output", "save_latents", "load_latents"]
@@ -95,7 +96,7 @@ def encode(model: VAE, dataset: Dataset, sample: bool = False, seed: int = 0, ba
                 model.check_images(x, "the dataset")
             elif not means:  # any size
                 check_any_size_images(model, x, "the dataset")
-            q = model.encode(x.to(device_of(model))) if tiling is None else encode_tiled(model, x, tiling.tile,
+            q = model.encode(x.to(next(model.parameters()).device)) if tiling is None else encode_tiled(model, x, tiling.tile,
                                                                                           tiling.overlap)
             means.append(q.mean.float().cpu())
             logvars.append(q.logvar.float().cpu())

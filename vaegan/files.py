@@ -28,8 +28,10 @@ import stat
 from pathlib import Path
 from typing import Any, Callable, Dict, Mapping, Optional, Union
 
+from .errors import CheckpointError
+
 __all__ = ["umask", "file_mode", "write_atomic", "write_text_atomic", "save_safetensors", "share_like_umask",
-           "finite_json", "dumps_json"]
+           "finite_json", "dumps_json", "check_finite"]
 
 
 def umask() -> int:
@@ -120,3 +122,30 @@ def finite_json(obj: Any) -> Any:
 def dumps_json(obj: Any, **kwargs: Any) -> str:
     """``json.dumps`` of :func:`finite_json` (``obj``), with ``allow_nan=False``: never a NaN in a file."""
     return json.dumps(finite_json(obj), allow_nan=False, **kwargs)
+
+
+def check_finite(state: Mapping[str, Any], path: Union[str, Path]) -> None:
+    """Refuse weights with NaN or infinite values (they decode to black or NaN images, silently).
+
+    Args:
+        state: Name -> tensor, as loaded from ``path`` (integer tensors are not checked).
+        path: The file they came from, for the message.
+
+    Raises:
+        CheckpointError: naming the first tensor and how many values of how many tensors are not finite.
+
+    Example:
+        >>> import torch
+        >>> check_finite({"w": torch.ones(2)}, "model.safetensors")
+    """
+    import torch
+
+    bad = {k: int((~torch.isfinite(v)).sum()) for k, v in state.items() if v.is_floating_point()
+           and not bool(torch.isfinite(v).all())}
+    if bad:
+        first = next(iter(bad))
+        more = f" (and {len(bad) - 1} more tensors)" if len(bad) > 1 else ""
+        raise CheckpointError(
+            f"'{path}' holds non-finite values: {bad[first]} of the {state[first].numel()} values of '{first}' are "
+            f"NaN or inf{more}. A model with them decodes to black or NaN images. Load another checkpoint (an "
+            "earlier step under <output-dir>/checkpoints) or re-export the model.")

@@ -42,10 +42,11 @@ from torch import Tensor, nn
 
 from .config import ModelConfig
 from .distributions import DiagonalGaussian, VAEOutput  # defined there; this module's names since 0.2
-from ._deprecation import warn_deprecated
+from ._deprecation import deprecated_names, warn_deprecated
 from .errors import CheckpointError, ConfigError, DataError, PluginError, ResourceError
+from .files import check_finite as _check_finite
 
-__all__ = ["DiagonalGaussian", "VAEOutput", "VAE", "build_generator", "check_finite", "CONFIG_NAME", "WEIGHTS_NAME"]
+__all__ = ["DiagonalGaussian", "VAEOutput", "VAE", "build_generator", "CONFIG_NAME", "WEIGHTS_NAME"]
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -418,7 +419,7 @@ class VAE(nn.Module, metaclass=_GeneratorMeta):
                                   f"not a {cls.__qualname__}; load it with vaegan.VAE.from_pretrained.")
         if not fits:  # the plugin could not be built on the meta device: the same check on the real one
             _fits({k: tuple(v.shape) for k, v in state.items()}, model.state_dict(), w_path, cfg_path)
-        check_finite(state, w_path)
+        _check_finite(state, w_path)
         model.load_state_dict(state)
         # Where it came from: sample() draws from the folder's default sampler. Not a module attribute (no state).
         object.__setattr__(model, "_pretrained_dir", d)
@@ -472,26 +473,6 @@ def _fits(header: Mapping[str, Tuple[int, ...]], expected: Optional[Mapping[str,
     return True
 
 
-def check_finite(state: Mapping[str, Tensor], path: Union[str, Path]) -> None:
-    """Refuse weights with NaN or infinite values (they decode to black or NaN images, silently).
-
-    Raises:
-        CheckpointError: naming the first tensor and how many values of how many tensors are not finite.
-
-    Example:
-        >>> check_finite({"w": torch.ones(2)}, "model.safetensors")
-    """
-    bad = {k: int((~torch.isfinite(v)).sum()) for k, v in state.items() if v.is_floating_point()
-           and not bool(torch.isfinite(v).all())}
-    if bad:
-        first = next(iter(bad))
-        more = f" (and {len(bad) - 1} more tensors)" if len(bad) > 1 else ""
-        raise CheckpointError(
-            f"'{path}' holds non-finite values: {bad[first]} of the {state[first].numel()} values of '{first}' are "
-            f"NaN or inf{more}. A model with them decodes to black or NaN images. Load another checkpoint (an "
-            "earlier step under <output-dir>/checkpoints) or re-export the model.")
-
-
 def _mb(nbytes: float) -> str:
     return f"{nbytes / 1e6:.1f} MB"
 
@@ -514,3 +495,7 @@ def build_generator(config: ModelConfig) -> VAE:
     if not model.config.name:  # a class registered under its own name keeps it (a factory plugin may build one)
         model.config = dataclasses.replace(model.config, name=config.name)
     return model
+
+
+# 0.5: the finite check of loaded tensors serves every saved file (samplers too), so it lives with the files.
+__getattr__ = deprecated_names(__name__, {"check_finite": "vaegan.files:check_finite"})

@@ -13,12 +13,13 @@ Example:
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Dict, Mapping, Optional, Sequence
+from typing import TYPE_CHECKING, Dict, Mapping, Optional, Sequence
 
 import torch
 from torch import Tensor
 
-from .generator import VAE
+if TYPE_CHECKING:  # the type only: the generator module imports what imports this one
+    from .generator import VAE
 
 __all__ = ["preview_grids", "write_previews", "label_columns", "caption", "sample_caption", "LABEL_HEIGHT",
            "PAIR_LABELS", "strip_labels"]

@@ -34,7 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from .errors import CheckpointError, ConfigError, OutputError, PluginError
-from .generator import check_finite
+from .files import check_finite
 from .progress import emit
 
 __all__ = ["LatentSampler", "NormalSampler", "build_sampler", "fit_sampler", "fit_configured", "fit_after_training",

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Callable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -42,7 +42,9 @@ from torch import Tensor
 from .data import image_of
 from .distributions import DiagonalGaussian
 from .errors import ConfigError, DataError
-from .generator import VAE
+
+if TYPE_CHECKING:  # the type only: the generator module imports what imports this one
+    from .generator import VAE
 
 __all__ = ["Tiling", "downsampling_factor", "check_tiling", "tile_starts", "encode_tiled", "decode_tiled",
            "reconstruct_tiled", "check_any_size_images", "reconstruct_dataset"]
