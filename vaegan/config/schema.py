@@ -358,13 +358,13 @@ class ExperimentConfig:
         Raises:
             ConfigError: an unknown key or a value of the wrong type, named with its dotted path.
         """
-        from .io import from_dict
+        from .convert import from_dict
 
         return from_dict(cls, data)
 
     def to_dict(self) -> dict:
         """Plain data that :meth:`from_dict` turns back into an equal config."""
-        from .io import to_dict
+        from .convert import to_dict
 
         return to_dict(self)
 
