@@ -187,3 +187,14 @@ def test_every_old_form_names_the_release_that_removes_it():
         importlib.import_module("vaegan.guards").GracefulStop  # noqa: B018
     messages = [str(w.message) for w in caught if issubclass(w.category, DeprecationWarning)]
     assert len(messages) >= 4 and all(m.endswith(f"will be removed in vaegan {REMOVED_IN}.") for m in messages), messages
+
+
+def test_faults_save_after_fault_is_the_trainers_method_now(tiny):
+    from vaegan.errors import DataError
+    from vaegan.faults import save_after_fault
+
+    trainer = vaegan.build_trainer(tiny("train.max_steps=2"))
+    trainer.fit()
+    with pytest.warns(DeprecationWarning, match=r"use trainer\.save_after_fault\(exc\).*vaegan 0\.6"):
+        error = save_after_fault(trainer, DataError("Image 'x.png' cannot be read."))
+    assert isinstance(error, DataError) and "The last completed step, 2, is saved under" in str(error)

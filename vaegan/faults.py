@@ -209,21 +209,8 @@ def out_of_memory(exc: BaseException, config: ExperimentConfig, step: int, saved
 
 
 def save_after_fault(trainer: Any, exc: BaseException) -> Exception:
-    """After a :class:`DataError` or out-of-memory in the middle of ``trainer``'s loop: save the last completed
-    step as if the failed one had never started (:class:`Boundary`), and return the one-paragraph error to raise.
+    """Deprecated: :meth:`vaegan.Trainer.save_after_fault` (the trainer saves its own state)."""
+    from ._deprecation import warn_deprecated
 
-    Raises:
-        OutputError: the save failed too (no space either); its message names the last complete checkpoint.
-    """
-    trainer._boundary.restore(trainer.state)
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()  # room for the save after an out-of-memory
-    step = trainer.state.step
-    if trainer._last_saved != step and step > 0:
-        trainer.save_checkpoint()
-        saved = f"The last completed step, {step}, is saved under {trainer.checkpoints.root}."
-    else:
-        saved = f"Step {step} is the last checkpoint already." if step else "No step was completed."
-    if isinstance(exc, DataError):
-        return DataError(f"{clean_data_error(exc)} {saved} Fix the data, then continue with --resume auto.")
-    return out_of_memory(exc, trainer.config, step, saved)
+    warn_deprecated("vaegan.faults.save_after_fault(trainer, exc) is deprecated; use trainer.save_after_fault(exc).")
+    return trainer.save_after_fault(exc)

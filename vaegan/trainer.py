@@ -33,7 +33,7 @@ from .config import ExperimentConfig, to_dict
 from .data import first_batch, image_of, resume_batches
 from .errors import CheckpointError, DataError, TrainingDiverged
 from .export import save_discriminator, write_model_card
-from .faults import Boundary, SoftWrites, save_after_fault, writing_final
+from .faults import Boundary, SoftWrites, clean_data_error, out_of_memory, writing_final
 from .files import dumps_json, write_text_atomic
 from .generator import VAE
 from .guards import CollapseMonitor, all_finite
@@ -157,7 +157,7 @@ class Trainer:
                 try:
                     self._epochs()
                 except (DataError, torch.OutOfMemoryError) as exc:  # a file vanished, the memory ran out
-                    raise save_after_fault(self, exc) from exc
+                    raise self.save_after_fault(exc) from exc
                 if self._logged != self.state.step:  # stopped by a callback between log intervals: log the tail
                     self._log()
             if self._last_saved != self.state.step:
@@ -358,6 +358,27 @@ class Trainer:
         self.soft_writes("sample grids", lambda: self.tracking.log_images(write_previews(*args), self.state.step))
 
     # ---- checkpoints ---------------------------------------------------------------------------------
+    def save_after_fault(self, exc: BaseException) -> Exception:
+        """After a :class:`DataError` or out-of-memory in the middle of the loop: save the last completed step as
+        if the failed one had never started (:class:`~vaegan.faults.Boundary`), and return the one-paragraph
+        error to raise.
+
+        Raises:
+            OutputError: the save failed too (no space either); its message names the last complete checkpoint.
+        """
+        self._boundary.restore(self.state)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()  # room for the save after an out-of-memory
+        step = self.state.step
+        if self._last_saved != step and step > 0:
+            self.save_checkpoint()
+            saved = f"The last completed step, {step}, is saved under {self.checkpoints.root}."
+        else:
+            saved = f"Step {step} is the last checkpoint already." if step else "No step was completed."
+        if isinstance(exc, DataError):
+            return DataError(f"{clean_data_error(exc)} {saved} Fix the data, then continue with --resume auto.")
+        return out_of_memory(exc, self.config, step, saved)
+
     def save_checkpoint(self) -> Path:
         """Save a complete, resumable checkpoint (every process must call this).
 
