@@ -359,6 +359,7 @@ def test_train_the_mlp_generator_of_the_mnist_recipe_by_name(tmp_path, capsys):
     assert main(["sample", "--model", str(out), "--num", "4", "--out", str(tmp_path / "s.npz")]) == 0
 
 
+@pytest.mark.slow  # a subprocess
 def test_the_command_line_shows_a_plugins_deprecated_import(tmp_path):
     """Python hides DeprecationWarning outside __main__; vaegan's CLI shows its own, so a plugin author sees
     what the contract tests fail on (here a plugin module importing vaegan.model.VAE, vaegan 0.1's path)."""

@@ -117,6 +117,7 @@ def _readme_train_commands():
     return commands
 
 
+@pytest.mark.slow  # builds each recipe's LPIPS networks (about 1 s each)
 @pytest.mark.parametrize("config, overrides", _readme_train_commands())
 def test_every_train_command_of_the_readme_loads_and_builds(config, overrides):
     """The README's commands name keys and plugins that exist (its offline ST-LPIPS variant included)."""

@@ -124,6 +124,7 @@ def test_a_lock_of_an_earlier_incarnation_of_the_same_slurm_job_is_stale(tmp_pat
     assert not (run / LOCK_NAME).exists()
 
 
+@pytest.mark.slow  # two recipe processes
 def test_two_runs_started_together_into_one_folder_one_trains_the_other_is_refused(tmp_path):
     out = tmp_path / "run"
     args = [*TINY, "--data-dir", str(MNIST_ROOT), "data.download=false", "train.epochs=3"]
