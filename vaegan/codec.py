@@ -96,8 +96,8 @@ def encode(model: VAE, dataset: Dataset, sample: bool = False, seed: int = 0, ba
                 model.check_images(x, "the dataset")
             elif not means:  # any size
                 check_any_size_images(model, x, "the dataset")
-            q = model.encode(x.to(next(model.parameters()).device)) if tiling is None else encode_tiled(model, x, tiling.tile,
-                                                                                          tiling.overlap)
+            device = next(model.parameters()).device
+            q = model.encode(x.to(device)) if tiling is None else encode_tiled(model, x, tiling.tile, tiling.overlap)
             means.append(q.mean.float().cpu())
             logvars.append(q.logvar.float().cpu())
             phase.update(x.shape[0])
