@@ -195,3 +195,22 @@ def test_channels_last_model_matches_nchw_model(bf16):
     tol = dict(rtol=2e-2, atol=2e-2) if bf16 else dict(rtol=1e-4, atol=1e-5)
     for a, b in zip(*outs):
         torch.testing.assert_close(a, b, **tol)
+
+
+def test_a_plugin_may_declare_its_own_abstract_base_with_abc():
+    """The metaclass that records options is an ABCMeta: `class Base(VAE, abc.ABC)` has no metaclass conflict,
+    its abstract methods are enforced, and a concrete subclass records its options as any generator does."""
+    import abc
+
+    class Base(VAE, abc.ABC):
+        @abc.abstractmethod
+        def width(self) -> int: ...
+
+    class Tiny(Base, MLPVAE):
+        def width(self) -> int:
+            return 8
+
+    with pytest.raises(TypeError, match="abstract"):
+        type("Incomplete", (Base, MLPVAE), {})((1, 28, 28))
+    model = Tiny((1, 28, 28), hidden=(8,), latent_dim=2)
+    assert model.width() == 8 and model.latent_shape == (2,) and model.config.options["latent_dim"] == 2

@@ -30,6 +30,7 @@ Example:
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import inspect
 import json
@@ -53,9 +54,11 @@ WEIGHTS_NAME = "model.safetensors"
 GROUP = "vaegan.generators"
 
 
-class _GeneratorMeta(type):
+class _GeneratorMeta(abc.ABCMeta):
     """Records every generator's constructor arguments in ``config`` (so any instance can be saved and
-    rebuilt by name), and keeps vaegan 0.1's ``VAE(ModelConfig(...))`` working with a warning."""
+    rebuilt by name), and keeps vaegan 0.1's ``VAE(ModelConfig(...))`` working with a warning.
+
+    An ``ABCMeta``, so a plugin's own abstract base (``class MyBase(VAE, abc.ABC)``) has no metaclass conflict."""
 
     def __call__(cls, *args: Any, **kwargs: Any) -> Any:
         if cls is VAE:
