@@ -36,7 +36,7 @@ import torch
 
 from . import _compat
 from .errors import CheckpointError, OutputError
-from .files import share_like_umask
+from .files import mb, safetensors_shapes, shape_differences, share_like_umask
 
 __all__ = ["MARKER", "CheckpointManager", "list_checkpoints", "find_checkpoint", "resolve_resume", "verify_checkpoint",
            "safe_torch_load", "RestorePoint", "read_counters", "restore", "read_marker", "name_step", "skipped_newer"]
@@ -46,11 +46,6 @@ logger = logging.getLogger(__name__)
 MARKER = "vaegan_checkpoint.json"
 _PREFIX = "step_"
 _TMP = ".tmp-"
-
-
-def mb(nbytes: float) -> str:
-    """``nbytes`` for people: ``"12.3 MB"``."""
-    return f"{nbytes / 1e9:.1f} GB" if nbytes >= 1e9 else f"{nbytes / 1e6:.1f} MB"
 
 
 def folder_bytes(path: Path) -> int:
@@ -395,20 +390,17 @@ def safe_torch_load(path: Union[str, Path]) -> Any:
 
 
 def _check_safetensors(path: Path, expected: Mapping[str, torch.Tensor]) -> None:
-    from safetensors import safe_open
-
     if not path.is_file():
         hint = " (a pickled .bin model is not accepted: vaegan restores weights from safetensors only)" \
             if path.with_suffix(".bin").is_file() or (path.parent / "pytorch_model.bin").is_file() else ""
         raise _corrupt(path, f"is missing{hint}")
     try:
-        with safe_open(str(path), framework="pt") as f:
-            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+        shapes = safetensors_shapes(path)
     except Exception as exc:  # SafetensorError: bad header, file shorter than its header says
         raise _corrupt(path, f"is not a readable safetensors file ({exc}); it is truncated or corrupt") from None
     want = {k: tuple(v.shape) for k, v in expected.items()}
-    missing, unexpected = sorted(set(want) - set(shapes)), sorted(set(shapes) - set(want))
-    wrong = [f"{k} {shapes[k]} vs {want[k]}" for k in sorted(set(want) & set(shapes)) if shapes[k] != want[k]]
+    missing, unexpected, wrong_keys = shape_differences(shapes, want)
+    wrong = [f"{k} {shapes[k]} vs {want[k]}" for k in wrong_keys]
     if missing or unexpected or wrong:
         raise _corrupt(path, f"does not fit this run's architecture (missing {missing[:4]}, unexpected "
                              f"{unexpected[:4]}, shape saved vs expected {wrong[:4]}); it was saved with a different "

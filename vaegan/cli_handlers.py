@@ -350,7 +350,7 @@ def score_command(args: argparse.Namespace) -> int:
     accelerator = launched_accelerator()
     device = "cpu" if accelerator is not None else args.device
     model = commands.load_model(args.model, raw=args.raw, device=device)
-    disc = load_discriminator(commands.resolve_model_dir(args.model), map_location=str(next(model.parameters()).device))
+    disc = load_discriminator(commands.resolve_model_dir(args.model), map_location=str(model.device))
     dataset = _dataset(args, model, what="score" if accelerator is None or accelerator.is_main_process else None)
     logvar = None if args.logvar is None else torch.tensor(args.logvar)
     try:

@@ -96,8 +96,7 @@ def encode(model: VAE, dataset: Dataset, sample: bool = False, seed: int = 0, ba
                 model.check_images(x, "the dataset")
             elif not means:  # any size
                 check_any_size_images(model, x, "the dataset")
-            device = next(model.parameters()).device
-            q = model.encode(x.to(device)) if tiling is None else encode_tiled(model, x, tiling.tile, tiling.overlap)
+            q = model.encode(x.to(model.device)) if tiling is None else encode_tiled(model, x, tiling.tile, tiling.overlap)
             means.append(q.mean.float().cpu())
             logvars.append(q.logvar.float().cpu())
             phase.update(x.shape[0])

@@ -27,7 +27,7 @@ from .generator import CONFIG_NAME, VAE
 from .images import to_uint8 as _uint8  # public as vaegan.images.to_uint8
 from .samplers import LatentSampler, sample_latents
 
-__all__ = ["resolve_model_dir", "load_model", "trained_data_config", "load_dataset", "device_of", "sample",
+__all__ = ["resolve_model_dir", "load_model", "trained_data_config", "load_dataset", "sample",
            "reconstruct", "interpolate"]
 
 logger = logging.getLogger(__name__)
@@ -109,11 +109,6 @@ def load_dataset(model: VAE, name: str, root: Union[str, Path], split: str = "te
     return build_dataset(data, model.config)
 
 
-def device_of(model: VAE) -> torch.device:
-    """The device of ``model``'s parameters (where its inputs go)."""
-    return next(model.parameters()).device
-
-
 @torch.no_grad()
 def sample(model: VAE, num: int, seed: int = 0, batch_size: int = 256, temperature: Optional[float] = None,
            sampler: Optional[LatentSampler] = None) -> Tensor:
@@ -132,7 +127,7 @@ def sample(model: VAE, num: int, seed: int = 0, batch_size: int = 256, temperatu
     """
     z = sample_latents(model, num, generator=torch.Generator().manual_seed(seed), temperature=temperature,
                        sampler=sampler)  # (num, *latent_shape)
-    out = [model.decode(chunk.to(device_of(model))) for chunk in z.split(batch_size)]
+    out = [model.decode(chunk.to(model.device)) for chunk in z.split(batch_size)]
     return _uint8(torch.cat(out), model.value_range)
 
 
@@ -154,7 +149,7 @@ def reconstruct(model: VAE, dataset: Dataset, batch_size: int = 256) -> Tuple[Te
         x = image_of(batch)  # (B, C, H, W); labels dropped
         if not inputs:
             model.check_images(x, "the dataset")
-        x = x.to(device_of(model))
+        x = x.to(model.device)
         inputs.append(_uint8(x, model.value_range))
         recons.append(_uint8(model.reconstruct(x), model.value_range))
     return torch.cat(inputs), torch.cat(recons)
@@ -177,7 +172,7 @@ def interpolate(model: VAE, num_pairs: int = 4, steps: int = 8, seed: int = 0, d
         ConfigError: an odd number of indices, or indices outside the dataset.
     """
     gen = torch.Generator().manual_seed(seed)
-    device = device_of(model)
+    device = model.device
     if dataset is None:
         z0, z1 = sample_latents(model, 2 * num_pairs, generator=gen, sampler=sampler).to(device).chunk(2)  # (P, *latent)
         images = model.decode_path(z0, z1, steps)  # (P, steps, C, H, W)

@@ -250,7 +250,7 @@ def evaluate(model: VAE, data: DataConfig, config: EvalConfig = EvalConfig(), *,
     from torchmetrics.image.fid import FrechetInceptionDistance
     from torchmetrics.regression import MeanSquaredError
 
-    device = accelerator.device if accelerator is not None else next(model.parameters()).device
+    device = accelerator.device if accelerator is not None else model.device
     rank = accelerator.process_index if accelerator is not None else 0
     world = accelerator.num_processes if accelerator is not None else 1
     was_training = model.training

@@ -49,7 +49,7 @@ def estimate_scaling_factor(model: VAE, dataset: Dataset, num_images: int = 1024
     n = min(num_images, len(dataset))  # type: ignore[arg-type]
     if n == 0:
         raise ValueError("cannot estimate a scaling factor from an empty dataset")
-    device = next(model.parameters()).device
+    device = model.device
     gen = torch.Generator(device="cpu").manual_seed(seed)
     total = total_sq = count = 0.0
     was_training = model.training

@@ -30,7 +30,8 @@ import torch
 from safetensors import SafetensorError
 from torch import nn
 
-from .checkpointing import folder_bytes, list_checkpoints, mb
+from .checkpointing import folder_bytes, list_checkpoints
+from .files import mb
 from .config import ExperimentConfig
 from .errors import DataError, OutputError, ResourceError
 from .files import dumps_json

@@ -26,12 +26,12 @@ import math
 import os
 import stat
 from pathlib import Path
-from typing import Any, Callable, Dict, Mapping, Optional, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 from .errors import CheckpointError
 
 __all__ = ["umask", "file_mode", "write_atomic", "write_text_atomic", "save_safetensors", "share_like_umask",
-           "finite_json", "dumps_json", "check_finite"]
+           "finite_json", "dumps_json", "check_finite", "safetensors_shapes", "shape_differences", "mb"]
 
 
 def umask() -> int:
@@ -149,3 +149,36 @@ def check_finite(state: Mapping[str, Any], path: Union[str, Path]) -> None:
             f"'{path}' holds non-finite values: {bad[first]} of the {state[first].numel()} values of '{first}' are "
             f"NaN or inf{more}. A model with them decodes to black or NaN images. Load another checkpoint (an "
             "earlier step under <output-dir>/checkpoints) or re-export the model.")
+
+
+def safetensors_shapes(path: Union[str, Path]) -> Dict[str, Tuple[int, ...]]:
+    """Every tensor's shape in a safetensors file, read from its header alone (no tensor is loaded).
+
+    Raises:
+        OSError, ValueError or safetensors' ``SafetensorError``: not a readable safetensors file (a bad header,
+        a file shorter than its header says); the caller words the error for its file.
+    """
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+
+
+def shape_differences(found: Mapping[str, Sequence[int]], expected: Mapping[str, Sequence[int]]
+                      ) -> Tuple[List[str], List[str], List[str]]:
+    """How a file's tensors (name -> shape) differ from the state they should fill: the missing names, the
+    unexpected ones and those of a wrong shape, each sorted (three empty lists: they fit).
+
+    Example:
+        >>> shape_differences({"w": (2, 3), "extra": (1,)}, {"w": (2, 4), "b": (4,)})
+        (['b'], ['extra'], ['w'])
+    """
+    got = {k: tuple(v) for k, v in found.items()}
+    want = {k: tuple(v) for k, v in expected.items()}
+    missing, unexpected = sorted(set(want) - set(got)), sorted(set(got) - set(want))
+    return missing, unexpected, [k for k in sorted(set(want) & set(got)) if got[k] != want[k]]
+
+
+def mb(nbytes: float) -> str:
+    """``nbytes`` for people: ``"12.3 MB"`` (``"1.2 GB"`` from a gigabyte)."""
+    return f"{nbytes / 1e9:.1f} GB" if nbytes >= 1e9 else f"{nbytes / 1e6:.1f} MB"

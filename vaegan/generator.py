@@ -46,6 +46,7 @@ from .distributions import DiagonalGaussian, VAEOutput  # defined there; this mo
 from ._deprecation import deprecated_names, warn_deprecated
 from .errors import CheckpointError, ConfigError, DataError, PluginError, ResourceError
 from .files import check_finite as _check_finite
+from .files import mb, safetensors_shapes, shape_differences
 
 __all__ = ["DiagonalGaussian", "VAEOutput", "VAE", "build_generator", "CONFIG_NAME", "WEIGHTS_NAME"]
 
@@ -152,6 +153,11 @@ class VAE(nn.Module, metaclass=_GeneratorMeta):
     def last_layer(self) -> Tensor:  # pragma: no cover - abstract
         """The decoder's last weight: where the adaptive adversarial weight compares gradients."""
         raise NotImplementedError
+
+    @property
+    def device(self) -> torch.device:
+        """Where the weights are (and the inputs must go)."""
+        return next(self.parameters()).device
 
     def sample_prior(self, n: int, *, generator: Optional[torch.Generator] = None,
                      device: Optional[Union[str, torch.device]] = None, dtype: Optional[torch.dtype] = None) -> Tensor:
@@ -397,7 +403,11 @@ class VAE(nn.Module, metaclass=_GeneratorMeta):
             raise CheckpointError(f"'{cfg_path}' is not a vaegan model config: {exc}") from None
         # Shapes first, from the safetensors header and a generator built on the meta device: a config that does
         # not fit its weights (an image_size of 100000 would allocate gigabytes) is refused before any allocation.
-        header = _header_shapes(w_path)
+        try:
+            header = safetensors_shapes(w_path)
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise CheckpointError(f"'{w_path}' cannot be read as safetensors ({exc}); the file is corrupt or "
+                                  "truncated. Re-export it from a training checkpoint.") from None
         try:
             meta = _meta_state(config)
         except ConfigError as exc:
@@ -415,7 +425,7 @@ class VAE(nn.Module, metaclass=_GeneratorMeta):
             raise CheckpointError(f"'{cfg_path}' describes a generator that cannot be built: {exc}") from None
         except (MemoryError, torch.OutOfMemoryError) as exc:
             raise ResourceError(f"Loading '{d}' ran out of memory ({type(exc).__name__}); its weights need "
-                                f"{_mb(w_path.stat().st_size)}. Free memory, or load it on another device "
+                                f"{mb(w_path.stat().st_size)}. Free memory, or load it on another device "
                                 "(map_location).") from None
         if not isinstance(model, cls):
             raise CheckpointError(f"'{d}' holds a '{config.name}' generator ({type(model).__qualname__}), "
@@ -429,18 +439,6 @@ class VAE(nn.Module, metaclass=_GeneratorMeta):
         # In eval mode, as diffusers and transformers return their models: dropout or a batch statistic of a
         # plugin must not change a loaded model's outputs; training calls .train() itself.
         return model.to(map_location).eval()
-
-
-def _header_shapes(path: Path) -> Dict[str, Tuple[int, ...]]:
-    """Every tensor's shape in a safetensors file, read from its header alone (no tensor is loaded)."""
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise CheckpointError(f"'{path}' cannot be read as safetensors ({exc}); the file is corrupt or truncated. "
-                              "Re-export it from a training checkpoint.") from None
 
 
 def _meta_state(config: ModelConfig) -> Optional[Dict[str, Tensor]]:
@@ -464,9 +462,7 @@ def _fits(header: Mapping[str, Tuple[int, ...]], expected: Optional[Mapping[str,
     """
     if expected is None:
         return False
-    missing = sorted(set(expected) - set(header))
-    unexpected = sorted(set(header) - set(expected))
-    wrong = sorted(k for k in set(expected) & set(header) if tuple(expected[k].shape) != tuple(header[k]))
+    missing, unexpected, wrong = shape_differences(header, {k: v.shape for k, v in expected.items()})
     if missing or unexpected or wrong:
         shapes = "; ".join(f"{k}: file {list(header[k])}, config {list(expected[k].shape)}" for k in wrong[:3])
         raise CheckpointError(
@@ -474,10 +470,6 @@ def _fits(header: Mapping[str, Tuple[int, ...]], expected: Optional[Mapping[str,
             f"unexpected {unexpected[:5]}, wrong shape {wrong[:5]}{' (' + shapes + ')' if shapes else ''}. The two "
             "files come from different models (or the config was edited); re-save them together.")
     return True
-
-
-def _mb(nbytes: float) -> str:
-    return f"{nbytes / 1e6:.1f} MB"
 
 
 def build_generator(config: ModelConfig) -> VAE:

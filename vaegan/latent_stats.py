@@ -115,7 +115,7 @@ def compute_latent_stats(model: VAE, dataset: Dataset, num_images: int = 1024, b
     if n <= 0:
         raise DataError("Latent statistics need images, but the dataset (or num_images) is empty.")
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator is not None else (0, 1)
-    device = next(model.parameters()).device
+    device = model.device
     c = model.latent_shape[0]
     sums = torch.zeros(3, c, dtype=torch.float64, device=device)  # per channel: count, sum z, sum z^2
     was_training = model.training

@@ -83,7 +83,7 @@ def score(model: VAE, dataset: Dataset, *, num_samples: int = 100, likelihood: s
     Raises:
         DataError: images that do not fit the model.
     """
-    device = accelerator.device if accelerator is not None else next(model.parameters()).device
+    device = accelerator.device if accelerator is not None else model.device
     rank = accelerator.process_index if accelerator is not None else 0
     world = accelerator.num_processes if accelerator is not None else 1
     model.to(device).eval()
