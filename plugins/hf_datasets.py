@@ -379,8 +379,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--max-shard-size", default="500MB", help="Arrow file size (default 500MB)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    n = write_dataset(args.folder, args.out, args.labels, args.max_shard_size)
-    print(f"{n} images; data.name: hf_datasets, data.root: {args.out}")
+    write_dataset(args.folder, args.out, args.labels, args.max_shard_size)
+    logger.info("Train on it with data.name: hf_datasets, data.root: %s", args.out)
 
 
 if __name__ == "__main__":

@@ -386,8 +386,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     paths = write_shards(args.folder, args.out, args.per_shard, args.prefix, args.labels,
                          None if args.no_shuffle else 0)
     last = len(paths) - 1
-    print(f"data.name: webdataset, data.root: {args.out}, data.options.shards: "
-          f"'{args.prefix}-{{000000..{last:06d}}}.tar'")
+    logger.info("Train on them with data.name: webdataset, data.root: %s, data.options.shards: '%s-{000000..%06d}.tar'",
+                args.out, args.prefix, last)
 
 
 if __name__ == "__main__":

@@ -189,17 +189,23 @@ def test_a_map_style_dataset_is_split_by_the_trainers_sampler(data):
 
 @needs_wds
 @needs_hf
-def test_a_folder_written_as_shards_or_a_dataset_reads_as_the_folder(tmp_path, capsys):
-    """``python -m vaegan_plugins.shards`` / ``.hf_datasets``: the same images, decoded identically."""
+def test_a_folder_written_as_shards_or_a_dataset_reads_as_the_folder(tmp_path, caplog):
+    """``python -m vaegan_plugins.shards`` / ``.hf_datasets``: the same images, decoded identically, and the line
+    that says how to train on them."""
+    import logging
+
     from vaegan_plugins import hf_datasets as hf
     from vaegan_plugins import shards
 
     folder = write_digit_pngs(tmp_path / "digits" / "a", 6)
     write_digit_pngs(tmp_path / "digits" / "b", 3)
-    shards.main([str(tmp_path / "digits"), str(tmp_path / "shards"), "--per-shard", "4", "--labels", "--no-shuffle"])
-    assert "'shards-{000000..000002}.tar'" in capsys.readouterr().out
-    assert sorted(p.name for p in (tmp_path / "shards").iterdir()) == [f"shards-00000{i}.tar" for i in range(3)]
-    hf.main([str(tmp_path / "digits"), str(tmp_path / "saved"), "--labels"])
+    with caplog.at_level(logging.INFO, logger="vaegan_plugins"):
+        shards.main([str(tmp_path / "digits"), str(tmp_path / "shards"), "--per-shard", "4", "--labels",
+                     "--no-shuffle"])
+        assert "data.options.shards: 'shards-{000000..000002}.tar'" in caplog.text
+        assert sorted(p.name for p in (tmp_path / "shards").iterdir()) == [f"shards-00000{i}.tar" for i in range(3)]
+        hf.main([str(tmp_path / "digits"), str(tmp_path / "saved"), "--labels"])
+        assert f"data.name: hf_datasets, data.root: {tmp_path / 'saved'}" in caplog.text
     reference = image_folder(str(folder.parent), "train", False, None, (3, 16, 16), (-1.0, 1.0))
     from_shards = shards.webdataset(str(tmp_path / "shards"), "train", False, None, (3, 16, 16), (-1.0, 1.0),
                                     shards="shards-{000000..000002}.tar", label_key="cls")
