@@ -131,3 +131,17 @@ def test_cli_commands_write_progress_to_a_log_file(saved_run, tmp_path):
                "--option", "max_iter=2", "--data-dir", str(MNIST_ROOT), "--limit", "30")
     assert "Fitting the 'gmm' sampler to the posterior means of 30 images" in text and "--limit N" in text
     assert "gmm fit: 2/2 EM iterations (100.0%)" in text
+
+
+def test_only_the_local_main_process_shows_progress(monkeypatch, capsys):
+    """Every rank of a run fits the sampler (or evaluates) alike; one of them shows it (LOCAL_RANK 0)."""
+    from vaegan.progress import emit
+
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    with Phase("encode", total=2, mode="log", every_seconds=0) as phase:
+        phase.update(2)
+    emit("Fitting the 'gmm' sampler ...")
+    assert capsys.readouterr().err == ""
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    emit("Fitting the 'gmm' sampler ...")
+    assert "Fitting the 'gmm' sampler" in capsys.readouterr().err

@@ -286,9 +286,7 @@ def evaluate(model: VAE, data: DataConfig, config: EvalConfig = EvalConfig(), *,
                              sampler=sampler)  # (S, *latent_shape)
 
     mine = torch.arange(rank, len(ds), world)
-    main = accelerator is None or accelerator.is_local_main_process
-    bar = Phase("eval", total=len(mine) + len(prior_z[rank::world]), unit="img", enabled=progress and main,
-                hint=hint)
+    bar = Phase("eval", total=len(mine) + len(prior_z[rank::world]), unit="img", enabled=progress, hint=hint)
     for idx, x in _batches(ds, mine, config.batch_size):
         bar.update(len(idx))
         x = x.to(device)

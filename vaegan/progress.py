@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 
 from .errors import ConfigError
 
-__all__ = ["Progress", "Phase", "set_progress", "progress_mode", "emit"]
+__all__ = ["Progress", "Phase", "set_progress", "progress_mode", "emit", "local_main"]
 
 logger = logging.getLogger(__name__)
 
@@ -111,8 +111,17 @@ def _in_notebook() -> bool:
         return False
 
 
+def local_main() -> bool:
+    """Whether this is the first process of its machine (``LOCAL_RANK`` 0, or no launcher): the one that shows
+    progress, so that N processes of a run do not print every line N times."""
+    return os.environ.get("LOCAL_RANK", "0") == "0"
+
+
 def emit(message: str) -> None:
-    """A progress line: through logging once the program has configured it, else to stderr (a plain script)."""
+    """A progress line: through logging once the program has configured it, else to stderr (a plain script);
+    nothing on processes other than the local main one (:func:`local_main`)."""
+    if not local_main():
+        return
     if logger.hasHandlers():
         logger.info(message)
     else:
@@ -198,7 +207,7 @@ class Phase:
         unit: What a unit is ("img", "iteration").
         mode: None (the process's choice, :func:`set_progress`), or ``auto`` / ``bar`` / ``log`` / ``off``.
         every_seconds: Log lines at most this often (None: the process's choice, default 30).
-        enabled: False on processes other than the local main one.
+        enabled: False: no progress (processes other than the local main one never show any, :func:`local_main`).
         bound: ``total`` is an upper bound (EM stops when it converges): the time left is "at most".
         hint: Said with the first line (log mode): how to make the phase shorter, say.
 
@@ -212,7 +221,7 @@ class Phase:
                  every_seconds: Optional[float] = None, enabled: bool = True, bound: bool = False,
                  hint: Optional[str] = None) -> None:
         self.desc, self.total, self.unit, self.bound, self.hint = desc, total, unit, bound, hint
-        self.mode = progress_mode(mode) if enabled else "off"
+        self.mode = progress_mode(mode) if enabled and local_main() else "off"
         self.every_seconds = _every_seconds(30.0) if every_seconds is None else every_seconds
         self.done = 0
         self._t0 = time.monotonic()

@@ -93,8 +93,7 @@ def score(model: VAE, dataset: Dataset, *, num_samples: int = 100, likelihood: s
     low, high = model.value_range
     rows: Dict[str, list] = {}
     mine = torch.arange(rank, len(dataset), world)  # type: ignore[arg-type]
-    main = accelerator is None or accelerator.is_local_main_process
-    phase = Phase("score", total=len(mine), unit="img", enabled=progress and main, hint=hint)
+    phase = Phase("score", total=len(mine), unit="img", enabled=progress, hint=hint)
     for idx, x in _batches(dataset, mine, batch_size):
         if not rows:
             model.check_images(x, "the dataset")
