@@ -163,7 +163,7 @@ def test_reconstruct_png_holds_a_readable_grid_and_says_what_it_read(run_dir, tm
 
 
 @pytest.mark.slow
-def test_reconstruct_and_encode_read_the_data_as_the_model_was_trained(run_dir, tmp_path):
+def test_reconstruct_reads_the_data_as_the_model_was_trained(run_dir, tmp_path):
     """The training run's data.options (here MNIST's classes) are kept: the images are the trained kind."""
     import yaml
     from torchvision.datasets import MNIST

@@ -117,6 +117,12 @@ def _readme_train_commands():
     return commands
 
 
+def test_the_readme_train_commands_are_found():
+    """The parametrisation below would pass on an empty list: the README's commands, the offline one included."""
+    commands = _readme_train_commands()
+    assert len(commands) >= 4 and ("recipes/configs/ldm_kl_f4.yaml", ["losses.1.options.net=vgg_st"]) in commands
+
+
 @pytest.mark.slow  # builds each recipe's LPIPS networks (about 1 s each)
 @pytest.mark.parametrize("config, overrides", _readme_train_commands())
 def test_every_train_command_of_the_readme_loads_and_builds(config, overrides):

@@ -18,7 +18,7 @@ import logging
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence
 
 import torch
 import yaml
@@ -272,7 +272,6 @@ class Trainer:
         final = self.output_dir / "final"
         acc.wait_for_everyone()
         # Latent statistics on every process (each encodes its share of the images; the sums are all-reduced).
-        notes: Tuple[str, ...]
         stats, notes = latent_stats.estimate_and_store((self.ema_model, self.model), self.loader.dataset,
                                                        cfg.train.estimate_scaling_factor, accelerator=acc)
         if acc.is_main_process:
