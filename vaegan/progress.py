@@ -136,6 +136,16 @@ def _clock(seconds: float) -> str:
     return str(datetime.timedelta(seconds=int(max(seconds, 0.0))))
 
 
+def _timing(elapsed: float, done: float, remaining: Optional[float], bound: bool = False) -> str:
+    """"elapsed 0:02:10, left 0:31:05" at the rate so far; no "left" when the total is unknown (``remaining``
+    None), "left ?" before the first unit, "left at most" when the total is an upper bound."""
+    text = f"elapsed {_clock(elapsed)}"
+    if remaining is None:
+        return text
+    left = _clock(elapsed / done * remaining) if done > 0 else "?"
+    return f"{text}, left {'at most ' if bound else ''}{left}"
+
+
 class Progress:
     """A tqdm bar on a terminal, else a log line per ``every_seconds`` (see the module docstring).
 
@@ -182,8 +192,6 @@ class Progress:
         if self.mode != "log" or not due:
             return
         self._last_line = now
-        elapsed, done = now - self._t0, step - self.initial
-        left = elapsed / done * (self.total - step) if done > 0 else float("nan")
         parts = [f"step {step}/{self.total} ({100.0 * step / max(self.total, 1):.1f}%)"]
         if "epoch" in metrics:
             parts[0] += f" epoch {int(metrics['epoch'])}"
@@ -191,7 +199,7 @@ class Progress:
             parts.append(f"{metrics['images_per_sec']:.0f} images/s")
         if shown:
             parts.append(" ".join(f"{k} {v:.4g}" for k, v in shown.items()))
-        parts.append(f"elapsed {_clock(elapsed)}, left {_clock(left) if left == left else '?'}")
+        parts.append(_timing(now - self._t0, step - self.initial, self.total - step))
         emit(" | ".join(parts))
 
 
@@ -262,10 +270,7 @@ class Phase:
                  + (f" ({100.0 * self.done / self.total:.1f}%)" if self.total else "")]
         if rate == rate:
             parts.append(f"{rate:.0f} {self.unit}/s" if rate >= 100 else f"{rate:.3g} {self.unit}/s")
-        clock = f"elapsed {_clock(elapsed)}"
-        if self.total and rate > 0:
-            clock += f", left {'at most ' if self.bound else ''}{_clock((self.total - self.done) / rate)}"
-        parts.append(clock)
+        parts.append(_timing(elapsed, self.done, self.total - self.done if self.total else None, self.bound))
         return " | ".join(parts)
 
     def close(self) -> None:
